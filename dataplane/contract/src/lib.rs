@@ -1,0 +1,279 @@
+//! The configuration-file contract between the Semantis operator and the dataplane.
+//!
+//! The operator renders [`DataplaneConfig`] into the dataplane's ConfigMap; the dataplane reads
+//! it with `serve --config FILE`. This crate is serde-only on purpose: the operator links it and
+//! must never pull in lancedb, candle or any other heavy dataplane dependency.
+//!
+//! Every field has a default, so an empty file is a valid embedded-mode configuration.
+
+use serde::{Deserialize, Serialize};
+
+/// The whole dataplane configuration file (TOML).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataplaneConfig {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    /// Redis for the exact-match hot layer and cross-replica notification. Absent: in-process.
+    pub redis: Option<RedisConfig>,
+    /// Postgres for tenants, index versions, usage and audit. Absent: SQLite in `data_dir`.
+    pub postgres: Option<PostgresConfig>,
+    pub embedder: EmbedderConfig,
+    /// Defaults that apply to every tenant unless the tenant overrides them.
+    pub cache: CacheDefaults,
+    pub tenants: Vec<TenantConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address the HTTP API listens on.
+    pub listen: String,
+    /// Requests with a larger body are refused with 413 `payload_too_large`.
+    pub max_body_bytes: usize,
+    /// Whole-request deadline, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// Graceful shutdown: how long in-flight requests may take to drain, in milliseconds.
+    pub shutdown_grace_ms: u64,
+    /// SHA-256 (hex) of admin API keys. An admin key acts for any tenant named in the
+    /// `X-Semantis-Tenant` header.
+    pub admin_key_sha256: Vec<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".to_owned(),
+            max_body_bytes: 1024 * 1024,
+            request_timeout_ms: 10_000,
+            shutdown_grace_ms: 10_000,
+            admin_key_sha256: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Directory for LanceDB tables, the write-ahead log and (embedded mode) SQLite.
+    pub data_dir: String,
+    /// Flush the write-ahead tail to LanceDB once it holds this many entries.
+    pub flush_max_rows: usize,
+    /// ... or once its oldest entry is this old, in milliseconds.
+    pub flush_interval_ms: u64,
+    /// Compact a table once it has this many fragments.
+    pub compact_min_fragments: usize,
+    /// Build the ANN index once a table holds this many rows.
+    pub index_min_rows: usize,
+    /// Re-index once this many rows are not yet covered by the ANN index.
+    pub index_max_unindexed_rows: usize,
+    /// Delete LanceDB table versions older than this, in seconds.
+    pub prune_older_than_secs: u64,
+    /// How often the background maintainer looks at each table, in milliseconds.
+    pub maintenance_interval_ms: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: "./semantis-data".to_owned(),
+            flush_max_rows: 2048,
+            flush_interval_ms: 1000,
+            compact_min_fragments: 32,
+            index_min_rows: 50_000,
+            index_max_unindexed_rows: 20_000,
+            prune_older_than_secs: 600,
+            maintenance_interval_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[:password@]host:port/db`.
+    pub url: String,
+    /// Read the password from this file (a mounted Secret) instead of the URL.
+    pub password_file: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://user@host:port/db`.
+    pub url: String,
+    /// Read the password from this file (a mounted Secret) instead of the URL.
+    pub password_file: Option<String>,
+}
+
+/// Which service turns text into vectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddingProvider {
+    /// all-MiniLM-L6-v2 (or another BERT-style model) run in-process from local weights.
+    #[default]
+    Local,
+    /// An OpenAI-compatible `/v1/embeddings` endpoint.
+    Openai,
+    /// Ollama's `/api/embed`.
+    Ollama,
+    /// Hugging Face Text Embeddings Inference `/embed`.
+    Tei,
+    /// No embedder: clients always supply vectors; text-only lookups use the exact path.
+    None,
+}
+
+impl EmbeddingProvider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Openai => "openai",
+            Self::Ollama => "ollama",
+            Self::Tei => "tei",
+            Self::None => "none",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    #[default]
+    Mean,
+    Cls,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmbedderConfig {
+    pub provider: EmbeddingProvider,
+    /// Model name as the provider knows it.
+    pub model: String,
+    /// Model revision; part of the fingerprint, so a new revision means a new index version.
+    pub revision: String,
+    /// Vector dimension the index stores.
+    pub dimension: usize,
+    pub pooling: Pooling,
+    /// L2-normalise vectors (cosine similarity then equals the dot product).
+    pub normalize: bool,
+    /// `local`: directory holding `model.safetensors`, `tokenizer.json` and `config.json`.
+    pub model_dir: Option<String>,
+    /// Remote providers: base URL.
+    pub endpoint: Option<String>,
+    /// Remote providers: file holding the API key (a mounted Secret).
+    pub api_key_file: Option<String>,
+    /// Longest input, in tokens, the local model sees; longer prompts are truncated.
+    pub max_tokens: usize,
+    /// Deadline for one embedding call, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl Default for EmbedderConfig {
+    fn default() -> Self {
+        Self {
+            provider: EmbeddingProvider::Local,
+            model: "sentence-transformers/all-MiniLM-L6-v2".to_owned(),
+            revision: "main".to_owned(),
+            dimension: 384,
+            pooling: Pooling::Mean,
+            normalize: true,
+            model_dir: None,
+            endpoint: None,
+            api_key_file: None,
+            max_tokens: 256,
+            timeout_ms: 2000,
+        }
+    }
+}
+
+/// Which entry goes first once a tenant holds `max_entries`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EvictionPolicy {
+    /// Least recently used (stored or hit).
+    #[default]
+    Lru,
+    /// Least frequently hit; ties go to the least recently used.
+    Lfu,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheDefaults {
+    /// Cosine similarity a semantic candidate needs to be a hit (-1..1). A floor: requests may
+    /// raise it, never lower it.
+    pub min_similarity: f32,
+    /// Entries live this long unless the store says otherwise, in seconds.
+    pub default_ttl_secs: u64,
+    pub max_entries: u64,
+    pub eviction: EvictionPolicy,
+    /// Candidates within this distance below the threshold count as near misses in metrics.
+    pub near_miss_margin: f32,
+}
+
+impl Default for CacheDefaults {
+    fn default() -> Self {
+        Self {
+            min_similarity: 0.9,
+            default_ttl_secs: 86_400,
+            max_entries: 1_000_000,
+            eviction: EvictionPolicy::Lru,
+            near_miss_margin: 0.05,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Lowercase letters, digits and `-`, at most 63 characters (a DNS label).
+    pub name: String,
+    /// SHA-256 (hex) of this tenant's API keys; several allow rotation.
+    pub api_key_sha256: Vec<String>,
+    /// Files holding plaintext API keys (mounted Secrets); hashed at startup.
+    pub api_key_files: Vec<String>,
+    pub min_similarity: Option<f32>,
+    pub default_ttl_secs: Option<u64>,
+    pub max_entries: Option<u64>,
+    pub eviction: Option<EvictionPolicy>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_embedded_default() {
+        let cfg: DataplaneConfig = toml::from_str("").expect("empty config parses");
+        assert_eq!(cfg, DataplaneConfig::default());
+        assert!(cfg.redis.is_none() && cfg.postgres.is_none());
+        assert_eq!(cfg.embedder.dimension, 384);
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let cfg = DataplaneConfig {
+            tenants: vec![TenantConfig {
+                name: "team-a".into(),
+                api_key_sha256: vec!["ab".repeat(32)],
+                eviction: Some(EvictionPolicy::Lfu),
+                ..Default::default()
+            }],
+            redis: Some(RedisConfig {
+                url: "redis://127.0.0.1:6379".into(),
+                password_file: None,
+            }),
+            ..Default::default()
+        };
+        let text = toml::to_string(&cfg).expect("serialises");
+        let back: DataplaneConfig = toml::from_str(&text).expect("parses");
+        assert_eq!(back, cfg);
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = toml::from_str::<DataplaneConfig>("[server]\nlisten_addr = \"x\"\n")
+            .expect_err("typo must fail");
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+    }
+}

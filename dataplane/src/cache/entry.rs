@@ -1,0 +1,91 @@
+//! A cached answer and what it was an answer to.
+
+use std::sync::Arc;
+
+/// One cached LLM answer. Immutable once stored: a hit never changes it (TTL is not extended).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub id: String,
+    /// Hex fingerprint of the normalised scope.
+    pub scope: String,
+    pub namespace: String,
+    /// Hash of (scope, normalised prompt): the exact path's key.
+    pub exact_key: String,
+    pub prompt: String,
+    pub vector: Arc<[f32]>,
+    /// The cached response, opaque bytes (usually an OpenAI-shaped JSON document).
+    pub response: Arc<[u8]>,
+    /// The LLM that produced the response, when the scope named one.
+    pub model: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// What the LLM call cost, in US dollars; a hit saves this much.
+    pub cost_usd: f64,
+    /// Free-form JSON metadata supplied by the client.
+    pub metadata: String,
+}
+
+impl Entry {
+    pub fn is_live(&self, now_ms: i64) -> bool {
+        self.expires_at_ms > now_ms
+    }
+}
+
+/// A semantic-search result: an entry and its cosine similarity to the query vector.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub entry: Arc<Entry>,
+    pub similarity: f32,
+}
+
+/// Which entries an invalidation removes, always inside one tenant.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EntryFilter {
+    All,
+    Scope(String),
+    Namespace(String),
+}
+
+/// Enough of a deleted entry to purge every layer that may hold it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Removed {
+    pub id: String,
+    pub exact_key: String,
+}
+
+/// Cosine similarity. Vectors are stored L2-normalised when the embedder normalises, but
+/// client-supplied vectors may not be, so divide by the norms.
+pub fn cosine_similarity(a: &[f32], b: &[f32]) -> f32 {
+    let (mut dot, mut na, mut nb) = (0f32, 0f32, 0f32);
+    for (x, y) in a.iter().zip(b) {
+        dot += x * y;
+        na += x * x;
+        nb += y * y;
+    }
+    if na == 0.0 || nb == 0.0 {
+        return 0.0;
+    }
+    dot / (na.sqrt() * nb.sqrt())
+}
+
+pub fn now_ms() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_similarity_ignores_length() {
+        assert!((cosine_similarity(&[1.0, 0.0], &[3.0, 0.0]) - 1.0).abs() < 1e-6);
+        assert!(cosine_similarity(&[1.0, 0.0], &[0.0, 2.0]).abs() < 1e-6);
+        assert!((cosine_similarity(&[1.0, 0.0], &[-1.0, 0.0]) + 1.0).abs() < 1e-6);
+        assert_eq!(cosine_similarity(&[0.0, 0.0], &[1.0, 0.0]), 0.0);
+    }
+}

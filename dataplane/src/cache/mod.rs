@@ -1,0 +1,714 @@
+//! The cache domain: lookups, stores, deletes, invalidation and stats for one tenant at a
+//! time. It knows nothing of HTTP; handlers call it and map [`CacheError`] to a status.
+//!
+//! Lookup order: exact path (hot layer, then the entry store) on (scope, normalised prompt);
+//! then the semantic path, filtered by scope before the nearest-neighbour search, with the
+//! tenant's similarity floor. A store failure or an embedder failure degrades to a miss,
+//! never to an error storm and never to a wrong hit.
+
+pub mod access;
+pub mod entry;
+pub mod scope;
+pub mod tenants;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use self::access::AccessTracker;
+use self::entry::{Entry, EntryFilter, Removed, now_ms};
+use self::scope::{Scope, exact_key, normalize_prompt};
+use self::tenants::{Tenant, TenantRegistry};
+use crate::embed::Embedder;
+use crate::metrics::Metrics;
+use crate::store::metadata::{MetadataStore, ModelUsage};
+use crate::store::{EntryStore, HotLayer, StoreError, UsageEvent, UsageSink};
+
+/// Every failure a cache operation reports. [`CacheError::code`] is the stable,
+/// machine-readable name clients match on.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("missing API key: send `Authorization: Bearer <key>`")]
+    MissingKey,
+    #[error("invalid API key")]
+    InvalidKey,
+    #[error("an admin key must name the tenant in the `X-Semantis-Tenant` header")]
+    TenantRequired,
+    #[error("unknown tenant `{0}`")]
+    UnknownTenant(String),
+    #[error("this API key may not act for tenant `{0}`")]
+    TenantForbidden(String),
+    #[error("a lookup needs a `prompt` or a `vector`")]
+    NoQuery,
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("the vector has {got} dimensions; this index stores {expected}")]
+    DimensionMismatch { expected: usize, got: usize },
+    #[error("the vector holds a NaN or infinite value at position {0}")]
+    NonFiniteVector(usize),
+    #[error("the vector is all zeros; cosine similarity is undefined for it")]
+    ZeroVector,
+    #[error("min_similarity must be a number within -1..1, got {0}")]
+    SimilarityOutOfRange(f32),
+    #[error("ttl_seconds must be at least 1")]
+    InvalidTtl,
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("entry `{0}` not found")]
+    EntryNotFound(String),
+    #[error("the embedder is unavailable and no vector was supplied: {0}")]
+    EmbedderUnavailable(String),
+    #[error("the store is unavailable: {0}")]
+    StoreUnavailable(#[from] StoreError),
+}
+
+impl CacheError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MissingKey => "missing_api_key",
+            Self::InvalidKey => "invalid_api_key",
+            Self::TenantRequired => "tenant_required",
+            Self::UnknownTenant(_) => "unknown_tenant",
+            Self::TenantForbidden(_) => "tenant_forbidden",
+            Self::NoQuery => "missing_query",
+            Self::EmptyPrompt => "empty_prompt",
+            Self::DimensionMismatch { .. } => "dimension_mismatch",
+            Self::NonFiniteVector(_) => "non_finite_vector",
+            Self::ZeroVector => "zero_vector",
+            Self::SimilarityOutOfRange(_) => "similarity_out_of_range",
+            Self::InvalidTtl => "invalid_ttl",
+            Self::InvalidRequest(_) => "invalid_request",
+            Self::EntryNotFound(_) => "entry_not_found",
+            Self::EmbedderUnavailable(_) => "embedder_unavailable",
+            Self::StoreUnavailable(_) => "store_unavailable",
+        }
+    }
+}
+
+/// Which path answered a hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HitPath {
+    Exact,
+    Semantic,
+}
+
+impl HitPath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exact => "exact",
+            Self::Semantic => "semantic",
+        }
+    }
+}
+
+pub struct LookupQuery {
+    pub prompt: Option<String>,
+    pub vector: Option<Vec<f32>>,
+    pub scope: Scope,
+    pub min_similarity: Option<f32>,
+    pub request_id: String,
+}
+
+pub struct Hit {
+    pub path: HitPath,
+    pub similarity: f32,
+    pub entry: Arc<Entry>,
+}
+
+pub struct LookupOutcome {
+    pub hit: Option<Hit>,
+    /// Best semantic candidate's similarity, hit or not.
+    pub best_similarity: Option<f32>,
+    /// The similarity a semantic candidate needed.
+    pub threshold: f32,
+    /// Set when a component failed and the answer comes from what was still reachable.
+    pub degraded: Option<&'static str>,
+}
+
+pub struct StoreCommand {
+    pub prompt: String,
+    pub vector: Option<Vec<f32>>,
+    pub response: Vec<u8>,
+    pub scope: Scope,
+    pub ttl_secs: Option<u64>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_usd: f64,
+    pub metadata: Option<serde_json::Value>,
+}
+
+pub struct Stored {
+    pub id: String,
+    pub expires_at_ms: i64,
+    pub evicted: usize,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TenantStats {
+    pub tenant: String,
+    /// Live (unexpired) entries.
+    pub entries: u64,
+    pub max_entries: u64,
+    pub eviction: String,
+    pub min_similarity: f32,
+    pub index_version: String,
+    pub lookups: u64,
+    pub hits: u64,
+    pub hit_ratio: f64,
+    pub tokens_saved: u64,
+    pub usd_saved: f64,
+    /// The same figures per model.
+    pub by_model: Vec<ModelUsage>,
+}
+
+/// One tenant's slice of the cache: its entry store and eviction bookkeeping.
+pub struct Partition {
+    pub tenant: Arc<Tenant>,
+    pub store: Arc<dyn EntryStore>,
+    access: Mutex<AccessTracker>,
+}
+
+impl Partition {
+    pub fn new(tenant: Arc<Tenant>, store: Arc<dyn EntryStore>, seen: &[(String, i64)]) -> Self {
+        let mut access = AccessTracker::default();
+        let mut by_age: Vec<&(String, i64)> = seen.iter().collect();
+        by_age.sort_by_key(|(_, created)| *created);
+        for (id, _) in by_age {
+            access.insert(id);
+        }
+        Self {
+            tenant,
+            store,
+            access: Mutex::new(access),
+        }
+    }
+}
+
+pub struct Cache {
+    registry: TenantRegistry,
+    partitions: HashMap<String, Arc<Partition>>,
+    dimension: usize,
+    index_version: String,
+    embedder: Option<Arc<dyn Embedder>>,
+    hot: Arc<dyn HotLayer>,
+    usage: Arc<dyn UsageSink>,
+    metadata: MetadataStore,
+    metrics: Arc<Metrics>,
+}
+
+/// How many semantic candidates to fetch; only the best decides, the rest feed metrics later.
+const CANDIDATES: usize = 4;
+
+pub struct CacheParts {
+    pub registry: TenantRegistry,
+    pub partitions: Vec<Arc<Partition>>,
+    pub dimension: usize,
+    pub index_version: String,
+    pub embedder: Option<Arc<dyn Embedder>>,
+    pub hot: Arc<dyn HotLayer>,
+    pub usage: Arc<dyn UsageSink>,
+    pub metadata: MetadataStore,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Cache {
+    pub fn new(parts: CacheParts) -> Self {
+        for p in &parts.partitions {
+            parts
+                .metrics
+                .entries
+                .with_label_values(&[&p.tenant.name])
+                .set(i64::try_from(p.access.lock().len()).unwrap_or(i64::MAX));
+        }
+        Self {
+            registry: parts.registry,
+            partitions: parts
+                .partitions
+                .into_iter()
+                .map(|p| (p.tenant.name.clone(), p))
+                .collect(),
+            dimension: parts.dimension,
+            index_version: parts.index_version,
+            embedder: parts.embedder,
+            hot: parts.hot,
+            usage: parts.usage,
+            metadata: parts.metadata,
+            metrics: parts.metrics,
+        }
+    }
+
+    pub fn authenticate(
+        &self,
+        bearer: Option<&str>,
+        tenant_header: Option<&str>,
+    ) -> Result<Arc<Tenant>, CacheError> {
+        self.registry.authenticate(bearer, tenant_header)
+    }
+
+    pub fn dimension(&self) -> usize {
+        self.dimension
+    }
+
+    pub fn index_version(&self) -> &str {
+        &self.index_version
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn metadata(&self) -> &MetadataStore {
+        &self.metadata
+    }
+
+    pub fn has_embedder(&self) -> bool {
+        self.embedder.is_some()
+    }
+
+    pub fn partitions(&self) -> impl Iterator<Item = &Arc<Partition>> {
+        self.partitions.values()
+    }
+
+    fn partition(&self, tenant: &Tenant) -> Result<&Arc<Partition>, CacheError> {
+        self.partitions
+            .get(&tenant.name)
+            .ok_or_else(|| CacheError::UnknownTenant(tenant.name.clone()))
+    }
+
+    fn check_vector(&self, v: &[f32]) -> Result<(), CacheError> {
+        if v.len() != self.dimension {
+            return Err(CacheError::DimensionMismatch {
+                expected: self.dimension,
+                got: v.len(),
+            });
+        }
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(CacheError::NonFiniteVector(i));
+        }
+        if v.iter().all(|x| *x == 0.0) {
+            return Err(CacheError::ZeroVector);
+        }
+        Ok(())
+    }
+
+    async fn embed_one(&self, text: &str) -> Result<Vec<f32>, String> {
+        let Some(embedder) = &self.embedder else {
+            return Err("no embedder is configured".to_owned());
+        };
+        let started = std::time::Instant::now();
+        let result = embedder.embed(&[text.to_owned()]).await;
+        self.metrics
+            .embed_duration
+            .with_label_values(&[embedder.provider()])
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(mut v) if v.len() == 1 => Ok(v.remove(0)),
+            Ok(v) => Err(format!(
+                "the embedder returned {} vectors for 1 text",
+                v.len()
+            )),
+            Err(e) => {
+                self.metrics
+                    .embed_errors
+                    .with_label_values(&[embedder.provider()])
+                    .inc();
+                Err(e.to_string())
+            }
+        }
+    }
+
+    pub async fn lookup(
+        &self,
+        tenant: &Tenant,
+        q: LookupQuery,
+    ) -> Result<LookupOutcome, CacheError> {
+        let started = std::time::Instant::now();
+        let part = self.partition(tenant)?;
+        if let Some(min) = q.min_similarity
+            && !(-1.0..=1.0).contains(&min)
+        {
+            return Err(CacheError::SimilarityOutOfRange(min));
+        }
+        // The tenant's floor: a request may raise it, never lower it.
+        let threshold = q
+            .min_similarity
+            .map_or(tenant.min_similarity, |m| m.max(tenant.min_similarity));
+        let normalized = match &q.prompt {
+            Some(p) => {
+                let n = normalize_prompt(p);
+                if n.is_empty() {
+                    return Err(CacheError::EmptyPrompt);
+                }
+                Some(n)
+            }
+            None => None,
+        };
+        if let Some(v) = &q.vector {
+            self.check_vector(v)?;
+        }
+        if normalized.is_none() && q.vector.is_none() {
+            return Err(CacheError::NoQuery);
+        }
+        let now = now_ms();
+        let fp = q.scope.fingerprint();
+        let mut degraded = None;
+
+        if let Some(norm) = &normalized {
+            let key = exact_key(&fp, norm);
+            let found = match self.hot.get(&tenant.name, &key) {
+                Some(e) => Some(e),
+                None => match part.store.find_exact(&key, now).await {
+                    Ok(Some(e)) => {
+                        self.hot.put(&tenant.name, e.clone());
+                        Some(e)
+                    }
+                    Ok(None) => None,
+                    Err(e) => {
+                        self.store_failed(tenant, "find_exact", &e);
+                        degraded = Some("store_unavailable");
+                        None
+                    }
+                },
+            };
+            if let Some(entry) = found {
+                let hit = Hit {
+                    path: HitPath::Exact,
+                    similarity: 1.0,
+                    entry,
+                };
+                return Ok(self.finish(part, &q, Some(hit), None, threshold, degraded, started));
+            }
+        }
+
+        let vector = match q.vector.clone() {
+            Some(v) => Some(v),
+            None => match &q.prompt {
+                Some(p) if self.embedder.is_some() => match self.embed_one(p).await {
+                    Ok(v) => Some(v),
+                    Err(reason) => {
+                        tracing::warn!(tenant = %tenant.name, %reason, "embedder failed; answering from the exact path only");
+                        self.metrics
+                            .embedder_fallbacks
+                            .with_label_values(&[&tenant.name])
+                            .inc();
+                        degraded = Some("embedder_unavailable");
+                        None
+                    }
+                },
+                _ => None,
+            },
+        };
+        let Some(vector) = vector else {
+            return Ok(self.finish(part, &q, None, None, threshold, degraded, started));
+        };
+        let candidates = match part.store.search(&fp.0, &vector, CANDIDATES, now).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.store_failed(tenant, "search", &e);
+                return Ok(self.finish(
+                    part,
+                    &q,
+                    None,
+                    None,
+                    threshold,
+                    Some("store_unavailable"),
+                    started,
+                ));
+            }
+        };
+        let best = candidates.into_iter().next();
+        let best_similarity = best.as_ref().map(|c| c.similarity);
+        let hit = best.filter(|c| c.similarity >= threshold).map(|c| Hit {
+            path: HitPath::Semantic,
+            similarity: c.similarity,
+            entry: c.entry,
+        });
+        Ok(self.finish(part, &q, hit, best_similarity, threshold, degraded, started))
+    }
+
+    /// Account for a lookup: eviction bookkeeping, metrics, usage and audit.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        part: &Partition,
+        q: &LookupQuery,
+        hit: Option<Hit>,
+        best_similarity: Option<f32>,
+        threshold: f32,
+        degraded: Option<&'static str>,
+        started: std::time::Instant,
+    ) -> LookupOutcome {
+        let tenant: &str = &part.tenant.name;
+        let m = &self.metrics;
+        if let Some(s) = best_similarity {
+            m.best_similarity
+                .with_label_values(&[tenant])
+                .observe(f64::from(s));
+        }
+        let path = hit.as_ref().map_or("none", |h| h.path.as_str());
+        m.lookups
+            .with_label_values(&[tenant, if hit.is_some() { "hit" } else { "miss" }, path])
+            .inc();
+        m.lookup_duration
+            .with_label_values(&[tenant, if hit.is_some() { path } else { "miss" }])
+            .observe(started.elapsed().as_secs_f64());
+        let model = q.scope.model.clone().unwrap_or_default();
+        let mut event = UsageEvent {
+            tenant: tenant.to_owned(),
+            model,
+            at_ms: now_ms(),
+            hit: hit.is_some(),
+            path: hit.as_ref().map(|h| h.path.as_str()),
+            entry_id: None,
+            similarity: hit.as_ref().map(|h| h.similarity),
+            request_id: q.request_id.clone(),
+            tokens_saved: 0,
+            usd_saved: 0.0,
+        };
+        match &hit {
+            Some(h) => {
+                part.access.lock().touch(&h.entry.id);
+                let tokens = h.entry.prompt_tokens + h.entry.completion_tokens;
+                m.tokens_saved.with_label_values(&[tenant]).inc_by(tokens);
+                m.usd_saved_micros
+                    .with_label_values(&[tenant])
+                    .inc_by((h.entry.cost_usd * 1e6).round().max(0.0) as u64);
+                event.entry_id = Some(h.entry.id.clone());
+                event.tokens_saved = tokens;
+                event.usd_saved = h.entry.cost_usd;
+            }
+            None => {
+                if let Some(s) = best_similarity
+                    && s >= threshold - part.tenant.near_miss_margin
+                {
+                    m.near_misses.with_label_values(&[tenant]).inc();
+                }
+            }
+        }
+        self.usage.record(event);
+        LookupOutcome {
+            hit,
+            best_similarity,
+            threshold,
+            degraded,
+        }
+    }
+
+    fn store_failed(&self, tenant: &Tenant, operation: &str, e: &StoreError) {
+        tracing::warn!(tenant = %tenant.name, operation, error = %e, "store operation failed");
+        self.metrics
+            .store_errors
+            .with_label_values(&[&tenant.name, operation])
+            .inc();
+    }
+
+    pub async fn store(&self, tenant: &Tenant, cmd: StoreCommand) -> Result<Stored, CacheError> {
+        let part = self.partition(tenant)?;
+        let normalized = normalize_prompt(&cmd.prompt);
+        if normalized.is_empty() {
+            return Err(CacheError::EmptyPrompt);
+        }
+        if cmd.ttl_secs == Some(0) {
+            return Err(CacheError::InvalidTtl);
+        }
+        if !(cmd.cost_usd.is_finite() && cmd.cost_usd >= 0.0) {
+            return Err(CacheError::InvalidRequest(
+                "cost_usd must be a finite, non-negative number".into(),
+            ));
+        }
+        let vector = match cmd.vector {
+            Some(v) => {
+                self.check_vector(&v)?;
+                v
+            }
+            None => self
+                .embed_one(&cmd.prompt)
+                .await
+                .map_err(CacheError::EmbedderUnavailable)?,
+        };
+        let fp = cmd.scope.fingerprint();
+        let now = now_ms();
+        let ttl_ms = cmd
+            .ttl_secs
+            .unwrap_or(tenant.default_ttl_secs)
+            .saturating_mul(1000);
+        let expires_at_ms = now.saturating_add(i64::try_from(ttl_ms).unwrap_or(i64::MAX));
+        let entry = Arc::new(Entry {
+            id: uuid::Uuid::now_v7().to_string(),
+            scope: fp.0.clone(),
+            namespace: cmd.scope.namespace().to_owned(),
+            exact_key: exact_key(&fp, &normalized),
+            prompt: cmd.prompt,
+            vector: Arc::from(vector),
+            response: Arc::from(cmd.response),
+            model: cmd.scope.model.clone().unwrap_or_default(),
+            created_at_ms: now,
+            expires_at_ms,
+            prompt_tokens: cmd.prompt_tokens,
+            completion_tokens: cmd.completion_tokens,
+            cost_usd: cmd.cost_usd,
+            metadata: cmd
+                .metadata
+                .map_or_else(|| "{}".to_owned(), |m| m.to_string()),
+        });
+        part.store.insert(entry.clone()).await.inspect_err(|e| {
+            self.store_failed(tenant, "insert", e);
+        })?;
+        self.hot.put(&tenant.name, entry.clone());
+        part.access.lock().insert(&entry.id);
+        self.metrics.stores.with_label_values(&[&tenant.name]).inc();
+        let evicted = self.evict_over_capacity(part, &entry.id).await?;
+        self.set_entries_gauge(part);
+        Ok(Stored {
+            id: entry.id.clone(),
+            expires_at_ms,
+            evicted,
+        })
+    }
+
+    /// Evict until the tenant holds at most `max_entries`, never the entry just stored.
+    async fn evict_over_capacity(&self, part: &Partition, keep: &str) -> Result<usize, CacheError> {
+        let mut evicted = 0;
+        loop {
+            let victim = {
+                let access = part.access.lock();
+                if (access.len() as u64) <= part.tenant.max_entries {
+                    break;
+                }
+                access.victim(part.tenant.eviction, keep)
+            };
+            let Some(victim) = victim else { break };
+            let removed = part.store.delete_ids(std::slice::from_ref(&victim)).await?;
+            part.access.lock().remove(&victim);
+            self.purge(part, &removed);
+            evicted += 1;
+            self.metrics
+                .evictions
+                .with_label_values(&[&part.tenant.name, "capacity"])
+                .inc();
+        }
+        Ok(evicted)
+    }
+
+    fn purge(&self, part: &Partition, removed: &[Removed]) {
+        let mut access = part.access.lock();
+        for r in removed {
+            access.remove(&r.id);
+            self.hot.remove(&part.tenant.name, &r.exact_key);
+        }
+    }
+
+    fn set_entries_gauge(&self, part: &Partition) {
+        self.metrics
+            .entries
+            .with_label_values(&[&part.tenant.name])
+            .set(i64::try_from(part.access.lock().len()).unwrap_or(i64::MAX));
+    }
+
+    pub async fn delete(&self, tenant: &Tenant, id: &str) -> Result<(), CacheError> {
+        let part = self.partition(tenant)?;
+        // Ids are UUIDs; anything else cannot exist (and never reaches a store filter).
+        if uuid::Uuid::parse_str(id).is_err() {
+            return Err(CacheError::EntryNotFound(id.to_owned()));
+        }
+        let removed = part.store.delete_ids(&[id.to_owned()]).await?;
+        if removed.is_empty() {
+            return Err(CacheError::EntryNotFound(id.to_owned()));
+        }
+        self.purge(part, &removed);
+        self.set_entries_gauge(part);
+        Ok(())
+    }
+
+    /// Remove a tenant's entries matching `filter`; returns how many.
+    pub async fn invalidate(
+        &self,
+        tenant: &Tenant,
+        filter: EntryFilter,
+    ) -> Result<u64, CacheError> {
+        let part = self.partition(tenant)?;
+        let removed = part.store.delete_where(&filter).await?;
+        self.purge(part, &removed);
+        if filter == EntryFilter::All {
+            self.hot.clear_tenant(&tenant.name);
+            part.access.lock().clear();
+        }
+        self.set_entries_gauge(part);
+        Ok(removed.len() as u64)
+    }
+
+    pub async fn stats(&self, tenant: &Tenant) -> Result<TenantStats, CacheError> {
+        let part = self.partition(tenant)?;
+        let entries = part.store.count_live(now_ms()).await?;
+        let by_model = self.metadata.usage(&tenant.name).await?;
+        let lookups: u64 = by_model.iter().map(|u| u.lookups).sum();
+        let hits: u64 = by_model.iter().map(|u| u.hits).sum();
+        Ok(TenantStats {
+            tenant: tenant.name.clone(),
+            entries,
+            max_entries: tenant.max_entries,
+            eviction: format!("{:?}", tenant.eviction).to_lowercase(),
+            min_similarity: tenant.min_similarity,
+            index_version: self.index_version.clone(),
+            lookups,
+            hits,
+            hit_ratio: if lookups == 0 {
+                0.0
+            } else {
+                hits as f64 / lookups as f64
+            },
+            tokens_saved: by_model.iter().map(|u| u.tokens_saved).sum(),
+            usd_saved: by_model.iter().map(|u| u.usd_saved).sum(),
+            by_model,
+        })
+    }
+
+    /// Drop expired entries of every tenant (at most `limit` each per call).
+    pub async fn purge_expired(&self, limit: usize) {
+        let now = now_ms();
+        for part in self.partitions.values() {
+            let ids = match part.store.expired_ids(now, limit).await {
+                Ok(ids) => ids,
+                Err(e) => {
+                    self.store_failed(&part.tenant, "expired_ids", &e);
+                    continue;
+                }
+            };
+            if ids.is_empty() {
+                continue;
+            }
+            match part.store.delete_ids(&ids).await {
+                Ok(removed) => {
+                    self.metrics
+                        .evictions
+                        .with_label_values(&[&part.tenant.name, "ttl"])
+                        .inc_by(removed.len() as u64);
+                    self.purge(part, &removed);
+                    self.set_entries_gauge(part);
+                }
+                Err(e) => self.store_failed(&part.tenant, "delete_expired", &e),
+            }
+        }
+    }
+
+    /// Flush due tails and run table maintenance for every tenant.
+    pub async fn maintain(&self) {
+        for part in self.partitions.values() {
+            if let Err(e) = part.store.maintain().await {
+                self.store_failed(&part.tenant, "maintain", &e);
+            }
+        }
+    }
+
+    /// Flush every tenant's write-ahead tail into its table (shutdown).
+    pub async fn flush_all(&self) -> Result<(), StoreError> {
+        for part in self.partitions.values() {
+            part.store.flush().await?;
+        }
+        Ok(())
+    }
+}

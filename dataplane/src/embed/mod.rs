@@ -1,0 +1,100 @@
+//! Turning text into vectors. Providers implement [`Embedder`]; the cache domain only sees the
+//! trait. The embedder fingerprint names the index version: any change of provider, model,
+//! revision, dimension, pooling or normalisation means a new index.
+
+pub mod local;
+
+use async_trait::async_trait;
+use semantis_contract::{EmbedderConfig, Pooling};
+
+use crate::cache::scope::short_hash;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    #[error("failed to load the embedding model from {path}: {reason}")]
+    Load { path: String, reason: String },
+    #[error("failed to embed: {0}")]
+    Inference(String),
+    #[error(
+        "failed to embed: the model returned {got} dimensions, the configuration says {expected}"
+    )]
+    Dimension { expected: usize, got: usize },
+    #[error("failed to embed within {0} ms")]
+    Timeout(u64),
+    #[error("the `{0}` embedding provider is not available in this build; use `local` or `none`")]
+    Unsupported(&'static str),
+}
+
+#[async_trait]
+pub trait Embedder: Send + Sync {
+    /// One vector per input text, each of [`Embedder::dimension`] values.
+    async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError>;
+    fn dimension(&self) -> usize;
+    fn provider(&self) -> &'static str;
+}
+
+/// hash(provider, model, revision, dimension, pooling, normalisation), 32 hex characters.
+pub fn fingerprint(cfg: &EmbedderConfig) -> String {
+    let pooling = match cfg.pooling {
+        Pooling::Mean => "mean",
+        Pooling::Cls => "cls",
+    };
+    let canonical = format!(
+        "provider={}\nmodel={}\nrevision={}\ndimension={}\npooling={}\nnormalize={}",
+        cfg.provider.as_str(),
+        cfg.model,
+        cfg.revision,
+        cfg.dimension,
+        pooling,
+        cfg.normalize
+    );
+    short_hash(canonical.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use semantis_contract::EmbeddingProvider;
+
+    #[test]
+    fn every_identity_field_changes_the_fingerprint() {
+        let base = EmbedderConfig::default();
+        let fp = fingerprint(&base);
+        let variants = [
+            EmbedderConfig {
+                provider: EmbeddingProvider::Openai,
+                ..base.clone()
+            },
+            EmbedderConfig {
+                model: "other".into(),
+                ..base.clone()
+            },
+            EmbedderConfig {
+                revision: "v2".into(),
+                ..base.clone()
+            },
+            EmbedderConfig {
+                dimension: 768,
+                ..base.clone()
+            },
+            EmbedderConfig {
+                pooling: Pooling::Cls,
+                ..base.clone()
+            },
+            EmbedderConfig {
+                normalize: false,
+                ..base.clone()
+            },
+        ];
+        for v in variants {
+            assert_ne!(fingerprint(&v), fp);
+        }
+        // Operational settings do not change the index.
+        let tuned = EmbedderConfig {
+            timeout_ms: 1,
+            endpoint: Some("http://x".into()),
+            ..base.clone()
+        };
+        assert_eq!(fingerprint(&tuned), fp);
+    }
+}

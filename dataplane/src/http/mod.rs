@@ -1,0 +1,434 @@
+//! The versioned JSON HTTP API. Handlers only extract, call the cache domain and map the
+//! result; [`ApiError`] is the one place that turns domain errors into HTTP statuses.
+
+mod error;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+use utoipa::{OpenApi, ToSchema};
+
+pub use self::error::{ApiError, ErrorBody};
+use crate::cache::entry::EntryFilter;
+use crate::cache::scope::Scope;
+use crate::cache::tenants::Tenant;
+use crate::cache::{Cache, CacheError, HitPath, LookupQuery, StoreCommand, TenantStats};
+
+pub const CACHE_HEADER: &str = "x-semantis-cache";
+pub const TENANT_HEADER: &str = "x-semantis-tenant";
+
+pub struct AppState {
+    pub cache: Arc<Cache>,
+    /// False while starting and once shutdown begins, so load balancers stop routing here.
+    pub accepting: AtomicBool,
+}
+
+/// JSON body extractor whose rejections use the API's error format.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Json::<T>::from_request(req, state)
+            .await
+            .map(|Json(v)| Self(v))
+            .map_err(ApiError::from)
+    }
+}
+
+fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Arc<Tenant>, ApiError> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty());
+    let tenant = headers.get(TENANT_HEADER).and_then(|v| v.to_str().ok());
+    Ok(state.cache.authenticate(bearer, tenant)?)
+}
+
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 128)
+        .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned)
+}
+
+/// A lookup: "was a prompt like this answered before?"
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LookupRequest {
+    /// The prompt text. Needed for the exact path and, without `vector`, for the semantic one.
+    pub prompt: Option<String>,
+    /// A precomputed embedding of the prompt, of the index's dimension.
+    pub vector: Option<Vec<f32>>,
+    #[serde(default)]
+    pub scope: Scope,
+    /// Raise (never lower) the tenant's cosine-similarity floor for this lookup.
+    pub min_similarity: Option<f32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LookupResponse {
+    pub hit: bool,
+    /// Which path answered: `exact` or `semantic`; absent on a miss.
+    pub path: Option<HitPath>,
+    /// Cosine similarity of the returned entry (1 on the exact path).
+    pub similarity: Option<f32>,
+    /// Similarity of the best semantic candidate, hit or not.
+    pub best_similarity: Option<f32>,
+    /// The similarity a semantic candidate needed.
+    pub threshold: f32,
+    pub entry_id: Option<String>,
+    /// The cached response, as it was stored.
+    #[schema(value_type = Option<Object>)]
+    pub response: Option<Value>,
+    /// The prompt the cached response answered.
+    pub cached_prompt: Option<String>,
+    /// Set when a component failed and the answer came from what was reachable.
+    pub degraded: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StoreRequest {
+    pub prompt: String,
+    pub vector: Option<Vec<f32>>,
+    /// The LLM's response, any JSON value (usually the OpenAI-shaped completion).
+    #[schema(value_type = Object)]
+    pub response: Value,
+    #[serde(default)]
+    pub scope: Scope,
+    /// Time to live; the tenant's default when absent. A hit never extends it.
+    pub ttl_seconds: Option<u64>,
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    /// What the LLM call cost, in US dollars.
+    #[serde(default)]
+    pub cost_usd: f64,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Value>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StoreResponse {
+    pub id: String,
+    /// Milliseconds since the Unix epoch.
+    pub expires_at_ms: i64,
+    /// Entries evicted to make room.
+    pub evicted: usize,
+}
+
+/// Exactly one of `scope`, `namespace` or `all: true`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InvalidateRequest {
+    pub scope: Option<Scope>,
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub all: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InvalidateResponse {
+    pub deleted: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReadyResponse {
+    pub ready: bool,
+    /// Each component and whether it is reachable.
+    pub checks: Vec<Check>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: Option<String>,
+}
+
+fn cache_header(hit: bool) -> [(&'static str, HeaderValue); 1] {
+    [(
+        CACHE_HEADER,
+        HeaderValue::from_static(if hit { "HIT" } else { "MISS" }),
+    )]
+}
+
+/// Look up a cached answer by prompt text or vector.
+#[utoipa::path(post, path = "/v1/lookup", request_body = LookupRequest,
+    responses((status = 200, body = LookupResponse), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn lookup(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<LookupRequest>,
+) -> Result<Response, ApiError> {
+    let tenant = authenticate(&state, &headers)?;
+    let outcome = state
+        .cache
+        .lookup(
+            &tenant,
+            LookupQuery {
+                prompt: req.prompt,
+                vector: req.vector,
+                scope: req.scope,
+                min_similarity: req.min_similarity,
+                request_id: request_id(&headers),
+            },
+        )
+        .await?;
+    let hit = outcome.hit.is_some();
+    let body = match outcome.hit {
+        Some(h) => LookupResponse {
+            hit: true,
+            path: Some(h.path),
+            similarity: Some(h.similarity),
+            best_similarity: outcome.best_similarity.or(Some(h.similarity)),
+            threshold: outcome.threshold,
+            entry_id: Some(h.entry.id.clone()),
+            response: Some(
+                serde_json::from_slice(&h.entry.response).unwrap_or_else(|_| {
+                    Value::String(String::from_utf8_lossy(&h.entry.response).into_owned())
+                }),
+            ),
+            cached_prompt: Some(h.entry.prompt.clone()),
+            degraded: outcome.degraded.map(str::to_owned),
+        },
+        None => LookupResponse {
+            hit: false,
+            path: None,
+            similarity: None,
+            best_similarity: outcome.best_similarity,
+            threshold: outcome.threshold,
+            entry_id: None,
+            response: None,
+            cached_prompt: None,
+            degraded: outcome.degraded.map(str::to_owned),
+        },
+    };
+    Ok((cache_header(hit), Json(body)).into_response())
+}
+
+/// Store an LLM answer.
+#[utoipa::path(post, path = "/v1/entries", request_body = StoreRequest,
+    responses((status = 201, body = StoreResponse), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn store(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<StoreRequest>,
+) -> Result<Response, ApiError> {
+    let tenant = authenticate(&state, &headers)?;
+    let response = serde_json::to_vec(&req.response)
+        .map_err(|e| CacheError::InvalidRequest(format!("failed to encode the response: {e}")))?;
+    let stored = state
+        .cache
+        .store(
+            &tenant,
+            StoreCommand {
+                prompt: req.prompt,
+                vector: req.vector,
+                response,
+                scope: req.scope,
+                ttl_secs: req.ttl_seconds,
+                prompt_tokens: req.prompt_tokens,
+                completion_tokens: req.completion_tokens,
+                cost_usd: req.cost_usd,
+                metadata: req.metadata,
+            },
+        )
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(StoreResponse {
+            id: stored.id,
+            expires_at_ms: stored.expires_at_ms,
+            evicted: stored.evicted,
+        }),
+    )
+        .into_response())
+}
+
+/// Delete one entry.
+#[utoipa::path(delete, path = "/v1/entries/{id}",
+    params(("id" = String, Path, description = "Entry id")),
+    responses((status = 204), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn delete_entry(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let tenant = authenticate(&state, &headers)?;
+    state.cache.delete(&tenant, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Invalidate a tenant's entries by scope, by namespace, or all of them.
+#[utoipa::path(post, path = "/v1/invalidate", request_body = InvalidateRequest,
+    responses((status = 200, body = InvalidateResponse), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn invalidate(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<InvalidateRequest>,
+) -> Result<Json<InvalidateResponse>, ApiError> {
+    let tenant = authenticate(&state, &headers)?;
+    let filter = match (req.scope, req.namespace, req.all) {
+        (Some(scope), None, false) => EntryFilter::Scope(scope.fingerprint().0),
+        (None, Some(ns), false) => EntryFilter::Namespace(ns),
+        (None, None, true) => EntryFilter::All,
+        _ => {
+            return Err(CacheError::InvalidRequest(
+                "give exactly one of `scope`, `namespace` or `all: true`".into(),
+            )
+            .into());
+        }
+    };
+    let deleted = state.cache.invalidate(&tenant, filter).await?;
+    Ok(Json(InvalidateResponse { deleted }))
+}
+
+/// The calling tenant's entries, usage and savings.
+#[utoipa::path(get, path = "/v1/stats",
+    responses((status = 200, body = TenantStats), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn stats(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<TenantStats>, ApiError> {
+    let tenant = authenticate(&state, &headers)?;
+    Ok(Json(state.cache.stats(&tenant).await?))
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Ready when accepting traffic and every store answers.
+#[utoipa::path(get, path = "/readyz", responses((status = 200, body = ReadyResponse), (status = 503, body = ReadyResponse)))]
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let mut checks = vec![Check {
+        name: "server".into(),
+        ok: state.accepting.load(Ordering::Relaxed),
+        detail: None,
+    }];
+    let meta = state.cache.metadata().ping().await;
+    checks.push(Check {
+        name: "metadata".into(),
+        ok: meta.is_ok(),
+        detail: meta.err().map(|e| e.to_string()),
+    });
+    checks.push(Check {
+        name: "index".into(),
+        ok: true,
+        detail: Some(format!(
+            "version {} ({} dimensions)",
+            state.cache.index_version(),
+            state.cache.dimension()
+        )),
+    });
+    checks.push(Check {
+        name: "embedder".into(),
+        ok: true,
+        detail: Some(if state.cache.has_embedder() {
+            "loaded".into()
+        } else {
+            "none configured: clients supply vectors".into()
+        }),
+    });
+    let ready = checks.iter().all(|c| c.ok);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(ReadyResponse { ready, checks })).into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        state.cache.metrics().render(),
+    )
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Semantis dataplane", description = "Semantic cache for LLM applications."),
+    paths(lookup, store, delete_entry, invalidate, stats, readyz),
+    components(schemas(ErrorBody, Scope, TenantStats, crate::store::metadata::ModelUsage)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        if let Some(components) = openapi.components.as_mut() {
+            components.add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+        }
+    }
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found()
+}
+
+pub fn router(state: Arc<AppState>, max_body_bytes: usize, timeout: Duration) -> Router {
+    let api = Router::new()
+        .route("/v1/lookup", post(lookup))
+        .route("/v1/entries", post(store))
+        .route("/v1/entries/{id}", delete(delete_entry))
+        .route("/v1/invalidate", post(invalidate))
+        .route("/v1/stats", get(stats))
+        .layer(DefaultBodyLimit::disable())
+        .layer(RequestBodyLimitLayer::new(max_body_bytes));
+    Router::new()
+        .merge(api)
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .fallback(not_found)
+        .layer(axum::middleware::map_response(error::rewrite_plain_errors))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::GATEWAY_TIMEOUT,
+            timeout,
+        ))
+        .layer(CatchPanicLayer::custom(error::panic_response))
+        .with_state(state)
+}

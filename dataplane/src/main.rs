@@ -1,0 +1,85 @@
+//! `semantis-dataplane`: the semantic-cache service and its tools.
+
+mod bench;
+mod serve;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "semantis-dataplane",
+    version,
+    about = "Semantis semantic-cache dataplane"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "SEMANTIS_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP API.
+    Serve {
+        /// TOML configuration file (the operator renders it into a ConfigMap). Every setting
+        /// can also be set as SEMANTIS_<SECTION>__<FIELD>.
+        #[arg(long, short, env = "SEMANTIS_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Load-test a running server and report latency percentiles and throughput.
+    Bench(bench::BenchArgs),
+    /// Print the SHA-256 of an API key (read from stdin), for `api_key_sha256` in the config.
+    HashKey,
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,lance=warn,lancedb=warn,lance_index=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    match cli.command {
+        Command::Serve { config } => {
+            let cfg = semantis_dataplane::config::load(config.as_deref())?;
+            serve::run(cfg).await
+        }
+        Command::Bench(args) => bench::run(args).await,
+        Command::HashKey => {
+            let mut key = String::new();
+            std::io::stdin()
+                .read_line(&mut key)
+                .context("failed to read the key from stdin")?;
+            println!("{}", semantis_dataplane::cache::tenants::hash_key(&key));
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! `serve`: wire the stores, the embedder and the cache domain from the configuration, run the
+//! HTTP server and the background maintainers, and shut down gracefully (drain in-flight
+//! requests, then flush every write-ahead tail into LanceDB).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use semantis_contract::{DataplaneConfig, EmbeddingProvider};
+use semantis_dataplane::cache::entry::now_ms;
+use semantis_dataplane::cache::tenants::TenantRegistry;
+use semantis_dataplane::cache::{Cache, CacheParts, Partition};
+use semantis_dataplane::embed::local::LocalEmbedder;
+use semantis_dataplane::embed::{EmbedError, Embedder, fingerprint};
+use semantis_dataplane::http::{AppState, router};
+use semantis_dataplane::metrics::Metrics;
+use semantis_dataplane::store::hot::InProcessHotLayer;
+use semantis_dataplane::store::lance::LanceEntryStore;
+use semantis_dataplane::store::metadata::{MetadataStore, QueuedUsage};
+use semantis_dataplane::store::{EntryStore, UsageSink};
+use tokio::task::JoinHandle;
+
+/// Hot-layer capacity (entries across all tenants).
+const HOT_LAYER_ENTRIES: u64 = 200_000;
+
+pub struct Built {
+    pub cache: Arc<Cache>,
+    pub usage_writer: JoinHandle<()>,
+}
+
+fn load_embedder(cfg: &DataplaneConfig) -> anyhow::Result<Option<Arc<dyn Embedder>>> {
+    match cfg.embedder.provider {
+        EmbeddingProvider::None => Ok(None),
+        EmbeddingProvider::Local => {
+            let dir = semantis_dataplane::config::model_dir(cfg)
+                .context("failed to locate the local model: set embedder.model_dir")?;
+            let started = std::time::Instant::now();
+            let model = LocalEmbedder::load(&dir, &cfg.embedder).with_context(|| {
+                format!(
+                    "failed to load the local embedding model from {} (run scripts/fetch-model.sh)",
+                    dir.display()
+                )
+            })?;
+            tracing::info!(dir = %dir.display(), ms = started.elapsed().as_millis() as u64, "loaded the local embedding model");
+            Ok(Some(Arc::new(model)))
+        }
+        EmbeddingProvider::Openai => Err(EmbedError::Unsupported("openai").into()),
+        EmbeddingProvider::Ollama => Err(EmbedError::Unsupported("ollama").into()),
+        EmbeddingProvider::Tei => Err(EmbedError::Unsupported("tei").into()),
+    }
+}
+
+pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Result<Built> {
+    if cfg.redis.is_some() || cfg.postgres.is_some() {
+        bail!(
+            "failed to start: Redis and Postgres stores are not available in this build yet; \
+             remove [redis] and [postgres] to run the embedded default"
+        );
+    }
+    let registry = TenantRegistry::from_config(cfg).context("failed to load the tenants")?;
+    let data_dir = PathBuf::from(&cfg.storage.data_dir);
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("failed to create the data directory {}", data_dir.display()))?;
+    let embedder = load_embedder(cfg)?;
+    let index_version = fingerprint(&cfg.embedder);
+    let dimension = cfg.embedder.dimension;
+
+    let metadata = MetadataStore::open_sqlite(&data_dir.join("metadata.sqlite"))
+        .await
+        .context("failed to open the metadata store")?;
+    let db = lancedb::connect(&data_dir.join("lance").to_string_lossy())
+        .execute()
+        .await
+        .with_context(|| format!("failed to open LanceDB in {}", data_dir.display()))?;
+    let wal_root = data_dir.join("wal");
+
+    let mut partitions = Vec::new();
+    for tenant in registry.all() {
+        // One table per (tenant, index version).
+        let table = format!("{}--{}", tenant.name, &index_version[..16]);
+        let store = LanceEntryStore::open(
+            &db,
+            &wal_root,
+            &tenant.name,
+            &table,
+            dimension,
+            cfg.storage.clone(),
+            metrics.clone(),
+        )
+        .await
+        .with_context(|| format!("failed to open the entry store of tenant `{}`", tenant.name))?;
+        let seen = store
+            .all_ids()
+            .await
+            .with_context(|| format!("failed to scan the entries of tenant `{}`", tenant.name))?;
+        let now = now_ms();
+        metadata.register_tenant(&tenant.name, now).await?;
+        metadata
+            .set_index_version(&tenant.name, &index_version, dimension, "active", now)
+            .await?;
+        tracing::info!(tenant = %tenant.name, table, entries = seen.len(), "opened tenant");
+        let store: Arc<dyn EntryStore> = Arc::new(store);
+        partitions.push(Arc::new(Partition::new(tenant.clone(), store, &seen)));
+    }
+
+    let (usage, usage_writer) = QueuedUsage::start(metadata.clone(), metrics.clone());
+    let usage: Arc<dyn UsageSink> = Arc::new(usage);
+    let cache = Arc::new(Cache::new(CacheParts {
+        registry,
+        partitions,
+        dimension,
+        index_version,
+        embedder,
+        hot: Arc::new(InProcessHotLayer::new(HOT_LAYER_ENTRIES)),
+        usage,
+        metadata,
+        metrics,
+    }));
+    Ok(Built {
+        cache,
+        usage_writer,
+    })
+}
+
+fn spawn_maintainers(cache: &Arc<Cache>, cfg: &DataplaneConfig) -> Vec<JoinHandle<()>> {
+    let tick = Duration::from_millis((cfg.storage.flush_interval_ms / 4).clamp(20, 1000));
+    let c = cache.clone();
+    let maintain = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            c.maintain().await;
+        }
+    });
+    let c = cache.clone();
+    let expire = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(Duration::from_secs(1));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            c.purge_expired(10_000).await;
+        }
+    });
+    vec![maintain, expire]
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "failed to listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "failed to listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { () = ctrl_c => {}, () = term => {} }
+}
+
+pub async fn run(cfg: DataplaneConfig) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new().context("failed to register metrics")?);
+    let Built {
+        cache,
+        usage_writer,
+    } = build(&cfg, metrics).await?;
+    let state = Arc::new(AppState {
+        cache: cache.clone(),
+        accepting: AtomicBool::new(true),
+    });
+    let app = router(
+        state.clone(),
+        cfg.server.max_body_bytes,
+        Duration::from_millis(cfg.server.request_timeout_ms),
+    );
+    let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
+        .await
+        .with_context(|| format!("failed to listen on {}", cfg.server.listen))?;
+    let addr = listener
+        .local_addr()
+        .context("failed to read the bound address")?;
+    let maintainers = spawn_maintainers(&cache, &cfg);
+    tracing::info!(%addr, index_version = cache.index_version(), "serving");
+
+    let draining = state.clone();
+    let grace = Duration::from_millis(cfg.server.shutdown_grace_ms);
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: draining in-flight requests");
+        draining.accepting.store(false, Ordering::Relaxed);
+        let _ = drained_tx.send(());
+    });
+    // Serve until the signal, then give in-flight requests up to the grace period. The block
+    // drops the server (and its clone of the state) before the final flush.
+    {
+        let server = async move { server.await };
+        tokio::pin!(server);
+        tokio::select! {
+            res = &mut server => res.context("failed to serve HTTP")?,
+            () = async {
+                let _ = drained_rx.await;
+                tokio::time::sleep(grace).await;
+            } => tracing::warn!("in-flight requests did not drain within the grace period"),
+        }
+    }
+    for m in maintainers {
+        m.abort();
+    }
+    cache
+        .flush_all()
+        .await
+        .context("failed to flush the write-ahead tail on shutdown")?;
+    drop(state);
+    drop(cache);
+    // Every usage sender is gone now; the writer drains its queue and ends.
+    let _ = tokio::time::timeout(Duration::from_secs(5), usage_writer).await;
+    tracing::info!("stopped");
+    Ok(())
+}

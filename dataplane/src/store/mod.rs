@@ -1,0 +1,104 @@
+//! Stores behind traits: the cache domain sees [`EntryStore`] (entries and vectors of one
+//! tenant's index version), [`HotLayer`] (exact-match answers) and [`UsageSink`] (accounting
+//! and audit, off the hit path). Implementations: LanceDB with a write-ahead tail, an
+//! in-process hot layer, and SQLite/Postgres metadata through sqlx.
+
+pub mod hot;
+pub mod lance;
+pub mod metadata;
+pub mod wal;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::cache::entry::{Candidate, Entry, EntryFilter, Removed};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("failed to {action} in LanceDB table `{table}`: {source}")]
+    Lance {
+        action: &'static str,
+        table: String,
+        #[source]
+        source: Box<lancedb::Error>,
+    },
+    #[error("failed to {action} the write-ahead log at {path}: {source}")]
+    Wal {
+        action: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to {action} in the metadata store: {source}")]
+    Metadata {
+        action: &'static str,
+        #[source]
+        source: Box<sqlx::Error>,
+    },
+    #[error("failed to decode stored entries of `{table}`: {reason}")]
+    Decode { table: String, reason: String },
+    #[error("failed to write: the write-ahead log of `{0}` is closed")]
+    Closed(String),
+}
+
+/// Entries and vectors of one (tenant, index version).
+#[async_trait]
+pub trait EntryStore: Send + Sync {
+    /// Store durably: when this returns Ok the entry survives a crash.
+    async fn insert(&self, entry: Arc<Entry>) -> Result<(), StoreError>;
+    async fn find_exact(
+        &self,
+        exact_key: &str,
+        now_ms: i64,
+    ) -> Result<Option<Arc<Entry>>, StoreError>;
+    /// The `limit` live entries of `scope` nearest to `vector`, best first. The scope filter
+    /// is applied before the nearest-neighbour search.
+    async fn search(
+        &self,
+        scope: &str,
+        vector: &[f32],
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<Vec<Candidate>, StoreError>;
+    async fn delete_ids(&self, ids: &[String]) -> Result<Vec<Removed>, StoreError>;
+    async fn delete_where(&self, filter: &EntryFilter) -> Result<Vec<Removed>, StoreError>;
+    /// Ids of entries whose TTL has passed, at most `limit`.
+    async fn expired_ids(&self, now_ms: i64, limit: usize) -> Result<Vec<String>, StoreError>;
+    /// (id, created_at) of every stored entry, to seed eviction tracking at startup.
+    async fn all_ids(&self) -> Result<Vec<(String, i64)>, StoreError>;
+    async fn count_live(&self, now_ms: i64) -> Result<u64, StoreError>;
+    /// Move the write-ahead tail into the table now.
+    async fn flush(&self) -> Result<(), StoreError>;
+    /// Flush when due, then compact, prune and index when the counts say so.
+    async fn maintain(&self) -> Result<(), StoreError>;
+}
+
+/// The exact-match hot layer, keyed by (tenant, exact key).
+pub trait HotLayer: Send + Sync {
+    fn get(&self, tenant: &str, exact_key: &str) -> Option<Arc<Entry>>;
+    fn put(&self, tenant: &str, entry: Arc<Entry>);
+    fn remove(&self, tenant: &str, exact_key: &str);
+    fn clear_tenant(&self, tenant: &str);
+}
+
+/// One lookup's outcome for usage accounting and the audit trail.
+#[derive(Debug, Clone)]
+pub struct UsageEvent {
+    pub tenant: String,
+    pub model: String,
+    pub at_ms: i64,
+    pub hit: bool,
+    pub path: Option<&'static str>,
+    pub entry_id: Option<String>,
+    pub similarity: Option<f32>,
+    pub request_id: String,
+    pub tokens_saved: u64,
+    pub usd_saved: f64,
+}
+
+/// Where usage events go. Never blocks the caller: nothing on the hit path waits for the
+/// metadata database.
+pub trait UsageSink: Send + Sync {
+    fn record(&self, event: UsageEvent);
+}

@@ -1,0 +1,9 @@
+//! The dataplane's integration tests: one test binary (each extra binary re-links lancedb).
+//! Every test starts the real `semantis-dataplane` process on loopback.
+
+#[path = "integration/api.rs"]
+mod api;
+#[path = "integration/harness.rs"]
+mod harness;
+#[path = "integration/lifecycle.rs"]
+mod lifecycle;

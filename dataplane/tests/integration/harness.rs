@@ -1,0 +1,351 @@
+//! Starts the real `semantis-dataplane serve` binary on a free loopback port with a config
+//! written for the test, and talks to it over HTTP like a client would.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+pub const KEY_A: &str = "key-team-a";
+pub const KEY_B: &str = "key-team-b";
+pub const ADMIN: &str = "key-admin";
+
+pub fn sha(key: &str) -> String {
+    semantis_dataplane::cache::tenants::hash_key(key)
+}
+
+/// Settings a test may change; everything else is a fast embedded-mode config.
+pub struct Setup {
+    pub dimension: usize,
+    pub local_model: bool,
+    pub extra: String,
+    pub tenant_a_extra: String,
+    pub flush_max_rows: usize,
+    pub max_body_bytes: usize,
+    pub min_similarity: f32,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            dimension: 8,
+            local_model: false,
+            extra: String::new(),
+            tenant_a_extra: String::new(),
+            flush_max_rows: 64,
+            max_body_bytes: 64 * 1024,
+            min_similarity: 0.9,
+        }
+    }
+}
+
+impl Setup {
+    pub fn config(&self, port: u16, data_dir: &Path) -> String {
+        let embedder = if self.local_model {
+            format!(
+                "provider = \"local\"\nmodel_dir = \"{}\"\n",
+                model_dir().display()
+            )
+        } else {
+            format!("provider = \"none\"\ndimension = {}\n", self.dimension)
+        };
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:{port}"
+max_body_bytes = {body}
+shutdown_grace_ms = 5000
+admin_key_sha256 = ["{admin}"]
+
+[storage]
+data_dir = "{dir}"
+flush_max_rows = {flush}
+flush_interval_ms = 200
+maintenance_interval_ms = 200
+compact_min_fragments = 4
+
+[embedder]
+{embedder}
+
+[cache]
+min_similarity = {min_similarity}
+{extra}
+
+[[tenants]]
+name = "team-a"
+api_key_sha256 = ["{a}"]
+{a_extra}
+
+[[tenants]]
+name = "team-b"
+api_key_sha256 = ["{b}"]
+"#,
+            body = self.max_body_bytes,
+            admin = sha(ADMIN),
+            dir = data_dir.display(),
+            flush = self.flush_max_rows,
+            extra = self.extra,
+            a = sha(KEY_A),
+            b = sha(KEY_B),
+            a_extra = self.tenant_a_extra,
+            min_similarity = self.min_similarity,
+        )
+    }
+}
+
+/// The local model directory `scripts/fetch-model.sh` fills.
+pub fn model_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("SEMANTIS_MODEL_DIR") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    PathBuf::from(home).join(".cache/semantis/models/all-MiniLM-L6-v2")
+}
+
+pub struct Server {
+    child: Option<Child>,
+    pub url: String,
+    pub http: reqwest::Client,
+    pub config_path: PathBuf,
+    pub data_dir: PathBuf,
+    log_path: PathBuf,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("failed to find a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+impl Server {
+    /// Start a server on a fresh data directory inside `root`.
+    pub async fn start(root: &Path, setup: &Setup) -> anyhow::Result<Self> {
+        let data_dir = root.join("data");
+        let port = free_port()?;
+        let config_path = root.join("semantis.toml");
+        std::fs::write(&config_path, setup.config(port, &data_dir))?;
+        Self::launch(config_path, data_dir, port).await
+    }
+
+    /// Start again on the same config and data (after a stop or a kill).
+    pub async fn restart(mut self) -> anyhow::Result<Self> {
+        self.kill_hard();
+        let text = std::fs::read_to_string(&self.config_path)?;
+        let port = free_port()?;
+        let re = regex_port(&text, port);
+        std::fs::write(&self.config_path, re)?;
+        Self::launch(self.config_path.clone(), self.data_dir.clone(), port).await
+    }
+
+    async fn launch(config_path: PathBuf, data_dir: PathBuf, port: u16) -> anyhow::Result<Self> {
+        let log_path = config_path.with_extension(format!("{port}.log"));
+        let log = std::fs::File::create(&log_path)?;
+        let child = Command::new(env!("CARGO_BIN_EXE_semantis-dataplane"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info,lance=warn,lancedb=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("failed to start semantis-dataplane")?;
+        let mut server = Self {
+            child: Some(child),
+            url: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
+            config_path,
+            data_dir,
+            log_path,
+        };
+        server.wait_ready(Duration::from_secs(120)).await?;
+        Ok(server)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    async fn wait_ready(&mut self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/readyz", self.url)).send().await
+                && r.status().is_success()
+            {
+                return Ok(());
+            }
+            if let Some(status) = self.child_exited()? {
+                bail!(
+                    "the server exited with {status} before it was ready:\n{}",
+                    self.log()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the server was not ready within {within:?}:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn child_exited(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        match self.child.as_mut() {
+            Some(child) => Ok(child.try_wait()?),
+            None => bail!("the server is not running"),
+        }
+    }
+
+    /// `kill -9`: no drain, no flush.
+    pub fn kill_hard(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns whether it exited successfully.
+    pub fn stop_gracefully(&mut self) -> anyhow::Result<bool> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(false);
+        };
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()?;
+        anyhow::ensure!(status.success(), "failed to send SIGTERM");
+        Ok(child.wait()?.success())
+    }
+
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(u16, Value, reqwest::header::HeaderMap)> {
+        let mut req = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let res = req.send().await?;
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        let text = res.text().await?;
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Ok((status, value, headers))
+    }
+
+    pub async fn store(&self, key: &str, body: Value) -> anyhow::Result<String> {
+        let (status, v, _) = self
+            .call(reqwest::Method::POST, "/v1/entries", Some(key), Some(&body))
+            .await?;
+        anyhow::ensure!(status == 201, "store answered {status}: {v}");
+        Ok(v["id"].as_str().context("no id")?.to_owned())
+    }
+
+    pub async fn lookup(&self, key: &str, body: Value) -> anyhow::Result<Value> {
+        let (status, v, headers) = self
+            .call(reqwest::Method::POST, "/v1/lookup", Some(key), Some(&body))
+            .await?;
+        anyhow::ensure!(status == 200, "lookup answered {status}: {v}");
+        let header = headers
+            .get("x-semantis-cache")
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        let hit = v["hit"].as_bool().unwrap_or(false);
+        anyhow::ensure!(
+            header == if hit { "HIT" } else { "MISS" },
+            "header {header} disagrees with {v}"
+        );
+        Ok(v)
+    }
+
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        Ok(self
+            .http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await?
+            .text()
+            .await?)
+    }
+
+    /// Poll `check` until it returns true or the deadline passes.
+    pub async fn eventually<F, Fut>(
+        &self,
+        what: &str,
+        within: Duration,
+        mut check: F,
+    ) -> anyhow::Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<bool>>,
+    {
+        let deadline = Instant::now() + within;
+        loop {
+            if check().await? {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{what} did not happen within {within:?}\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill_hard();
+    }
+}
+
+fn regex_port(config: &str, port: u16) -> String {
+    config
+        .lines()
+        .map(|l| {
+            if l.starts_with("listen = ") {
+                format!("listen = \"127.0.0.1:{port}\"")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A unit vector along axis `i` with a small tilt `t` towards axis `i+1`.
+pub fn axis(dim: usize, i: usize, tilt: f32) -> Vec<f32> {
+    let mut v = vec![0.0; dim];
+    v[i % dim] = 1.0;
+    v[(i + 1) % dim] = tilt;
+    v
+}
+
+pub fn answer(text: &str) -> Value {
+    json!({"choices": [{"message": {"role": "assistant", "content": text}}]})
+}
+
+/// A sum of one metric's samples whose label set contains every `labels` pair.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

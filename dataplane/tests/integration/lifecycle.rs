@@ -1,0 +1,325 @@
+//! What happens to entries over time and across process deaths: TTL, eviction, kill -9,
+//! graceful shutdown, flushes into LanceDB and the ANN index, and the local model.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::json;
+
+use crate::harness::{KEY_A, KEY_B, Server, Setup, answer, axis, metric_sum};
+
+#[tokio::test]
+async fn entries_expire_at_their_ttl_and_hits_do_not_extend_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &Setup::default()).await?;
+    let started = std::time::Instant::now();
+    s.store(KEY_A, json!({"prompt": "short-lived", "vector": axis(8, 0, 0.0), "response": answer("x"), "ttl_seconds": 2}))
+        .await?;
+    s.store(
+        KEY_A,
+        json!({"prompt": "long-lived", "vector": axis(8, 4, 0.0), "response": answer("y")}),
+    )
+    .await?;
+    let v = s.lookup(KEY_A, json!({"prompt": "short-lived"})).await?;
+    assert_eq!(v["hit"], true);
+    // Keep hitting it; expiry must still come at the stored TTL, on both paths.
+    s.eventually("expiry", Duration::from_secs(10), || async {
+        let exact = s.lookup(KEY_A, json!({"prompt": "short-lived"})).await?;
+        let semantic = s.lookup(KEY_A, json!({"vector": axis(8, 0, 0.0)})).await?;
+        Ok(exact["hit"] == false && semantic["hit"] == false)
+    })
+    .await?;
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(1900),
+        "expired early: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "hits extended the TTL: {elapsed:?}"
+    );
+    let v = s.lookup(KEY_A, json!({"prompt": "long-lived"})).await?;
+    assert_eq!(v["hit"], true);
+    // The expired entry is purged from the store, and counted.
+    s.eventually(
+        "purge of expired entries",
+        Duration::from_secs(10),
+        || async {
+            let m = s.metrics().await?;
+            Ok(metric_sum(
+                &m,
+                "semantis_cache_evictions_total",
+                &[("tenant", "team-a"), ("reason", "ttl")],
+            ) >= 1.0)
+        },
+    )
+    .await?;
+    let (_, v, _) = s.call(Method::GET, "/v1/stats", Some(KEY_A), None).await?;
+    assert_eq!(v["entries"], 1);
+    Ok(())
+}
+
+async fn eviction_order(policy: &str) -> anyhow::Result<Vec<bool>> {
+    let dir = tempfile::tempdir()?;
+    let setup = Setup {
+        tenant_a_extra: format!("max_entries = 3\neviction = \"{policy}\""),
+        ..Setup::default()
+    };
+    let s = Server::start(dir.path(), &setup).await?;
+    for (i, p) in ["a", "b", "c"].iter().enumerate() {
+        s.store(
+            KEY_A,
+            json!({"prompt": p, "vector": axis(8, i, 0.0), "response": answer(p)}),
+        )
+        .await?;
+    }
+    // a: used twice, c: once, b: never.
+    for p in ["a", "c", "a"] {
+        assert_eq!(s.lookup(KEY_A, json!({"prompt": p})).await?["hit"], true);
+    }
+    // LRU: b is least recently used. LFU: b has the fewest hits.
+    let (status, v, _) = s
+        .call(
+            Method::POST,
+            "/v1/entries",
+            Some(KEY_A),
+            Some(&json!({"prompt": "d", "vector": axis(8, 3, 0.0), "response": answer("d")})),
+        )
+        .await?;
+    assert_eq!((status, v["evicted"].as_u64()), (201, Some(1)), "{v}");
+    // Now c is the least recent (LRU) and has one hit against a's two (LFU) - same victim.
+    s.lookup(KEY_A, json!({"prompt": "d"})).await?;
+    s.lookup(KEY_A, json!({"prompt": "d"})).await?;
+    s.lookup(KEY_A, json!({"prompt": "d"})).await?;
+    s.store(
+        KEY_A,
+        json!({"prompt": "e", "vector": axis(8, 4, 0.0), "response": answer("e")}),
+    )
+    .await?;
+    let mut present = Vec::new();
+    for p in ["a", "b", "c", "d", "e"] {
+        present.push(s.lookup(KEY_A, json!({"prompt": p})).await?["hit"] == true);
+    }
+    // Tenant B's capacity is its own.
+    for i in 0..5 {
+        s.store(
+            KEY_B,
+            json!({"prompt": format!("b{i}"), "vector": axis(8, i, 0.0), "response": answer("b")}),
+        )
+        .await?;
+    }
+    let (_, v, _) = s.call(Method::GET, "/v1/stats", Some(KEY_B), None).await?;
+    assert_eq!(v["entries"], 5);
+    let m = s.metrics().await?;
+    assert_eq!(
+        metric_sum(
+            &m,
+            "semantis_cache_evictions_total",
+            &[("tenant", "team-a"), ("reason", "capacity")]
+        ),
+        2.0
+    );
+    Ok(present)
+}
+
+#[tokio::test]
+async fn lru_eviction_keeps_the_recently_used() -> anyhow::Result<()> {
+    // After d: a, c, d. a was hit before c's hit... order of last use: c(2nd), a(3rd), d → c goes.
+    assert_eq!(
+        eviction_order("lru").await?,
+        vec![true, false, false, true, true]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn lfu_eviction_keeps_the_frequently_hit() -> anyhow::Result<()> {
+    // Hits: a=2, c=1, d=3 → c goes.
+    assert_eq!(
+        eviction_order("lfu").await?,
+        vec![true, false, false, true, true]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn acknowledged_stores_survive_kill_9() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // A large flush threshold and interval keep every entry in the write-ahead tail.
+    let setup = Setup {
+        flush_max_rows: 100_000,
+        ..Setup::default()
+    };
+    let s = Server::start(dir.path(), &setup).await?;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let tilt = i as f32 / 100.0;
+        ids.push(
+            s.store(KEY_A, json!({"prompt": format!("durable {i}"), "vector": axis(8, i % 8, tilt), "response": answer(&i.to_string())}))
+                .await?,
+        );
+    }
+    let s = s.restart().await?; // kill -9, then start on the same data
+    for (i, id) in ids.iter().enumerate() {
+        let v = s
+            .lookup(KEY_A, json!({"prompt": format!("durable {i}")}))
+            .await?;
+        assert_eq!(
+            (v["hit"].as_bool(), v["entry_id"].as_str()),
+            (Some(true), Some(id.as_str())),
+            "entry {i} lost: {v}"
+        );
+        assert_eq!(v["response"], answer(&i.to_string()));
+    }
+    let v = s.lookup(KEY_A, json!({"vector": axis(8, 3, 0.03)})).await?;
+    assert_eq!(v["hit"], true, "semantic search sees replayed entries: {v}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn graceful_shutdown_flushes_the_tail_into_lancedb() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let setup = Setup {
+        flush_max_rows: 100_000,
+        ..Setup::default()
+    };
+    let mut s = Server::start(dir.path(), &setup).await?;
+    for i in 0..10 {
+        s.store(
+            KEY_A,
+            json!({"prompt": format!("g{i}"), "vector": axis(8, i, 0.5), "response": answer("g")}),
+        )
+        .await?;
+    }
+    assert!(
+        s.stop_gracefully()?,
+        "the server did not exit cleanly:\n{}",
+        s.log()
+    );
+    // The write-ahead log holds nothing unflushed: every segment left is empty.
+    let wal = s.data_dir.join("wal");
+    let mut leftover = 0u64;
+    for table in std::fs::read_dir(&wal)? {
+        for seg in std::fs::read_dir(table?.path())? {
+            leftover += seg?.metadata()?.len();
+        }
+    }
+    assert_eq!(
+        leftover, 0,
+        "entries left in the write-ahead log after a graceful stop"
+    );
+    let s = s.restart().await?;
+    for i in 0..10 {
+        assert_eq!(
+            s.lookup(KEY_A, json!({"prompt": format!("g{i}")})).await?["hit"],
+            true
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn flushed_entries_and_the_ann_index_keep_serving() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let setup = Setup {
+        dimension: 16,
+        flush_max_rows: 50,
+        extra: String::new(),
+        ..Setup::default()
+    };
+    // Build the ANN index once 400 rows are in the table.
+    let s = Server::start(dir.path(), &setup).await?;
+    let cfg = std::fs::read_to_string(&s.config_path)?.replace(
+        "compact_min_fragments = 4",
+        "compact_min_fragments = 4\nindex_min_rows = 400",
+    );
+    std::fs::write(&s.config_path, cfg)?;
+    let s = s.restart().await?;
+    let vector = |i: u64| -> Vec<f32> {
+        // Deterministic pseudo-random vectors (splitmix64), distinct for every i.
+        (0..16u64)
+            .map(|d| {
+                let mut z = (i * 16 + d).wrapping_add(0x9e37_79b9_7f4a_7c15);
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                ((z ^ (z >> 31)) as f64 / u64::MAX as f64) as f32 - 0.5
+            })
+            .collect()
+    };
+    for i in 0..500u64 {
+        s.store(KEY_A, json!({"prompt": format!("ann {i}"), "vector": vector(i), "response": answer(&i.to_string())}))
+            .await?;
+    }
+    s.eventually("the ANN index build", Duration::from_secs(120), || async {
+        let m = s.metrics().await?;
+        Ok(metric_sum(
+            &m,
+            "semantis_store_index_build_duration_seconds_count",
+            &[("tenant", "team-a")],
+        ) >= 1.0)
+    })
+    .await?;
+    let m = s.metrics().await?;
+    assert!(
+        metric_sum(
+            &m,
+            "semantis_store_flushed_entries_total",
+            &[("tenant", "team-a")]
+        ) >= 400.0
+    );
+    // Re-ranked with full vectors: every stored vector finds its own entry at similarity ~1.
+    for i in (0..500u64).step_by(25) {
+        let v = s.lookup(KEY_A, json!({"vector": vector(i)})).await?;
+        assert_eq!(v["hit"], true, "entry {i}: {v}");
+        assert!(v["similarity"].as_f64().unwrap_or(0.0) > 0.999, "{v}");
+        assert_eq!(v["response"], answer(&i.to_string()), "entry {i}: {v}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_local_model_matches_paraphrases_and_rejects_other_questions() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let setup = Setup {
+        local_model: true,
+        min_similarity: 0.8,
+        ..Setup::default()
+    };
+    let s = Server::start(dir.path(), &setup).await?;
+    s.store(
+        KEY_A,
+        json!({"prompt": "How do I reset my password?", "response": answer("Use the reset link.")}),
+    )
+    .await?;
+    let v = s
+        .lookup(KEY_A, json!({"prompt": "How can I reset my password?"}))
+        .await?;
+    assert_eq!(
+        (v["hit"].as_bool(), v["path"].as_str()),
+        (Some(true), Some("semantic")),
+        "{v}"
+    );
+    assert_eq!(v["response"], answer("Use the reset link."));
+    let v = s
+        .lookup(
+            KEY_A,
+            json!({"prompt": "What is the weather in Lisbon tomorrow?"}),
+        )
+        .await?;
+    assert_eq!(v["hit"], false, "{v}");
+    assert!(v["best_similarity"].as_f64().unwrap_or(1.0) < 0.5, "{v}");
+    // A client-supplied vector must match the model's dimension.
+    let (status, v, _) = s
+        .call(
+            Method::POST,
+            "/v1/lookup",
+            Some(KEY_A),
+            Some(&json!({"vector": axis(8, 0, 0.0)})),
+        )
+        .await?;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (422, Some("dimension_mismatch"))
+    );
+    Ok(())
+}
