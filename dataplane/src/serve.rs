@@ -53,10 +53,10 @@ fn load_embedder(cfg: &DataplaneConfig) -> anyhow::Result<Option<Arc<dyn Embedde
 }
 
 pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Result<Built> {
-    if cfg.redis.is_some() || cfg.postgres.is_some() {
+    if cfg.redis.is_some() {
         bail!(
-            "failed to start: Redis and Postgres stores are not available in this build yet; \
-             remove [redis] and [postgres] to run the embedded default"
+            "failed to start: the Redis store is not available in this build yet; \
+             remove [redis] to use the in-process hot layer"
         );
     }
     let registry = TenantRegistry::from_config(cfg).context("failed to load the tenants")?;
@@ -67,9 +67,27 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
     let index_version = fingerprint(&cfg.embedder);
     let dimension = cfg.embedder.dimension;
 
-    let metadata = MetadataStore::open_sqlite(&data_dir.join("metadata.sqlite"))
-        .await
-        .context("failed to open the metadata store")?;
+    let metadata = match &cfg.postgres {
+        Some(pg) => {
+            let password = match &pg.password_file {
+                Some(path) => Some(
+                    std::fs::read_to_string(path)
+                        .with_context(|| {
+                            format!("failed to read the Postgres password file {path}")
+                        })?
+                        .trim()
+                        .to_owned(),
+                ),
+                None => None,
+            };
+            MetadataStore::open_postgres(&pg.url, password.as_deref())
+                .await
+                .context("failed to open the Postgres metadata store")?
+        }
+        None => MetadataStore::open_sqlite(&data_dir.join("metadata.sqlite"))
+            .await
+            .context("failed to open the SQLite metadata store")?,
+    };
     let db = lancedb::connect(&data_dir.join("lance").to_string_lossy())
         .execute()
         .await

@@ -7,3 +7,5 @@ mod api;
 mod harness;
 #[path = "integration/lifecycle.rs"]
 mod lifecycle;
+#[path = "integration/postgres.rs"]
+mod postgres;

@@ -156,7 +156,10 @@ pub struct InvalidateResponse {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ReadyResponse {
+    /// True while every critical component is up: the replica can answer lookups.
     pub ready: bool,
+    /// Names of non-critical components that are down; lookups still answer without them.
+    pub degraded: Vec<String>,
     /// Each component and whether it is reachable.
     pub checks: Vec<Check>,
 }
@@ -165,6 +168,8 @@ pub struct ReadyResponse {
 pub struct Check {
     pub name: String,
     pub ok: bool,
+    /// A critical component being down makes the replica unready (503).
+    pub critical: bool,
     pub detail: Option<String>,
 }
 
@@ -326,23 +331,34 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Ready when accepting traffic and every store answers.
+/// Ready (200) while the replica can answer lookups. Components off the hit path (the
+/// metadata database) are reported as `degraded` without failing readiness: taking every
+/// replica out of the Service because Postgres is down would turn an accounting outage into
+/// a cache outage.
 #[utoipa::path(get, path = "/readyz", responses((status = 200, body = ReadyResponse), (status = 503, body = ReadyResponse)))]
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let mut checks = vec![Check {
         name: "server".into(),
         ok: state.accepting.load(Ordering::Relaxed),
+        critical: true,
         detail: None,
     }];
-    let meta = state.cache.metadata().ping().await;
+    let metadata = state.cache.metadata();
+    let meta = tokio::time::timeout(Duration::from_secs(2), metadata.ping()).await;
     checks.push(Check {
-        name: "metadata".into(),
-        ok: meta.is_ok(),
-        detail: meta.err().map(|e| e.to_string()),
+        name: metadata.backend().into(),
+        ok: matches!(meta, Ok(Ok(()))),
+        critical: false,
+        detail: match meta {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("failed to answer within 2 s".into()),
+        },
     });
     checks.push(Check {
         name: "index".into(),
         ok: true,
+        critical: true,
         detail: Some(format!(
             "version {} ({} dimensions)",
             state.cache.index_version(),
@@ -352,19 +368,33 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     checks.push(Check {
         name: "embedder".into(),
         ok: true,
+        critical: false,
         detail: Some(if state.cache.has_embedder() {
             "loaded".into()
         } else {
             "none configured: clients supply vectors".into()
         }),
     });
-    let ready = checks.iter().all(|c| c.ok);
+    let ready = checks.iter().filter(|c| c.critical).all(|c| c.ok);
+    let degraded = checks
+        .iter()
+        .filter(|c| !c.ok && !c.critical)
+        .map(|c| c.name.clone())
+        .collect();
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(ReadyResponse { ready, checks })).into_response()
+    (
+        status,
+        Json(ReadyResponse {
+            ready,
+            degraded,
+            checks,
+        }),
+    )
+        .into_response()
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {

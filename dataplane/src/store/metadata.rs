@@ -9,14 +9,16 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-use sqlx::{Row, SqlitePool};
+use sqlx::{PgPool, Row, SqlitePool};
 use tokio::sync::mpsc;
 
 use super::{StoreError, UsageEvent, UsageSink};
 use crate::metrics::Metrics;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// Usage totals for one tenant and model.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, utoipa::ToSchema)]
@@ -28,9 +30,23 @@ pub struct ModelUsage {
     pub usd_saved: f64,
 }
 
+/// Embedded mode: SQLite in the data directory. Cluster mode: Postgres, shared by replicas.
 #[derive(Clone)]
-pub struct MetadataStore {
-    pool: SqlitePool,
+pub enum MetadataStore {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Run the same statement text on whichever pool this is. The SQL is written once, with
+/// `$N` placeholders (SQLite numbers `$N` parameters by first appearance, so each appears
+/// once and in order).
+macro_rules! on_pool {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match $store {
+            MetadataStore::Sqlite($pool) => $body,
+            MetadataStore::Postgres($pool) => $body,
+        }
+    };
 }
 
 fn meta(action: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -38,6 +54,41 @@ fn meta(action: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
         action,
         source: Box::new(source),
     }
+}
+
+const REGISTER_TENANT: &str =
+    "INSERT INTO tenants (name, created_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING";
+
+const SET_INDEX_VERSION: &str = "INSERT INTO index_versions
+       (tenant, fingerprint, dimension, state, created_at, updated_at)
+     VALUES ($1, $2, $3, $4, $5, $6)
+     ON CONFLICT (tenant, fingerprint)
+     DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at";
+
+const READ_USAGE: &str = "SELECT model, CAST(SUM(lookups) AS BIGINT) AS lookups,
+       CAST(SUM(hits) AS BIGINT) AS hits, CAST(SUM(tokens_saved) AS BIGINT) AS tokens_saved,
+       CAST(SUM(usd_saved) AS DOUBLE PRECISION) AS usd_saved
+     FROM usage WHERE tenant = $1 GROUP BY model ORDER BY model";
+
+const UPSERT_USAGE: &str = "INSERT INTO usage
+       (tenant, model, day, lookups, hits, tokens_saved, usd_saved)
+     VALUES ($1, $2, $3, $4, $5, $6, $7)
+     ON CONFLICT (tenant, model, day) DO UPDATE SET
+       lookups = usage.lookups + excluded.lookups,
+       hits = usage.hits + excluded.hits,
+       tokens_saved = usage.tokens_saved + excluded.tokens_saved,
+       usd_saved = usage.usd_saved + excluded.usd_saved";
+
+const INSERT_AUDIT: &str = "INSERT INTO hit_audit
+       (at_ms, tenant, request_id, entry_id, path, similarity)
+     VALUES ($1, $2, $3, $4, $5, $6)";
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
 }
 
 impl MetadataStore {
@@ -53,32 +104,61 @@ impl MetadataStore {
             .connect_with(options)
             .await
             .map_err(meta("open SQLite"))?;
-        SQLITE_MIGRATIONS
-            .run(&pool)
-            .await
-            .map_err(|e| StoreError::Metadata {
-                action: "migrate",
-                source: Box::new(e.into()),
-            })?;
-        Ok(Self { pool })
+        let store = Self::Sqlite(pool);
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Cluster mode: Postgres at `url`, with the password from a mounted Secret when given.
+    pub async fn open_postgres(url: &str, password: Option<&str>) -> Result<Self, StoreError> {
+        let mut options: PgConnectOptions = url.parse().map_err(meta("parse the Postgres URL"))?;
+        if let Some(p) = password {
+            options = options.password(p);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(2))
+            .connect_lazy_with(options);
+        let store = Self::Postgres(pool);
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Apply pending migrations; concurrent replicas are serialised by sqlx's migration lock.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let result = match self {
+            Self::Sqlite(pool) => SQLITE_MIGRATIONS.run(pool).await,
+            Self::Postgres(pool) => POSTGRES_MIGRATIONS.run(pool).await,
+        };
+        result.map_err(|e| StoreError::Metadata {
+            action: "migrate",
+            source: Box::new(e.into()),
+        })
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite",
+            Self::Postgres(_) => "postgres",
+        }
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
+        on_pool!(self, |pool| sqlx::query("SELECT 1")
+            .execute(pool)
             .await
-            .map_err(meta("reach"))?;
+            .map(|_| ()))
+        .map_err(meta("reach"))?;
         Ok(())
     }
 
     pub async fn register_tenant(&self, name: &str, now_ms: i64) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO tenants (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(name)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await
+        on_pool!(self, |pool| sqlx::query(REGISTER_TENANT)
+            .bind(name)
+            .bind(now_ms)
+            .execute(pool)
+            .await
+            .map(|_| ()))
         .map_err(meta("register a tenant"))?;
         Ok(())
     }
@@ -92,112 +172,96 @@ impl MetadataStore {
         state: &str,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO index_versions (tenant, fingerprint, dimension, state, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?)
-             ON CONFLICT (tenant, fingerprint) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
-        )
-        .bind(tenant)
-        .bind(fingerprint)
-        .bind(i64::try_from(dimension).unwrap_or(i64::MAX))
-        .bind(state)
-        .bind(now_ms)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await
+        let dimension = i64::try_from(dimension).unwrap_or(i64::MAX);
+        on_pool!(self, |pool| sqlx::query(SET_INDEX_VERSION)
+            .bind(tenant)
+            .bind(fingerprint)
+            .bind(dimension)
+            .bind(state)
+            .bind(now_ms)
+            .bind(now_ms)
+            .execute(pool)
+            .await
+            .map(|_| ()))
         .map_err(meta("record an index version"))?;
         Ok(())
     }
 
     pub async fn usage(&self, tenant: &str) -> Result<Vec<ModelUsage>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT model, SUM(lookups) AS lookups, SUM(hits) AS hits,
-                    SUM(tokens_saved) AS tokens_saved, SUM(usd_saved) AS usd_saved
-             FROM usage WHERE tenant = ? GROUP BY model ORDER BY model",
-        )
-        .bind(tenant)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(meta("read usage"))?;
-        rows.iter()
-            .map(|r| {
-                Ok(ModelUsage {
-                    model: r.try_get("model")?,
-                    lookups: u64::try_from(r.try_get::<i64, _>("lookups")?).unwrap_or(0),
-                    hits: u64::try_from(r.try_get::<i64, _>("hits")?).unwrap_or(0),
-                    tokens_saved: u64::try_from(r.try_get::<i64, _>("tokens_saved")?).unwrap_or(0),
-                    usd_saved: r.try_get("usd_saved")?,
+        on_pool!(self, |pool| {
+            let rows = sqlx::query(READ_USAGE)
+                .bind(tenant)
+                .fetch_all(pool)
+                .await
+                .map_err(meta("read usage"))?;
+            rows.iter()
+                .map(|r| {
+                    Ok(ModelUsage {
+                        model: r.try_get("model")?,
+                        lookups: to_u64(r.try_get("lookups")?),
+                        hits: to_u64(r.try_get("hits")?),
+                        tokens_saved: to_u64(r.try_get("tokens_saved")?),
+                        usd_saved: r.try_get("usd_saved")?,
+                    })
                 })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(meta("decode usage"))
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(meta("decode usage"))
+        })
     }
 
-    /// Number of audited hits of a tenant (for tests and support).
+    /// Number of audited hits of a tenant.
     pub async fn audited_hits(&self, tenant: &str) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM hit_audit WHERE tenant = ?")
-            .bind(tenant)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(meta("count audited hits"))?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        let n: i64 = on_pool!(self, |pool| sqlx::query_scalar(
+            "SELECT COUNT(*) FROM hit_audit WHERE tenant = $1"
+        )
+        .bind(tenant)
+        .fetch_one(pool)
+        .await)
+        .map_err(meta("count audited hits"))?;
+        Ok(to_u64(n))
     }
 
     async fn write_batch(&self, events: &[UsageEvent]) -> Result<(), StoreError> {
         // Aggregate per (tenant, model, day) so a batch is a handful of upserts.
         let mut totals: HashMap<(String, String, String), ModelUsage> = HashMap::new();
         for e in events {
-            let day = day_of(e.at_ms);
             let t = totals
-                .entry((e.tenant.clone(), e.model.clone(), day))
+                .entry((e.tenant.clone(), e.model.clone(), day_of(e.at_ms)))
                 .or_default();
             t.lookups += 1;
             t.hits += u64::from(e.hit);
             t.tokens_saved += e.tokens_saved;
             t.usd_saved += e.usd_saved;
         }
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(meta("begin a transaction"))?;
-        for ((tenant, model, day), t) in &totals {
-            sqlx::query(
-                "INSERT INTO usage (tenant, model, day, lookups, hits, tokens_saved, usd_saved)
-                 VALUES (?, ?, ?, ?, ?, ?, ?)
-                 ON CONFLICT (tenant, model, day) DO UPDATE SET
-                   lookups = usage.lookups + excluded.lookups,
-                   hits = usage.hits + excluded.hits,
-                   tokens_saved = usage.tokens_saved + excluded.tokens_saved,
-                   usd_saved = usage.usd_saved + excluded.usd_saved",
-            )
-            .bind(tenant)
-            .bind(model)
-            .bind(day)
-            .bind(i64::try_from(t.lookups).unwrap_or(i64::MAX))
-            .bind(i64::try_from(t.hits).unwrap_or(i64::MAX))
-            .bind(i64::try_from(t.tokens_saved).unwrap_or(i64::MAX))
-            .bind(t.usd_saved)
-            .execute(&mut *tx)
-            .await
-            .map_err(meta("record usage"))?;
-        }
-        for e in events.iter().filter(|e| e.hit) {
-            sqlx::query(
-                "INSERT INTO hit_audit (at_ms, tenant, request_id, entry_id, path, similarity)
-                 VALUES (?, ?, ?, ?, ?, ?)",
-            )
-            .bind(e.at_ms)
-            .bind(&e.tenant)
-            .bind(&e.request_id)
-            .bind(e.entry_id.as_deref().unwrap_or(""))
-            .bind(e.path.unwrap_or(""))
-            .bind(f64::from(e.similarity.unwrap_or(0.0)))
-            .execute(&mut *tx)
-            .await
-            .map_err(meta("record a hit in the audit trail"))?;
-        }
-        tx.commit().await.map_err(meta("commit usage"))?;
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(meta("begin a transaction"))?;
+            for ((tenant, model, day), t) in &totals {
+                sqlx::query(UPSERT_USAGE)
+                    .bind(tenant)
+                    .bind(model)
+                    .bind(day)
+                    .bind(to_i64(t.lookups))
+                    .bind(to_i64(t.hits))
+                    .bind(to_i64(t.tokens_saved))
+                    .bind(t.usd_saved)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(meta("record usage"))?;
+            }
+            for e in events.iter().filter(|e| e.hit) {
+                sqlx::query(INSERT_AUDIT)
+                    .bind(e.at_ms)
+                    .bind(&e.tenant)
+                    .bind(&e.request_id)
+                    .bind(e.entry_id.as_deref().unwrap_or(""))
+                    .bind(e.path.unwrap_or(""))
+                    .bind(f64::from(e.similarity.unwrap_or(0.0)))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(meta("record a hit in the audit trail"))?;
+            }
+            tx.commit().await.map_err(meta("commit usage"))
+        })?;
         Ok(())
     }
 }

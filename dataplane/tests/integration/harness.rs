@@ -26,6 +26,8 @@ pub struct Setup {
     pub flush_max_rows: usize,
     pub max_body_bytes: usize,
     pub min_similarity: f32,
+    /// Cluster-mode metadata: a Postgres URL.
+    pub postgres_url: Option<String>,
 }
 
 impl Default for Setup {
@@ -38,6 +40,7 @@ impl Default for Setup {
             flush_max_rows: 64,
             max_body_bytes: 64 * 1024,
             min_similarity: 0.9,
+            postgres_url: None,
         }
     }
 }
@@ -52,8 +55,14 @@ impl Setup {
         } else {
             format!("provider = \"none\"\ndimension = {}\n", self.dimension)
         };
+        let postgres = self
+            .postgres_url
+            .as_ref()
+            .map(|u| format!("[postgres]\nurl = \"{u}\"\n"))
+            .unwrap_or_default();
         format!(
             r#"
+{postgres}
 [server]
 listen = "127.0.0.1:{port}"
 max_body_bytes = {body}
@@ -94,6 +103,54 @@ api_key_sha256 = ["{b}"]
             min_similarity = self.min_similarity,
         )
     }
+}
+
+fn services_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/services.sh")
+}
+
+/// Run `scripts/services.sh ARGS` (the project's own installer and starter) and return stdout.
+pub fn services(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("bash")
+        .arg(services_script())
+        .args(args)
+        .output()
+        .context("failed to run scripts/services.sh")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "scripts/services.sh {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// A fresh database in the Postgres at `server_url` (`postgres://…/postgres`).
+pub async fn fresh_database(server_url: &str) -> anyhow::Result<String> {
+    use sqlx::Connection;
+    let name = format!("semantis_{}", uuid::Uuid::now_v7().simple());
+    let mut conn = sqlx::PgConnection::connect(server_url).await?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await?;
+    Ok(format!(
+        "{}/{name}",
+        server_url.trim_end_matches("/postgres")
+    ))
+}
+
+/// The shared Postgres instance, started once per test run.
+pub fn shared_postgres() -> anyhow::Result<String> {
+    static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if let Some(u) = URL.get() {
+        return Ok(u.clone());
+    }
+    let out = services(&["start"])?;
+    let url = out
+        .lines()
+        .find_map(|l| l.strip_prefix("SEMANTIS_TEST_POSTGRES_URL="))
+        .context("services.sh printed no Postgres URL")?
+        .to_owned();
+    Ok(URL.get_or_init(|| url).clone())
 }
 
 /// The local model directory `scripts/fetch-model.sh` fills.

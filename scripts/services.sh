@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Real Postgres and Redis on loopback for tests and local cluster-mode runs, from Debian's
+# packages. Idempotent: installs what is missing, starts what is not running.
+#
+#   scripts/services.sh start           start the shared instances, print their URLs as KEY=VALUE
+#   scripts/services.sh postgres NAME   start (or reuse) a private Postgres instance NAME
+#   scripts/services.sh stop-postgres NAME / start-postgres NAME
+#   scripts/services.sh stop            stop everything this script started
+set -euo pipefail
+
+root="${SEMANTIS_SERVICES_DIR:-/tmp/semantis-services}"
+mkdir -p "$root"
+chmod 755 "$root"
+
+as_postgres() {
+  if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+pg_bin() {
+  local d
+  for d in /usr/lib/postgresql/*/bin; do
+    [ -x "$d/initdb" ] && { echo "$d"; return; }
+  done
+  return 1
+}
+
+install_missing() {
+  local need=()
+  pg_bin >/dev/null 2>&1 || need+=(postgresql)
+  command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+  if [ ${#need[@]} -gt 0 ]; then
+    local sudo_cmd=""
+    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+    echo "installing ${need[*]} (Debian packages)" >&2
+    $sudo_cmd apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+}
+
+# A stable port per instance name, in a range unlikely to be taken.
+port_of() {
+  local sum
+  sum=$(printf '%s' "$1" | cksum | cut -d' ' -f1)
+  echo $(( 42000 + sum % 2000 ))
+}
+
+postgres_start() {
+  local name="$1" bin dir port
+  bin=$(pg_bin)
+  dir="$root/pg-$name"
+  port=$(port_of "pg-$name")
+  if [ ! -f "$dir/PG_VERSION" ]; then
+    mkdir -p "$dir"
+    [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$dir"
+    as_postgres "$bin/initdb" -D "$dir" -U postgres --auth=trust -E UTF8 >/dev/null
+  fi
+  if ! as_postgres "$bin/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
+    as_postgres "$bin/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 \
+      -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200" start >/dev/null
+  fi
+  echo "postgres://postgres@127.0.0.1:$port/postgres"
+}
+
+postgres_stop() {
+  local name="$1" bin dir
+  bin=$(pg_bin)
+  dir="$root/pg-$name"
+  [ -d "$dir" ] && as_postgres "$bin/pg_ctl" -D "$dir" -m fast -w stop >/dev/null 2>&1 || true
+}
+
+redis_start() {
+  local name="$1" dir port
+  dir="$root/redis-$name"
+  port=$(port_of "redis-$name")
+  mkdir -p "$dir"
+  if ! redis-cli -p "$port" ping >/dev/null 2>&1; then
+    # AOF with fsync on every write: an acknowledged write survives a crash.
+    redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --daemonize yes \
+      --appendonly yes --appendfsync always --save "" \
+      --logfile "$dir/redis.log" --pidfile "$dir/redis.pid" >/dev/null
+    for _ in $(seq 1 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.05; done
+  fi
+  echo "redis://127.0.0.1:$port"
+}
+
+redis_stop() {
+  local port
+  port=$(port_of "redis-$1")
+  redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
+}
+
+case "${1:-start}" in
+  start)
+    install_missing
+    echo "SEMANTIS_TEST_POSTGRES_URL=$(postgres_start shared)"
+    echo "SEMANTIS_TEST_REDIS_URL=$(redis_start shared)"
+    ;;
+  postgres|start-postgres) install_missing; postgres_start "$2" ;;
+  stop-postgres) postgres_stop "$2" ;;
+  redis|start-redis) install_missing; redis_start "$2" ;;
+  stop-redis) redis_stop "$2" ;;
+  stop)
+    for d in "$root"/pg-*; do [ -d "$d" ] && postgres_stop "${d##*/pg-}"; done
+    for d in "$root"/redis-*; do [ -d "$d" ] && redis_stop "${d##*/redis-}"; done
+    ;;
+  *) echo "usage: $0 start|postgres NAME|stop-postgres NAME|redis NAME|stop-redis NAME|stop" >&2; exit 2 ;;
+esac
