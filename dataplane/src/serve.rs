@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
+use redis::IntoConnectionInfo;
 use semantis_contract::{DataplaneConfig, EmbeddingProvider};
 use semantis_dataplane::cache::entry::now_ms;
 use semantis_dataplane::cache::tenants::TenantRegistry;
@@ -17,9 +18,11 @@ use semantis_dataplane::embed::{EmbedError, Embedder, fingerprint};
 use semantis_dataplane::http::{AppState, router};
 use semantis_dataplane::metrics::Metrics;
 use semantis_dataplane::store::hot::InProcessHotLayer;
-use semantis_dataplane::store::lance::LanceEntryStore;
+use semantis_dataplane::store::lance::{LanceEntryStore, LogConfig};
 use semantis_dataplane::store::metadata::{MetadataStore, QueuedUsage};
-use semantis_dataplane::store::{EntryStore, UsageSink};
+use semantis_dataplane::store::redis_hot::RedisHotLayer;
+use semantis_dataplane::store::redis_log::connect;
+use semantis_dataplane::store::{EntryStore, HotLayer, Probe, RedisProbe, UsageSink};
 use tokio::task::JoinHandle;
 
 /// Hot-layer capacity (entries across all tenants).
@@ -27,6 +30,7 @@ const HOT_LAYER_ENTRIES: u64 = 200_000;
 
 pub struct Built {
     pub cache: Arc<Cache>,
+    pub probes: Vec<Arc<dyn Probe>>,
     pub usage_writer: JoinHandle<()>,
 }
 
@@ -53,12 +57,6 @@ fn load_embedder(cfg: &DataplaneConfig) -> anyhow::Result<Option<Arc<dyn Embedde
 }
 
 pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Result<Built> {
-    if cfg.redis.is_some() {
-        bail!(
-            "failed to start: the Redis store is not available in this build yet; \
-             remove [redis] to use the in-process hot layer"
-        );
-    }
     let registry = TenantRegistry::from_config(cfg).context("failed to load the tenants")?;
     let data_dir = PathBuf::from(&cfg.storage.data_dir);
     std::fs::create_dir_all(&data_dir)
@@ -93,14 +91,52 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
         .await
         .with_context(|| format!("failed to open LanceDB in {}", data_dir.display()))?;
     let wal_root = data_dir.join("wal");
+    // Cluster mode: Redis carries the write-ahead log and the exact-match layer.
+    let redis = match &cfg.redis {
+        Some(r) => {
+            let mut info: redis::ConnectionInfo = r
+                .url
+                .as_str()
+                .into_connection_info()
+                .context("failed to parse the Redis URL")?;
+            if let Some(path) = &r.password_file {
+                let password = std::fs::read_to_string(path)
+                    .with_context(|| format!("failed to read the Redis password file {path}"))?;
+                let settings = info.redis_settings().clone().set_password(password.trim());
+                info = info.set_redis_settings(settings);
+            }
+            let client = redis::Client::open(info).context("failed to configure Redis")?;
+            let conn = connect(&client)
+                .await
+                .context("failed to connect to Redis")?;
+            Some((client, conn))
+        }
+        None => None,
+    };
+    // The pod name in Kubernetes; unique per process elsewhere.
+    let replica = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .map_or_else(
+            || uuid::Uuid::now_v7().to_string(),
+            |h| format!("{h}-{}", std::process::id()),
+        );
 
     let mut partitions = Vec::new();
     for tenant in registry.all() {
         // One table per (tenant, index version).
         let table = format!("{}--{}", tenant.name, &index_version[..16]);
+        let log = match &redis {
+            Some((client, conn)) => LogConfig::Redis {
+                client,
+                conn,
+                replica: &replica,
+            },
+            None => LogConfig::File { root: &wal_root },
+        };
         let store = LanceEntryStore::open(
             &db,
-            &wal_root,
+            log,
             &tenant.name,
             &table,
             dimension,
@@ -119,10 +155,18 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
             .set_index_version(&tenant.name, &index_version, dimension, "active", now)
             .await?;
         tracing::info!(tenant = %tenant.name, table, entries = seen.len(), "opened tenant");
-        let store: Arc<dyn EntryStore> = Arc::new(store);
+        let store: Arc<dyn EntryStore> = store;
         partitions.push(Arc::new(Partition::new(tenant.clone(), store, &seen)));
     }
 
+    let mut probes: Vec<Arc<dyn Probe>> = vec![Arc::new(metadata.clone())];
+    if let Some((_, conn)) = &redis {
+        probes.push(Arc::new(RedisProbe(conn.clone())));
+    }
+    let hot: Arc<dyn HotLayer> = match &redis {
+        Some((_, conn)) => Arc::new(RedisHotLayer::new(conn.clone(), metrics.clone())),
+        None => Arc::new(InProcessHotLayer::new(HOT_LAYER_ENTRIES)),
+    };
     let (usage, usage_writer) = QueuedUsage::start(metadata.clone(), metrics.clone());
     let usage: Arc<dyn UsageSink> = Arc::new(usage);
     let cache = Arc::new(Cache::new(CacheParts {
@@ -131,13 +175,14 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
         dimension,
         index_version,
         embedder,
-        hot: Arc::new(InProcessHotLayer::new(HOT_LAYER_ENTRIES)),
+        hot,
         usage,
         metadata,
         metrics,
     }));
     Ok(Built {
         cache,
+        probes,
         usage_writer,
     })
 }
@@ -193,10 +238,12 @@ pub async fn run(cfg: DataplaneConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new().context("failed to register metrics")?);
     let Built {
         cache,
+        probes,
         usage_writer,
     } = build(&cfg, metrics).await?;
     let state = Arc::new(AppState {
         cache: cache.clone(),
+        probes,
         accepting: AtomicBool::new(true),
     });
     let app = router(

@@ -3,6 +3,8 @@
 
 #[path = "integration/api.rs"]
 mod api;
+#[path = "integration/cluster.rs"]
+mod cluster;
 #[path = "integration/harness.rs"]
 mod harness;
 #[path = "integration/lifecycle.rs"]

@@ -359,11 +359,11 @@ impl Cache {
 
         if let Some(norm) = &normalized {
             let key = exact_key(&fp, norm);
-            let found = match self.hot.get(&tenant.name, &key) {
+            let found = match self.hot.get(&tenant.name, &key).await {
                 Some(e) => Some(e),
                 None => match part.store.find_exact(&key, now).await {
                     Ok(Some(e)) => {
-                        self.hot.put(&tenant.name, e.clone());
+                        self.hot.put(&tenant.name, e.clone()).await;
                         Some(e)
                     }
                     Ok(None) => None,
@@ -558,7 +558,7 @@ impl Cache {
         part.store.insert(entry.clone()).await.inspect_err(|e| {
             self.store_failed(tenant, "insert", e);
         })?;
-        self.hot.put(&tenant.name, entry.clone());
+        self.hot.put(&tenant.name, entry.clone()).await;
         part.access.lock().insert(&entry.id);
         self.metrics.stores.with_label_values(&[&tenant.name]).inc();
         let evicted = self.evict_over_capacity(part, &entry.id).await?;
@@ -584,7 +584,7 @@ impl Cache {
             let Some(victim) = victim else { break };
             let removed = part.store.delete_ids(std::slice::from_ref(&victim)).await?;
             part.access.lock().remove(&victim);
-            self.purge(part, &removed);
+            self.purge(part, &removed).await;
             evicted += 1;
             self.metrics
                 .evictions
@@ -594,11 +594,15 @@ impl Cache {
         Ok(evicted)
     }
 
-    fn purge(&self, part: &Partition, removed: &[Removed]) {
-        let mut access = part.access.lock();
+    async fn purge(&self, part: &Partition, removed: &[Removed]) {
+        {
+            let mut access = part.access.lock();
+            for r in removed {
+                access.remove(&r.id);
+            }
+        }
         for r in removed {
-            access.remove(&r.id);
-            self.hot.remove(&part.tenant.name, &r.exact_key);
+            self.hot.remove(&part.tenant.name, &r.exact_key).await;
         }
     }
 
@@ -619,7 +623,7 @@ impl Cache {
         if removed.is_empty() {
             return Err(CacheError::EntryNotFound(id.to_owned()));
         }
-        self.purge(part, &removed);
+        self.purge(part, &removed).await;
         self.set_entries_gauge(part);
         Ok(())
     }
@@ -632,9 +636,9 @@ impl Cache {
     ) -> Result<u64, CacheError> {
         let part = self.partition(tenant)?;
         let removed = part.store.delete_where(&filter).await?;
-        self.purge(part, &removed);
+        self.purge(part, &removed).await;
         if filter == EntryFilter::All {
-            self.hot.clear_tenant(&tenant.name);
+            self.hot.clear_tenant(&tenant.name).await;
             part.access.lock().clear();
         }
         self.set_entries_gauge(part);
@@ -687,7 +691,7 @@ impl Cache {
                         .evictions
                         .with_label_values(&[&part.tenant.name, "ttl"])
                         .inc_by(removed.len() as u64);
-                    self.purge(part, &removed);
+                    self.purge(part, &removed).await;
                     self.set_entries_gauge(part);
                 }
                 Err(e) => self.store_failed(&part.tenant, "delete_expired", &e),
@@ -704,10 +708,10 @@ impl Cache {
         }
     }
 
-    /// Flush every tenant's write-ahead tail into its table (shutdown).
+    /// Flush every tenant's write-ahead tail into its table and release leases (shutdown).
     pub async fn flush_all(&self) -> Result<(), StoreError> {
         for part in self.partitions.values() {
-            part.store.flush().await?;
+            part.store.shutdown().await?;
         }
         Ok(())
     }

@@ -25,12 +25,15 @@ use crate::cache::entry::EntryFilter;
 use crate::cache::scope::Scope;
 use crate::cache::tenants::Tenant;
 use crate::cache::{Cache, CacheError, HitPath, LookupQuery, StoreCommand, TenantStats};
+use crate::store::Probe;
 
 pub const CACHE_HEADER: &str = "x-semantis-cache";
 pub const TENANT_HEADER: &str = "x-semantis-tenant";
 
 pub struct AppState {
     pub cache: Arc<Cache>,
+    /// Dependencies `/readyz` reports on (metadata database, Redis).
+    pub probes: Vec<Arc<dyn Probe>>,
     /// False while starting and once shutdown begins, so load balancers stop routing here.
     pub accepting: AtomicBool,
 }
@@ -343,18 +346,21 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         critical: true,
         detail: None,
     }];
-    let metadata = state.cache.metadata();
-    let meta = tokio::time::timeout(Duration::from_secs(2), metadata.ping()).await;
-    checks.push(Check {
-        name: metadata.backend().into(),
-        ok: matches!(meta, Ok(Ok(()))),
-        critical: false,
-        detail: match meta {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some("failed to answer within 2 s".into()),
-        },
-    });
+    let probed = futures::future::join_all(state.probes.iter().map(|p| async move {
+        let outcome = tokio::time::timeout(Duration::from_secs(2), p.check()).await;
+        Check {
+            name: p.name().into(),
+            ok: matches!(outcome, Ok(Ok(()))),
+            critical: false,
+            detail: match outcome {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(_) => Some("failed to answer within 2 s".into()),
+            },
+        }
+    }))
+    .await;
+    checks.extend(probed);
     checks.push(Check {
         name: "index".into(),
         ok: true,

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use moka::sync::Cache;
 
 use super::HotLayer;
@@ -35,23 +36,24 @@ impl InProcessHotLayer {
     }
 }
 
+#[async_trait]
 impl HotLayer for InProcessHotLayer {
-    fn get(&self, tenant: &str, exact_key: &str) -> Option<Arc<Entry>> {
+    async fn get(&self, tenant: &str, exact_key: &str) -> Option<Arc<Entry>> {
         let entry = self.cache.get(&(Arc::from(tenant), exact_key.to_owned()))?;
         entry.is_live(now_ms()).then_some(entry)
     }
 
-    fn put(&self, tenant: &str, entry: Arc<Entry>) {
+    async fn put(&self, tenant: &str, entry: Arc<Entry>) {
         self.cache
             .insert((Arc::from(tenant), entry.exact_key.clone()), entry);
     }
 
-    fn remove(&self, tenant: &str, exact_key: &str) {
+    async fn remove(&self, tenant: &str, exact_key: &str) {
         self.cache
             .invalidate(&(Arc::from(tenant), exact_key.to_owned()));
     }
 
-    fn clear_tenant(&self, tenant: &str) {
+    async fn clear_tenant(&self, tenant: &str) {
         let tenant: Arc<str> = Arc::from(tenant);
         // Only fails when closures were not enabled at build time, which they are.
         if let Err(e) = self.cache.invalidate_entries_if(move |k, _| k.0 == tenant) {

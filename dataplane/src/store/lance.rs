@@ -7,10 +7,11 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use arrow_array::RecordBatchIterator;
 use arrow_array::{
     Array, ArrayRef, BinaryArray, FixedSizeListArray, Float32Array, Float64Array, Int64Array,
     RecordBatch, StringArray, UInt64Array, types::Float32Type,
@@ -24,9 +25,11 @@ use lancedb::index::scalar::BTreeIndexBuilder;
 use lancedb::index::vector::IvfPqIndexBuilder;
 use lancedb::query::{ExecutableQuery, QueryBase, Select};
 use lancedb::table::{OptimizeAction, OptimizeOptions};
-use parking_lot::RwLock;
+use parking_lot::Mutex;
 use semantis_contract::StorageConfig;
+use tokio::sync::watch;
 
+use super::redis_log::{Pos, RedisLog, format_stream_id, parse_stream_id};
 use super::wal::{Wal, WalEntry, WalRecord};
 use super::{EntryStore, StoreError};
 use crate::cache::entry::{Candidate, Entry, EntryFilter, Removed, cosine_similarity};
@@ -34,11 +37,99 @@ use crate::metrics::Metrics;
 
 const VECTOR_INDEX: &str = "vector_idx";
 
-/// Entries stored but not yet flushed to the table, each with its log segment.
+/// How a table's log is reached.
+pub enum LogConfig<'a> {
+    File {
+        root: &'a Path,
+    },
+    Redis {
+        client: &'a redis::Client,
+        conn: &'a redis::aio::ConnectionManager,
+        replica: &'a str,
+    },
+}
+
+/// Where the write-ahead records go: a local file log (embedded mode) or a Redis Stream
+/// shared by every replica (cluster mode).
+pub enum Log {
+    File(Wal),
+    Redis(Arc<RedisLog>),
+}
+
+/// A delete that is in the log but not yet applied to the LanceDB table. Until the flush that
+/// applies it, reads hide matching table rows (the tail already dropped its own).
+#[derive(Debug, Clone)]
+enum Pending {
+    Ids(Vec<String>),
+    Where(EntryFilter),
+}
+
+/// This replica's view of the log: entries not yet in the table, and deletes not yet
+/// applied to it. Every replica applies the same records in the same order, so any of them
+/// can take over flushing.
 #[derive(Default)]
-struct Tail {
-    entries: Vec<(u64, Arc<Entry>)>,
+struct State {
+    tail: Vec<(Pos, Arc<Entry>)>,
+    tail_ids: HashSet<String>,
+    pending: Vec<(Pos, Pending)>,
     oldest: Option<Instant>,
+    /// Cluster mode: records this replica appended and already applied (the follower skips
+    /// them when they come back from the stream).
+    applied_own: HashSet<Pos>,
+}
+
+impl State {
+    fn apply_put(&mut self, pos: Pos, entry: Arc<Entry>) {
+        if self.tail_ids.insert(entry.id.clone()) {
+            self.tail.push((pos, entry));
+            self.oldest.get_or_insert_with(Instant::now);
+        }
+    }
+
+    fn apply_delete(&mut self, pos: Pos, op: Pending) {
+        let ids = &mut self.tail_ids;
+        self.tail.retain(|(_, e)| {
+            let gone = match &op {
+                Pending::Ids(list) => list.contains(&e.id),
+                Pending::Where(f) => filter_matches(f, e),
+            };
+            if gone {
+                ids.remove(&e.id);
+            }
+            !gone
+        });
+        self.pending.push((pos, op));
+    }
+
+    /// Everything up to `upto` is in the table now.
+    fn apply_flushed(&mut self, upto: Pos) {
+        let ids = &mut self.tail_ids;
+        self.tail.retain(|(pos, e)| {
+            let keep = *pos > upto;
+            if !keep {
+                ids.remove(&e.id);
+            }
+            keep
+        });
+        self.pending.retain(|(pos, _)| *pos > upto);
+        self.oldest = (!self.tail.is_empty()).then(Instant::now);
+    }
+
+    /// SQL that is true for table rows a pending delete has removed.
+    fn hidden_sql(&self) -> Option<String> {
+        let parts: Vec<String> = self
+            .pending
+            .iter()
+            .map(|(_, op)| match op {
+                Pending::Ids(ids) => format!(
+                    "id IN ({})",
+                    ids.iter().map(|i| quote(i)).collect::<Vec<_>>().join(",")
+                ),
+                Pending::Where(f) => format!("({})", filter_sql(f)),
+            })
+            .collect();
+        (!parts.is_empty()).then(|| parts.join(" OR "))
+    }
 }
 
 pub struct LanceEntryStore {
@@ -46,17 +137,22 @@ pub struct LanceEntryStore {
     name: String,
     table: lancedb::Table,
     schema: SchemaRef,
-    wal: Wal,
-    tail: RwLock<Tail>,
-    /// Serialises flushes with deletes, so a delete can never race an entry into the table.
+    log: Log,
+    state: Mutex<State>,
+    /// Cluster mode: the last stream record this replica applied.
+    cursor: watch::Sender<Pos>,
+    /// One flush or maintenance pass at a time.
     flush_lock: tokio::sync::Mutex<()>,
     cfg: StorageConfig,
     flushes_since_compaction: AtomicUsize,
     has_vector_index: AtomicBool,
     has_scalar_indexes: AtomicBool,
-    last_table_maintenance: parking_lot::Mutex<Option<Instant>>,
+    last_table_maintenance: Mutex<Option<Instant>>,
     metrics: Arc<Metrics>,
 }
+
+/// How long a flush lease lasts without renewal: a dead leader is replaced within this.
+const LEASE: Duration = Duration::from_secs(5);
 
 pub fn entry_schema(dimension: usize) -> SchemaRef {
     let dim = i32::try_from(dimension).unwrap_or(i32::MAX);
@@ -104,16 +200,17 @@ fn filter_matches(filter: &EntryFilter, e: &Entry) -> bool {
 }
 
 impl LanceEntryStore {
-    /// Open (or create) the table and replay its write-ahead log into the tail.
+    /// Open (or create) the table and rebuild the tail from the log.
+    #[allow(clippy::too_many_arguments)]
     pub async fn open(
         db: &lancedb::Connection,
-        wal_root: &Path,
+        log: LogConfig<'_>,
         tenant: &str,
         table_name: &str,
         dimension: usize,
         cfg: StorageConfig,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, StoreError> {
+    ) -> Result<Arc<Self>, StoreError> {
         let schema = entry_schema(dimension);
         let lance = |action, source| StoreError::Lance {
             action,
@@ -164,69 +261,169 @@ impl LanceEntryStore {
         let has_vector_index = indices.iter().any(|i| i.name == VECTOR_INDEX);
         let has_scalar_indexes = indices.iter().any(|i| i.columns == ["exact_key"]);
 
-        let (wal, replayed) = Wal::open(&wal_root.join(table_name))?;
-        if replayed.torn > 0 {
-            tracing::warn!(
-                table = table_name,
-                lines = replayed.torn,
-                "skipped torn records at the end of the write-ahead log (unacknowledged writes)"
-            );
-        }
-        let store = Self {
+        let (log, replay) = match log {
+            LogConfig::File { root } => {
+                let (wal, replayed) = Wal::open(&root.join(table_name))?;
+                if replayed.torn > 0 {
+                    tracing::warn!(
+                        table = table_name,
+                        lines = replayed.torn,
+                        "skipped torn records at the end of the write-ahead log (unacknowledged writes)"
+                    );
+                }
+                // Position 0 sorts before every live segment: the next flush takes them all.
+                let records = replayed.records.into_iter().map(|r| (0, r)).collect();
+                (Log::File(wal), records)
+            }
+            LogConfig::Redis {
+                client,
+                conn,
+                replica,
+            } => {
+                let log = RedisLog::new(client.clone(), conn.clone(), table_name, replica);
+                let mut follower = log.follower_connection().await?;
+                let mut records = Vec::new();
+                let mut after = 0;
+                loop {
+                    let batch = log
+                        .read_after(&mut follower, after, Duration::from_millis(1))
+                        .await?;
+                    let Some((last, _)) = batch.last() else { break };
+                    after = *last;
+                    records.extend(batch);
+                }
+                (Log::Redis(Arc::new(log)), records)
+            }
+        };
+        let (cursor, _) = watch::channel(0);
+        let store = Arc::new(Self {
             tenant: tenant.to_owned(),
             name: table_name.to_owned(),
             table,
             schema,
-            wal,
-            tail: RwLock::new(Tail::default()),
+            log,
+            state: Mutex::new(State::default()),
+            cursor,
             flush_lock: tokio::sync::Mutex::new(()),
             cfg,
             flushes_since_compaction: AtomicUsize::new(0),
             has_vector_index: AtomicBool::new(has_vector_index),
             has_scalar_indexes: AtomicBool::new(has_scalar_indexes),
-            last_table_maintenance: parking_lot::Mutex::new(None),
+            last_table_maintenance: Mutex::new(None),
             metrics,
-        };
-        store.replay(replayed.records).await?;
+        });
+        let count = replay.len();
+        for (pos, record) in replay {
+            store.apply(pos, record).await?;
+        }
+        if count > 0 {
+            tracing::info!(table = %store.name, records = count, "replayed the write-ahead log");
+        }
+        if let Log::Redis(log) = &store.log {
+            Self::spawn_follower(Arc::downgrade(&store), log.clone()).await?;
+        }
         Ok(store)
     }
 
-    /// Re-apply the log: puts go back into the tail (segment 0 sorts before every live
-    /// segment, so the next flush takes them); deletes are re-issued, which is idempotent.
-    async fn replay(&self, records: Vec<WalRecord>) -> Result<(), StoreError> {
-        let mut count = 0usize;
-        for record in records {
-            match record {
-                WalRecord::Put(e) => {
-                    let mut tail = self.tail.write();
-                    tail.entries.push((0, Arc::new(Entry::from(*e))));
-                    tail.oldest.get_or_insert_with(Instant::now);
-                    count += 1;
-                }
-                WalRecord::Delete { ids } => {
-                    self.tail
-                        .write()
-                        .entries
-                        .retain(|(_, e)| !ids.contains(&e.id));
-                    self.delete_in_table(&ids).await?;
-                }
-                WalRecord::DeleteWhere { filter } => {
-                    let filter = EntryFilter::from(filter);
-                    self.tail
-                        .write()
-                        .entries
-                        .retain(|(_, e)| !filter_matches(&filter, e));
-                    self.table
-                        .delete(filter_sql(&filter).as_str())
-                        .await
-                        .map_err(|e| self.lance("delete from", e))?;
+    /// Cluster mode: apply every record other replicas append, in stream order.
+    async fn spawn_follower(store: Weak<Self>, log: Arc<RedisLog>) -> Result<(), StoreError> {
+        let mut conn = log.follower_connection().await?;
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                let Some(me) = store.upgrade() else { return };
+                let after = *me.cursor.borrow();
+                drop(me);
+                let batch = log
+                    .read_after(&mut conn, after, Duration::from_millis(500))
+                    .await;
+                let Some(me) = store.upgrade() else { return };
+                match batch {
+                    Ok(records) => {
+                        backoff = Duration::from_millis(50);
+                        for (pos, record) in records {
+                            let own = me.state.lock().applied_own.remove(&pos);
+                            if !own && let Err(e) = me.apply(pos, record).await {
+                                tracing::warn!(table = %me.name, error = %e, "failed to apply a log record");
+                            }
+                            me.cursor.send_replace(pos);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(table = %me.name, error = %e, "failed to follow the log; retrying");
+                        drop(me);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        if let Ok(c) = log.follower_connection().await {
+                            conn = c;
+                        }
+                    }
                 }
             }
-        }
-        if count > 0 {
-            tracing::info!(table = %self.name, entries = count, "replayed the write-ahead log");
+        });
+        Ok(())
+    }
+
+    async fn apply(&self, pos: Pos, record: WalRecord) -> Result<(), StoreError> {
+        match record {
+            WalRecord::Put(e) => self.state.lock().apply_put(pos, Arc::new(Entry::from(*e))),
+            WalRecord::Delete { ids } => self.state.lock().apply_delete(pos, Pending::Ids(ids)),
+            WalRecord::DeleteWhere { filter } => self
+                .state
+                .lock()
+                .apply_delete(pos, Pending::Where(filter.into())),
+            WalRecord::Flushed { upto } => {
+                let upto = parse_stream_id(&upto).unwrap_or(0);
+                // See the rows the leader wrote before dropping them from the tail.
+                self.table
+                    .checkout_latest()
+                    .await
+                    .map_err(|e| self.lance("refresh", e))?;
+                self.state.lock().apply_flushed(upto);
+            }
         }
         Ok(())
+    }
+
+    /// Append a record and apply it here at once (the follower skips it later).
+    async fn append(&self, record: WalRecord) -> Result<Pos, StoreError> {
+        match &self.log {
+            Log::File(wal) => {
+                let pos = u128::from(wal.append(&record).await?);
+                self.apply(pos, record).await?;
+                Ok(pos)
+            }
+            Log::Redis(log) => {
+                let pos = log.append(&record).await?;
+                self.state.lock().applied_own.insert(pos);
+                if *self.cursor.borrow() >= pos {
+                    // The follower already passed it; it will not skip it, so forget it.
+                    self.state.lock().applied_own.remove(&pos);
+                }
+                self.apply(pos, record).await?;
+                Ok(pos)
+            }
+        }
+    }
+
+    /// Cluster mode: wait until this replica has applied everything appended so far, so a
+    /// delete or invalidation sees every store acknowledged before it.
+    async fn catch_up(&self) -> Result<(), StoreError> {
+        let Log::Redis(log) = &self.log else {
+            return Ok(());
+        };
+        let Some(last) = log.last_pos().await? else {
+            return Ok(());
+        };
+        let mut rx = self.cursor.subscribe();
+        let wait = rx.wait_for(|c| *c >= last);
+        match tokio::time::timeout(Duration::from_secs(2), wait).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(StoreError::Decode {
+                table: self.name.clone(),
+                reason: "failed to catch up with the log within 2 s".into(),
+            }),
+        }
     }
 
     fn lance(&self, action: &'static str, source: lancedb::Error) -> StoreError {
@@ -238,19 +435,15 @@ impl LanceEntryStore {
     }
 
     pub fn tail_len(&self) -> usize {
-        self.tail.read().entries.len()
+        self.state.lock().tail.len()
     }
 
-    async fn delete_in_table(&self, ids: &[String]) -> Result<(), StoreError> {
-        if ids.is_empty() {
-            return Ok(());
+    /// `base` with rows hidden by pending deletes taken out.
+    fn visible(&self, base: String) -> String {
+        match self.state.lock().hidden_sql() {
+            Some(hidden) => format!("({base}) AND NOT ({hidden})"),
+            None => base,
         }
-        let list = ids.iter().map(|i| quote(i)).collect::<Vec<_>>().join(",");
-        self.table
-            .delete(format!("id IN ({list})").as_str())
-            .await
-            .map_err(|e| self.lance("delete from", e))?;
-        Ok(())
     }
 
     fn to_batch(&self, entries: &[Arc<Entry>]) -> Result<RecordBatch, StoreError> {
@@ -301,33 +494,39 @@ impl LanceEntryStore {
         })
     }
 
-    fn decode(&self, batch: &RecordBatch) -> Result<Vec<(Entry, Option<f32>)>, StoreError> {
+    fn decode(&self, batch: &RecordBatch) -> Result<Vec<Entry>, StoreError> {
         decode_batch(batch).map_err(|reason| StoreError::Decode {
             table: self.name.clone(),
             reason,
         })
     }
 
-    async fn query_entries(&self, filter: String, limit: usize) -> Result<Vec<Entry>, StoreError> {
-        let batches: Vec<RecordBatch> = self
-            .table
-            .query()
-            .only_if(filter)
-            .limit(limit)
-            .execute()
-            .await
+    async fn collect(
+        &self,
+        stream: Result<lancedb::arrow::SendableRecordBatchStream, lancedb::Error>,
+    ) -> Result<Vec<RecordBatch>, StoreError> {
+        stream
             .map_err(|e| self.lance("query", e))?
             .try_collect()
             .await
-            .map_err(|e| self.lance("read", e))?;
+            .map_err(|e| self.lance("read", e))
+    }
+
+    async fn query_entries(&self, filter: String, limit: usize) -> Result<Vec<Entry>, StoreError> {
+        let q = self
+            .table
+            .query()
+            .only_if(self.visible(filter))
+            .limit(limit);
+        let batches = self.collect(q.execute().await).await?;
         let mut out = Vec::new();
         for b in &batches {
-            out.extend(self.decode(b)?.into_iter().map(|(e, _)| e));
+            out.extend(self.decode(b)?);
         }
         Ok(out)
     }
 
-    async fn query_ids(
+    async fn query_removed(
         &self,
         filter: String,
         limit: Option<usize>,
@@ -335,28 +534,20 @@ impl LanceEntryStore {
         let mut q = self
             .table
             .query()
-            .only_if(filter)
+            .only_if(self.visible(filter))
             .select(Select::columns(&["id", "exact_key"]));
         if let Some(limit) = limit {
             q = q.limit(limit);
         }
-        let batches: Vec<RecordBatch> = q
-            .execute()
-            .await
-            .map_err(|e| self.lance("query", e))?
-            .try_collect()
-            .await
-            .map_err(|e| self.lance("read", e))?;
+        let batches = self.collect(q.execute().await).await?;
         let mut out = Vec::new();
         for b in &batches {
-            let ids = string_column(b, "id").map_err(|reason| StoreError::Decode {
+            let err = |reason| StoreError::Decode {
                 table: self.name.clone(),
                 reason,
-            })?;
-            let keys = string_column(b, "exact_key").map_err(|reason| StoreError::Decode {
-                table: self.name.clone(),
-                reason,
-            })?;
+            };
+            let ids = string_column(b, "id").map_err(err)?;
+            let keys = string_column(b, "exact_key").map_err(err)?;
             for i in 0..b.num_rows() {
                 out.push(Removed {
                     id: ids.value(i).to_owned(),
@@ -367,35 +558,76 @@ impl LanceEntryStore {
         Ok(out)
     }
 
+    /// Apply the log up to the newest applied position to the table: pending deletes first
+    /// (they only concern older entries), then the tail's entries, merged on id so a flush
+    /// repeated after a crash never duplicates a row. Only the lease holder calls this.
     async fn flush_now(&self) -> Result<(), StoreError> {
         let _guard = self.flush_lock.lock().await;
-        if self.tail.read().entries.is_empty() {
+        let upto = match &self.log {
+            Log::File(wal) => {
+                if self.state.lock().tail.is_empty() && self.state.lock().pending.is_empty() {
+                    return Ok(());
+                }
+                u128::from(wal.seal().await?)
+            }
+            Log::Redis(_) => *self.cursor.borrow(),
+        };
+        let (batch, deletes): (Vec<Arc<Entry>>, Vec<Pending>) = {
+            let st = self.state.lock();
+            (
+                st.tail
+                    .iter()
+                    .filter(|(pos, _)| *pos <= upto)
+                    .map(|(_, e)| e.clone())
+                    .collect(),
+                st.pending
+                    .iter()
+                    .filter(|(pos, _)| *pos <= upto)
+                    .map(|(_, op)| op.clone())
+                    .collect(),
+            )
+        };
+        if batch.is_empty() && deletes.is_empty() {
             return Ok(());
         }
         let started = Instant::now();
-        let sealed = self.wal.seal().await?;
-        let batch: Vec<Arc<Entry>> = self
-            .tail
-            .read()
-            .entries
-            .iter()
-            .filter(|(seg, _)| *seg <= sealed)
-            .map(|(_, e)| e.clone())
-            .collect();
+        for op in &deletes {
+            let predicate = match op {
+                Pending::Ids(ids) => format!(
+                    "id IN ({})",
+                    ids.iter().map(|i| quote(i)).collect::<Vec<_>>().join(",")
+                ),
+                Pending::Where(f) => filter_sql(f),
+            };
+            self.table
+                .delete(predicate.as_str())
+                .await
+                .map_err(|e| self.lance("delete from", e))?;
+        }
         if !batch.is_empty() {
             let rb = self.to_batch(&batch)?;
-            self.table
-                .add(rb)
-                .execute()
+            let reader = RecordBatchIterator::new(vec![Ok(rb)], self.schema.clone());
+            let mut merge = self.table.merge_insert(&["id"]);
+            merge.when_not_matched_insert_all();
+            merge
+                .execute(Box::new(reader))
                 .await
                 .map_err(|e| self.lance("append to", e))?;
         }
-        {
-            let mut tail = self.tail.write();
-            tail.entries.retain(|(seg, _)| *seg > sealed);
-            tail.oldest = (!tail.entries.is_empty()).then(Instant::now);
+        match &self.log {
+            Log::File(wal) => {
+                self.state.lock().apply_flushed(upto);
+                wal.discard(u64::try_from(upto).unwrap_or(u64::MAX)).await?;
+            }
+            Log::Redis(log) => {
+                // Tell every replica; then the records before it are no longer needed.
+                self.append(WalRecord::Flushed {
+                    upto: format_stream_id(upto),
+                })
+                .await?;
+                log.trim_before(upto + 1).await?;
+            }
         }
-        self.wal.discard(sealed).await?;
         self.flushes_since_compaction
             .fetch_add(1, Ordering::Relaxed);
         self.metrics
@@ -410,11 +642,21 @@ impl LanceEntryStore {
     }
 
     fn flush_due(&self) -> bool {
-        let tail = self.tail.read();
-        tail.entries.len() >= self.cfg.flush_max_rows
-            || tail
+        let st = self.state.lock();
+        st.tail.len() >= self.cfg.flush_max_rows
+            || !st.pending.is_empty()
+            || st
                 .oldest
                 .is_some_and(|t| t.elapsed() >= Duration::from_millis(self.cfg.flush_interval_ms))
+    }
+
+    /// True when this replica may mutate the table: always in embedded mode; in cluster
+    /// mode while it holds the flush lease.
+    async fn leads(&self) -> Result<bool, StoreError> {
+        match &self.log {
+            Log::File(_) => Ok(true),
+            Log::Redis(log) => log.lead(LEASE).await,
+        }
     }
 
     async fn maintain_table(&self) -> Result<(), StoreError> {
@@ -522,8 +764,8 @@ fn column<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> Result<&'a T, Strin
         .ok_or_else(|| format!("column `{name}` is missing or of the wrong type"))
 }
 
-/// Rows → entries, with `_distance` when the batch came from a vector search.
-fn decode_batch(b: &RecordBatch) -> Result<Vec<(Entry, Option<f32>)>, String> {
+/// Rows → entries.
+fn decode_batch(b: &RecordBatch) -> Result<Vec<Entry>, String> {
     let id = string_column(b, "id")?;
     let scope = string_column(b, "scope")?;
     let namespace = string_column(b, "namespace")?;
@@ -538,9 +780,6 @@ fn decode_batch(b: &RecordBatch) -> Result<Vec<(Entry, Option<f32>)>, String> {
     let ctok = column::<UInt64Array>(b, "completion_tokens")?;
     let cost = column::<Float64Array>(b, "cost_usd")?;
     let metadata = string_column(b, "metadata")?;
-    let distance = b
-        .column_by_name("_distance")
-        .and_then(|c| c.as_any().downcast_ref::<Float32Array>());
     let mut out = Vec::with_capacity(b.num_rows());
     for i in 0..b.num_rows() {
         let v = vector.value(i);
@@ -548,25 +787,22 @@ fn decode_batch(b: &RecordBatch) -> Result<Vec<(Entry, Option<f32>)>, String> {
             .as_any()
             .downcast_ref::<Float32Array>()
             .ok_or("vector items are not f32")?;
-        out.push((
-            Entry {
-                id: id.value(i).to_owned(),
-                scope: scope.value(i).to_owned(),
-                namespace: namespace.value(i).to_owned(),
-                exact_key: exact_key.value(i).to_owned(),
-                prompt: prompt.value(i).to_owned(),
-                vector: Arc::from(v.values().as_ref()),
-                response: Arc::from(response.value(i)),
-                model: model.value(i).to_owned(),
-                created_at_ms: created.value(i),
-                expires_at_ms: expires.value(i),
-                prompt_tokens: ptok.value(i),
-                completion_tokens: ctok.value(i),
-                cost_usd: cost.value(i),
-                metadata: metadata.value(i).to_owned(),
-            },
-            distance.map(|d| d.value(i)),
-        ));
+        out.push(Entry {
+            id: id.value(i).to_owned(),
+            scope: scope.value(i).to_owned(),
+            namespace: namespace.value(i).to_owned(),
+            exact_key: exact_key.value(i).to_owned(),
+            prompt: prompt.value(i).to_owned(),
+            vector: Arc::from(v.values().as_ref()),
+            response: Arc::from(response.value(i)),
+            model: model.value(i).to_owned(),
+            created_at_ms: created.value(i),
+            expires_at_ms: expires.value(i),
+            prompt_tokens: ptok.value(i),
+            completion_tokens: ctok.value(i),
+            cost_usd: cost.value(i),
+            metadata: metadata.value(i).to_owned(),
+        });
     }
     Ok(out)
 }
@@ -574,13 +810,8 @@ fn decode_batch(b: &RecordBatch) -> Result<Vec<(Entry, Option<f32>)>, String> {
 #[async_trait]
 impl EntryStore for LanceEntryStore {
     async fn insert(&self, entry: Arc<Entry>) -> Result<(), StoreError> {
-        let segment = self
-            .wal
-            .append(&WalRecord::Put(Box::new(WalEntry::from(entry.as_ref()))))
+        self.append(WalRecord::Put(Box::new(WalEntry::from(entry.as_ref()))))
             .await?;
-        let mut tail = self.tail.write();
-        tail.entries.push((segment, entry));
-        tail.oldest.get_or_insert_with(Instant::now);
         Ok(())
     }
 
@@ -590,9 +821,9 @@ impl EntryStore for LanceEntryStore {
         now_ms: i64,
     ) -> Result<Option<Arc<Entry>>, StoreError> {
         let in_tail = self
+            .state
+            .lock()
             .tail
-            .read()
-            .entries
             .iter()
             .rev()
             .find(|(_, e)| e.exact_key == exact_key && e.is_live(now_ms))
@@ -617,9 +848,9 @@ impl EntryStore for LanceEntryStore {
         now_ms: i64,
     ) -> Result<Vec<Candidate>, StoreError> {
         let mut candidates: Vec<Candidate> = self
+            .state
+            .lock()
             .tail
-            .read()
-            .entries
             .iter()
             .filter(|(_, e)| e.scope == scope && e.is_live(now_ms))
             .map(|(_, e)| Candidate {
@@ -627,16 +858,17 @@ impl EntryStore for LanceEntryStore {
                 entry: e.clone(),
             })
             .collect();
+        let filter = self.visible(format!(
+            "scope = {} AND expires_at > {now_ms}",
+            quote(scope)
+        ));
         let mut query = self
             .table
             .vector_search(vector.to_vec())
             .map_err(|e| self.lance("search", e))?
             .column("vector")
             .distance_type(DistanceType::Cosine)
-            .only_if(format!(
-                "scope = {} AND expires_at > {now_ms}",
-                quote(scope)
-            ))
+            .only_if(filter)
             .limit(limit);
         if self.has_vector_index.load(Ordering::Relaxed) {
             // Re-rank the ANN candidates with the full vectors before any threshold check.
@@ -645,17 +877,11 @@ impl EntryStore for LanceEntryStore {
                 .nprobes(32)
                 .map_err(|e| self.lance("search", e))?;
         }
-        let batches: Vec<RecordBatch> = query
-            .execute()
-            .await
-            .map_err(|e| self.lance("search", e))?
-            .try_collect()
-            .await
-            .map_err(|e| self.lance("read search results of", e))?;
-        let tail_ids: HashSet<String> = candidates.iter().map(|c| c.entry.id.clone()).collect();
+        let batches = self.collect(query.execute().await).await?;
+        let in_tail: HashSet<String> = candidates.iter().map(|c| c.entry.id.clone()).collect();
         for b in &batches {
-            for (entry, _) in self.decode(b)? {
-                if tail_ids.contains(&entry.id) {
+            for entry in self.decode(b)? {
+                if in_tail.contains(&entry.id) {
                     continue;
                 }
                 // Recompute from the stored vector so both sources rank on the same measure.
@@ -675,59 +901,64 @@ impl EntryStore for LanceEntryStore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let _guard = self.flush_lock.lock().await;
-        self.wal
-            .append(&WalRecord::Delete { ids: ids.to_vec() })
-            .await?;
+        self.catch_up().await?;
         let wanted: HashSet<&String> = ids.iter().collect();
-        let mut removed = Vec::new();
-        self.tail.write().entries.retain(|(_, e)| {
-            let hit = wanted.contains(&e.id);
-            if hit {
-                removed.push(Removed {
-                    id: e.id.clone(),
-                    exact_key: e.exact_key.clone(),
-                });
-            }
-            !hit
-        });
+        let mut removed: Vec<Removed> = self
+            .state
+            .lock()
+            .tail
+            .iter()
+            .filter(|(_, e)| wanted.contains(&e.id))
+            .map(|(_, e)| Removed {
+                id: e.id.clone(),
+                exact_key: e.exact_key.clone(),
+            })
+            .collect();
         let list = ids.iter().map(|i| quote(i)).collect::<Vec<_>>().join(",");
-        removed.extend(self.query_ids(format!("id IN ({list})"), None).await?);
-        self.delete_in_table(ids).await?;
+        for r in self.query_removed(format!("id IN ({list})"), None).await? {
+            if !removed.iter().any(|x| x.id == r.id) {
+                removed.push(r);
+            }
+        }
+        if removed.is_empty() {
+            return Ok(removed);
+        }
+        self.append(WalRecord::Delete {
+            ids: removed.iter().map(|r| r.id.clone()).collect(),
+        })
+        .await?;
         Ok(removed)
     }
 
     async fn delete_where(&self, filter: &EntryFilter) -> Result<Vec<Removed>, StoreError> {
-        let _guard = self.flush_lock.lock().await;
-        self.wal
-            .append(&WalRecord::DeleteWhere {
-                filter: filter.into(),
+        self.catch_up().await?;
+        let mut removed: Vec<Removed> = self
+            .state
+            .lock()
+            .tail
+            .iter()
+            .filter(|(_, e)| filter_matches(filter, e))
+            .map(|(_, e)| Removed {
+                id: e.id.clone(),
+                exact_key: e.exact_key.clone(),
             })
-            .await?;
-        let mut removed = Vec::new();
-        self.tail.write().entries.retain(|(_, e)| {
-            let hit = filter_matches(filter, e);
-            if hit {
-                removed.push(Removed {
-                    id: e.id.clone(),
-                    exact_key: e.exact_key.clone(),
-                });
-            }
-            !hit
-        });
-        removed.extend(self.query_ids(filter_sql(filter), None).await?);
-        self.table
-            .delete(filter_sql(filter).as_str())
-            .await
-            .map_err(|e| self.lance("delete from", e))?;
+            .collect();
+        removed.extend(self.query_removed(filter_sql(filter), None).await?);
+        if removed.is_empty() {
+            return Ok(removed);
+        }
+        self.append(WalRecord::DeleteWhere {
+            filter: filter.into(),
+        })
+        .await?;
         Ok(removed)
     }
 
     async fn expired_ids(&self, now_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
         let mut ids: Vec<String> = self
+            .state
+            .lock()
             .tail
-            .read()
-            .entries
             .iter()
             .filter(|(_, e)| !e.is_live(now_ms))
             .take(limit)
@@ -736,7 +967,7 @@ impl EntryStore for LanceEntryStore {
         let left = limit.saturating_sub(ids.len());
         if left > 0 {
             ids.extend(
-                self.query_ids(format!("expires_at <= {now_ms}"), Some(left))
+                self.query_removed(format!("expires_at <= {now_ms}"), Some(left))
                     .await?
                     .into_iter()
                     .map(|r| r.id),
@@ -746,20 +977,16 @@ impl EntryStore for LanceEntryStore {
     }
 
     async fn all_ids(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        let batches: Vec<RecordBatch> = self
+        let q = self
             .table
             .query()
-            .select(Select::columns(&["id", "created_at"]))
-            .execute()
-            .await
-            .map_err(|e| self.lance("scan", e))?
-            .try_collect()
-            .await
-            .map_err(|e| self.lance("read", e))?;
+            .only_if(self.visible("true".to_owned()))
+            .select(Select::columns(&["id", "created_at"]));
+        let batches = self.collect(q.execute().await).await?;
         let mut out: Vec<(String, i64)> = self
+            .state
+            .lock()
             .tail
-            .read()
-            .entries
             .iter()
             .map(|(_, e)| (e.id.clone(), e.created_at_ms))
             .collect();
@@ -779,25 +1006,31 @@ impl EntryStore for LanceEntryStore {
 
     async fn count_live(&self, now_ms: i64) -> Result<u64, StoreError> {
         let in_tail = self
+            .state
+            .lock()
             .tail
-            .read()
-            .entries
             .iter()
             .filter(|(_, e)| e.is_live(now_ms))
             .count();
         let in_table = self
             .table
-            .count_rows(Some(format!("expires_at > {now_ms}")))
+            .count_rows(Some(self.visible(format!("expires_at > {now_ms}"))))
             .await
             .map_err(|e| self.lance("count rows of", e))?;
         Ok((in_tail + in_table) as u64)
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        self.flush_now().await
+        if self.leads().await? {
+            self.flush_now().await?;
+        }
+        Ok(())
     }
 
     async fn maintain(&self) -> Result<(), StoreError> {
+        if !self.leads().await? {
+            return Ok(());
+        }
         if self.flush_due() {
             self.flush_now().await?;
         }
@@ -810,6 +1043,15 @@ impl EntryStore for LanceEntryStore {
             return Ok(());
         }
         *self.last_table_maintenance.lock() = Some(Instant::now());
+        let _guard = self.flush_lock.lock().await;
         self.maintain_table().await
+    }
+
+    async fn shutdown(&self) -> Result<(), StoreError> {
+        self.flush().await?;
+        if let Log::Redis(log) = &self.log {
+            log.release().await?;
+        }
+        Ok(())
     }
 }

@@ -6,6 +6,8 @@
 pub mod hot;
 pub mod lance;
 pub mod metadata;
+pub mod redis_hot;
+pub mod redis_log;
 pub mod wal;
 
 use std::sync::Arc;
@@ -35,6 +37,13 @@ pub enum StoreError {
         action: &'static str,
         #[source]
         source: Box<sqlx::Error>,
+    },
+    #[error("failed to {action} Redis key `{key}`: {source}")]
+    Redis {
+        action: &'static str,
+        key: String,
+        #[source]
+        source: Box<redis::RedisError>,
     },
     #[error("failed to decode stored entries of `{table}`: {reason}")]
     Decode { table: String, reason: String },
@@ -72,14 +81,17 @@ pub trait EntryStore: Send + Sync {
     async fn flush(&self) -> Result<(), StoreError>;
     /// Flush when due, then compact, prune and index when the counts say so.
     async fn maintain(&self) -> Result<(), StoreError>;
+    /// Flush what this replica may flush and give up any lease (graceful shutdown).
+    async fn shutdown(&self) -> Result<(), StoreError>;
 }
 
-/// The exact-match hot layer, keyed by (tenant, exact key).
+/// The exact-match hot layer, keyed by (tenant, exact key). Best effort: failures are misses.
+#[async_trait]
 pub trait HotLayer: Send + Sync {
-    fn get(&self, tenant: &str, exact_key: &str) -> Option<Arc<Entry>>;
-    fn put(&self, tenant: &str, entry: Arc<Entry>);
-    fn remove(&self, tenant: &str, exact_key: &str);
-    fn clear_tenant(&self, tenant: &str);
+    async fn get(&self, tenant: &str, exact_key: &str) -> Option<Arc<Entry>>;
+    async fn put(&self, tenant: &str, entry: Arc<Entry>);
+    async fn remove(&self, tenant: &str, exact_key: &str);
+    async fn clear_tenant(&self, tenant: &str);
 }
 
 /// One lookup's outcome for usage accounting and the audit trail.
@@ -101,4 +113,41 @@ pub struct UsageEvent {
 /// metadata database.
 pub trait UsageSink: Send + Sync {
     fn record(&self, event: UsageEvent);
+}
+
+/// A dependency `/readyz` reports on. None of them is on the lookup path's critical list:
+/// lookups keep answering without any of them, so they degrade readiness, never fail it.
+#[async_trait]
+pub trait Probe: Send + Sync {
+    fn name(&self) -> &'static str;
+    async fn check(&self) -> Result<(), String>;
+}
+
+#[async_trait]
+impl Probe for metadata::MetadataStore {
+    fn name(&self) -> &'static str {
+        self.backend()
+    }
+
+    async fn check(&self) -> Result<(), String> {
+        self.ping().await.map_err(|e| e.to_string())
+    }
+}
+
+/// Redis, in cluster mode: stores need it (the log), lookups do not.
+pub struct RedisProbe(pub redis::aio::ConnectionManager);
+
+#[async_trait]
+impl Probe for RedisProbe {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn check(&self) -> Result<(), String> {
+        redis::cmd("PING")
+            .query_async::<String>(&mut self.0.clone())
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("failed to reach Redis: {e}"))
+    }
 }

@@ -21,8 +21,16 @@ use crate::cache::entry::{Entry, EntryFilter};
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum WalRecord {
     Put(Box<WalEntry>),
-    Delete { ids: Vec<String> },
-    DeleteWhere { filter: WalFilter },
+    Delete {
+        ids: Vec<String>,
+    },
+    DeleteWhere {
+        filter: WalFilter,
+    },
+    /// Cluster mode: everything up to this log position is in the LanceDB table now.
+    Flushed {
+        upto: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -333,7 +333,9 @@ async fn bad_input_gets_a_stable_error_code_and_changes_nothing() -> anyhow::Res
         json!({"prompt": "keep me", "vector": axis(8, 5, 0.0), "response": answer("kept")}),
     )
     .await?;
-    let huge = "x".repeat(200 * 1024);
+    // Just over the 64 KiB limit: the server answers 413 before reading it all, so keep it small
+    // enough to sit in the socket buffers rather than race a connection reset.
+    let huge = "x".repeat(80 * 1024);
     let cases: Vec<(&str, Option<&str>, serde_json::Value, u16, &str)> = vec![
         (
             "/v1/entries",

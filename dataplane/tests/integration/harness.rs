@@ -28,6 +28,8 @@ pub struct Setup {
     pub min_similarity: f32,
     /// Cluster-mode metadata: a Postgres URL.
     pub postgres_url: Option<String>,
+    /// Cluster mode: a Redis URL for the log and the hot layer.
+    pub redis_url: Option<String>,
 }
 
 impl Default for Setup {
@@ -41,6 +43,7 @@ impl Default for Setup {
             max_body_bytes: 64 * 1024,
             min_similarity: 0.9,
             postgres_url: None,
+            redis_url: None,
         }
     }
 }
@@ -60,9 +63,15 @@ impl Setup {
             .as_ref()
             .map(|u| format!("[postgres]\nurl = \"{u}\"\n"))
             .unwrap_or_default();
+        let redis = self
+            .redis_url
+            .as_ref()
+            .map(|u| format!("[redis]\nurl = \"{u}\"\n"))
+            .unwrap_or_default();
         format!(
             r#"
 {postgres}
+{redis}
 [server]
 listen = "127.0.0.1:{port}"
 max_body_bytes = {body}
@@ -138,6 +147,11 @@ pub async fn fresh_database(server_url: &str) -> anyhow::Result<String> {
     ))
 }
 
+/// A Redis instance of this test's own (started by scripts/services.sh).
+pub fn private_redis(name: &str) -> anyhow::Result<String> {
+    services(&["redis", name])
+}
+
 /// The shared Postgres instance, started once per test run.
 pub fn shared_postgres() -> anyhow::Result<String> {
     static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -179,9 +193,15 @@ fn free_port() -> anyhow::Result<u16> {
 impl Server {
     /// Start a server on a fresh data directory inside `root`.
     pub async fn start(root: &Path, setup: &Setup) -> anyhow::Result<Self> {
+        Self::start_replica(root, "semantis", setup).await
+    }
+
+    /// Start a replica named `name` on `root/data`: replicas started on the same root share
+    /// their LanceDB directory, as pods sharing a ReadWriteMany volume do.
+    pub async fn start_replica(root: &Path, name: &str, setup: &Setup) -> anyhow::Result<Self> {
         let data_dir = root.join("data");
         let port = free_port()?;
-        let config_path = root.join("semantis.toml");
+        let config_path = root.join(format!("{name}.toml"));
         std::fs::write(&config_path, setup.config(port, &data_dir))?;
         Self::launch(config_path, data_dir, port).await
     }

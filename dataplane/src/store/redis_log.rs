@@ -1,0 +1,255 @@
+//! Cluster mode's write-ahead log: one Redis Stream per table, shared by every replica.
+//!
+//! A store is acknowledged once XADD returns, which with `appendonly yes` and
+//! `appendfsync always` means it is on Redis's disk. Every replica follows the stream into its
+//! own tail, so a store made through one replica is searchable on all of them within the
+//! follower's lag (milliseconds). One replica at a time holds the table's flush lease and is
+//! the only one that mutates the LanceDB table.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{Client, Value};
+
+use super::StoreError;
+use super::wal::WalRecord;
+
+/// A position in the log: a stream id `ms-seq` as `ms << 64 | seq`.
+pub type Pos = u128;
+
+pub fn parse_stream_id(id: &str) -> Option<Pos> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((u128::from(ms.parse::<u64>().ok()?) << 64) | u128::from(seq.parse::<u64>().ok()?))
+}
+
+pub fn format_stream_id(pos: Pos) -> String {
+    format!("{}-{}", pos >> 64, pos & u128::from(u64::MAX))
+}
+
+fn redis_err(action: &'static str, key: &str, e: redis::RedisError) -> StoreError {
+    StoreError::Redis {
+        action,
+        key: key.to_owned(),
+        source: Box::new(e),
+    }
+}
+
+/// Renew the lease if we hold it, take it if nobody does.
+const LEASE_SCRIPT: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+elseif not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0";
+
+const RELEASE_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0";
+
+pub struct RedisLog {
+    client: Client,
+    conn: ConnectionManager,
+    key: String,
+    lease_key: String,
+    replica: String,
+}
+
+/// Connection settings shared by the log and the hot layer: short deadlines so an outage
+/// turns into fast errors, never into hung requests.
+pub async fn connect(client: &Client) -> Result<ConnectionManager, StoreError> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(500)))
+        .set_response_timeout(Some(Duration::from_millis(500)))
+        .set_number_of_retries(1);
+    client
+        .get_connection_manager_with_config(config)
+        .await
+        .map_err(|e| redis_err("connect to", "redis", e))
+}
+
+impl RedisLog {
+    pub fn new(client: Client, conn: ConnectionManager, table: &str, replica: &str) -> Self {
+        Self {
+            client,
+            conn,
+            key: format!("semantis:{{{table}}}:log"),
+            lease_key: format!("semantis:{{{table}}}:flush-lease"),
+            replica: replica.to_owned(),
+        }
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub async fn append(&self, record: &WalRecord) -> Result<Pos, StoreError> {
+        let body = serde_json::to_vec(record).map_err(|e| StoreError::Decode {
+            table: self.key.clone(),
+            reason: format!("failed to encode a log record: {e}"),
+        })?;
+        let id: String = redis::cmd("XADD")
+            .arg(&self.key)
+            .arg("*")
+            .arg("r")
+            .arg(body)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| redis_err("append to", &self.key, e))?;
+        parse_stream_id(&id).ok_or_else(|| StoreError::Decode {
+            table: self.key.clone(),
+            reason: format!("Redis returned the stream id `{id}`"),
+        })
+    }
+
+    /// The id of the newest record, if any.
+    pub async fn last_pos(&self) -> Result<Option<Pos>, StoreError> {
+        let reply: Value = redis::cmd("XREVRANGE")
+            .arg(&self.key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| redis_err("read the end of", &self.key, e))?;
+        Ok(parse_entries(reply, &self.key)?.last().map(|(p, _)| *p))
+    }
+
+    /// A connection of its own for blocking reads (they would stall a shared one).
+    pub async fn follower_connection(&self) -> Result<MultiplexedConnection, StoreError> {
+        self.client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| redis_err("connect the follower of", &self.key, e))
+    }
+
+    /// Records after `after`, waiting up to `block` for the first one.
+    pub async fn read_after(
+        &self,
+        conn: &mut MultiplexedConnection,
+        after: Pos,
+        block: Duration,
+    ) -> Result<Vec<(Pos, WalRecord)>, StoreError> {
+        let reply: Value = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(4096)
+            .arg("BLOCK")
+            .arg(u64::try_from(block.as_millis()).unwrap_or(1000))
+            .arg("STREAMS")
+            .arg(&self.key)
+            .arg(format_stream_id(after))
+            .query_async(conn)
+            .await
+            .map_err(|e| redis_err("follow", &self.key, e))?;
+        // [[key, [[id, [field, value]], …]]] or nil on timeout
+        let Value::Array(streams) = reply else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for stream in streams {
+            if let Value::Array(mut parts) = stream
+                && parts.len() == 2
+            {
+                out.extend(parse_entries(parts.remove(1), &self.key)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Remove records before `pos` (they are in the table now).
+    pub async fn trim_before(&self, pos: Pos) -> Result<(), StoreError> {
+        let _: i64 = redis::cmd("XTRIM")
+            .arg(&self.key)
+            .arg("MINID")
+            .arg(format_stream_id(pos))
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| redis_err("trim", &self.key, e))?;
+        Ok(())
+    }
+
+    /// Take or renew the table's flush lease; true while this replica holds it.
+    pub async fn lead(&self, ttl: Duration) -> Result<bool, StoreError> {
+        let held: i64 = redis::Script::new(LEASE_SCRIPT)
+            .key(&self.lease_key)
+            .arg(&self.replica)
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(10_000))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| redis_err("take the flush lease", &self.lease_key, e))?;
+        Ok(held == 1)
+    }
+
+    pub async fn release(&self) -> Result<(), StoreError> {
+        let _: i64 = redis::Script::new(RELEASE_SCRIPT)
+            .key(&self.lease_key)
+            .arg(&self.replica)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| redis_err("release the flush lease", &self.lease_key, e))?;
+        Ok(())
+    }
+}
+
+/// `[[id, [field, value, …]], …]` → records, skipping any this version cannot read.
+fn parse_entries(reply: Value, key: &str) -> Result<Vec<(Pos, WalRecord)>, StoreError> {
+    let Value::Array(entries) = reply else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let Value::Array(mut parts) = entry else {
+            continue;
+        };
+        if parts.len() != 2 {
+            continue;
+        }
+        let fields = parts.pop();
+        let id = parts.pop();
+        let pos = match id {
+            Some(Value::BulkString(b)) => std::str::from_utf8(&b).ok().and_then(parse_stream_id),
+            Some(Value::SimpleString(s)) => parse_stream_id(&s),
+            _ => None,
+        };
+        let Some(pos) = pos else { continue };
+        let Some(Value::Array(fields)) = fields else {
+            continue;
+        };
+        let mut it = fields.into_iter();
+        while let (Some(f), Some(v)) = (it.next(), it.next()) {
+            let is_record = matches!(&f, Value::BulkString(b) if b.as_slice() == b"r");
+            if let (true, Value::BulkString(bytes)) = (is_record, v) {
+                let record = serde_json::from_slice::<WalRecord>(&bytes).map_err(|e| {
+                    StoreError::Decode {
+                        table: key.to_owned(),
+                        reason: format!(
+                            "failed to decode log record {}: {e}",
+                            format_stream_id(pos)
+                        ),
+                    }
+                })?;
+                out.push((pos, record));
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_ids_round_trip_and_order() {
+        let a = parse_stream_id("1700000000000-0").expect("a");
+        let b = parse_stream_id("1700000000000-1").expect("b");
+        let c = parse_stream_id("1700000000001-0").expect("c");
+        assert!(a < b && b < c);
+        assert_eq!(format_stream_id(b), "1700000000000-1");
+        assert_eq!(parse_stream_id("nope"), None);
+    }
+}

@@ -1,0 +1,243 @@
+//! Cluster mode: replicas sharing Redis (log and hot layer), Postgres and one LanceDB
+//! directory, as pods sharing a ReadWriteMany volume would.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::json;
+
+use crate::harness::{
+    KEY_A, Server, Setup, answer, axis, fresh_database, metric_sum, private_redis, services,
+    shared_postgres,
+};
+
+async fn cluster_setup(redis_name: &str) -> anyhow::Result<Setup> {
+    let redis = private_redis(redis_name)?;
+    // A clean log: each test owns its Redis instance, but a rerun reuses it.
+    let flushed = std::process::Command::new("redis-cli")
+        .args(["-u", &redis, "FLUSHALL"])
+        .output()?;
+    anyhow::ensure!(flushed.status.success(), "failed to flush Redis");
+    Ok(Setup {
+        redis_url: Some(redis),
+        postgres_url: Some(fresh_database(&shared_postgres()?).await?),
+        ..Setup::default()
+    })
+}
+
+#[tokio::test]
+async fn a_store_on_one_replica_is_served_by_another_within_a_second() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let setup = cluster_setup("two-replicas").await?;
+    let r1 = Server::start_replica(dir.path(), "r1", &setup).await?;
+    let r2 = Server::start_replica(dir.path(), "r2", &setup).await?;
+
+    let id = r1
+        .store(KEY_A, json!({"prompt": "shared question", "vector": axis(8, 2, 0.0), "response": answer("shared")}))
+        .await?;
+    // Exact path: the Redis hot layer answers at once.
+    let v = r2
+        .lookup(KEY_A, json!({"prompt": "shared question"}))
+        .await?;
+    assert_eq!(
+        (v["path"].as_str(), v["entry_id"].as_str()),
+        (Some("exact"), Some(id.as_str())),
+        "{v}"
+    );
+    // Semantic path: r2's tail follows the log.
+    r2.eventually(
+        "the semantic path on the other replica",
+        Duration::from_secs(1),
+        || async {
+            let v = r2
+                .lookup(KEY_A, json!({"vector": axis(8, 2, 0.02)}))
+                .await?;
+            Ok(v["entry_id"].as_str() == Some(id.as_str()))
+        },
+    )
+    .await?;
+
+    // A delete through r2 reaches r1.
+    let (status, _, _) = r2
+        .call(
+            Method::DELETE,
+            &format!("/v1/entries/{id}"),
+            Some(KEY_A),
+            None,
+        )
+        .await?;
+    assert_eq!(status, 204);
+    r1.eventually(
+        "the delete on the other replica",
+        Duration::from_secs(1),
+        || async {
+            let exact = r1
+                .lookup(KEY_A, json!({"prompt": "shared question"}))
+                .await?;
+            let semantic = r1.lookup(KEY_A, json!({"vector": axis(8, 2, 0.0)})).await?;
+            Ok(exact["hit"] == false && semantic["hit"] == false)
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn acknowledged_stores_survive_kill_9_in_cluster_mode() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut setup = cluster_setup("kill9").await?;
+    setup.flush_max_rows = 100_000; // nothing reaches LanceDB before the kill
+    let r1 = Server::start_replica(dir.path(), "r1", &setup).await?;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        ids.push(
+            r1.store(KEY_A, json!({"prompt": format!("k{i}"), "vector": axis(8, i % 8, i as f32 / 50.0), "response": answer(&i.to_string())}))
+                .await?,
+        );
+    }
+    let r1 = r1.restart().await?;
+    for (i, id) in ids.iter().enumerate() {
+        // Vector only: the answer must come from the rebuilt tail, not the hot layer.
+        let v = r1
+            .lookup(KEY_A, json!({"vector": axis(8, i % 8, i as f32 / 50.0)}))
+            .await?;
+        assert_eq!(v["entry_id"].as_str(), Some(id.as_str()), "entry {i}: {v}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_leader_flushes_and_every_replica_reads_the_table() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut setup = cluster_setup("leader").await?;
+    setup.flush_max_rows = 10;
+    let r1 = Server::start_replica(dir.path(), "r1", &setup).await?;
+    let r2 = Server::start_replica(dir.path(), "r2", &setup).await?;
+    let vector = |i: usize| -> Vec<f32> {
+        let mut v = axis(8, i % 8, 0.0);
+        v[(i / 8) % 8] += 0.3 + (i as f32) / 200.0;
+        v
+    };
+    for i in 0..60 {
+        let through = if i % 2 == 0 { &r1 } else { &r2 };
+        through
+            .store(KEY_A, json!({"prompt": format!("f{i}"), "vector": vector(i), "response": answer(&i.to_string())}))
+            .await?;
+    }
+    r1.eventually(
+        "a flush of every entry",
+        Duration::from_secs(20),
+        || async {
+            let flushed = metric_sum(
+                &r1.metrics().await?,
+                "semantis_store_flushed_entries_total",
+                &[],
+            ) + metric_sum(
+                &r2.metrics().await?,
+                "semantis_store_flushed_entries_total",
+                &[],
+            );
+            Ok(flushed >= 60.0)
+        },
+    )
+    .await?;
+    // Exactly one replica flushed (no row was written twice).
+    let f1 = metric_sum(
+        &r1.metrics().await?,
+        "semantis_store_flushed_entries_total",
+        &[],
+    );
+    let f2 = metric_sum(
+        &r2.metrics().await?,
+        "semantis_store_flushed_entries_total",
+        &[],
+    );
+    assert!(
+        f1 == 0.0 || f2 == 0.0,
+        "both replicas flushed: {f1} and {f2}"
+    );
+    // The log was trimmed behind the flush.
+    let len = std::process::Command::new("redis-cli")
+        .args([
+            "-u",
+            setup.redis_url.as_deref().unwrap_or_default(),
+            "--scan",
+            "--pattern",
+            "semantis:*:log",
+        ])
+        .output()?;
+    let keys = String::from_utf8_lossy(&len.stdout).to_string();
+    for key in keys.lines().filter(|k| !k.is_empty()) {
+        let out = std::process::Command::new("redis-cli")
+            .args([
+                "-u",
+                setup.redis_url.as_deref().unwrap_or_default(),
+                "XLEN",
+                key,
+            ])
+            .output()?;
+        let n: u64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(u64::MAX);
+        assert!(
+            n < 60,
+            "the log {key} still holds {n} records after the flush"
+        );
+    }
+    for server in [&r1, &r2] {
+        for i in (0..60).step_by(7) {
+            let v = server.lookup(KEY_A, json!({"vector": vector(i)})).await?;
+            assert_eq!(v["response"], answer(&i.to_string()), "entry {i}: {v}");
+        }
+        let (_, v, _) = server
+            .call(Method::GET, "/v1/stats", Some(KEY_A), None)
+            .await?;
+        assert_eq!(v["entries"], 60, "{v}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_redis_outage_fails_stores_clearly_and_lookups_keep_answering() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let setup = cluster_setup("outage").await?;
+    let s = Server::start(dir.path(), &setup).await?;
+    s.store(
+        KEY_A,
+        json!({"prompt": "before", "vector": axis(8, 3, 0.0), "response": answer("b")}),
+    )
+    .await?;
+    services(&["stop-redis", "outage"])?;
+    let outcome = async {
+        for _ in 0..10 {
+            // The exact layer is gone; the tail still answers both paths.
+            let v = s.lookup(KEY_A, json!({"prompt": "before"})).await?;
+            assert_eq!(v["response"], answer("b"), "{v}");
+            let v = s.lookup(KEY_A, json!({"vector": axis(8, 3, 0.01)})).await?;
+            assert_eq!(v["hit"], true);
+        }
+        let (status, v, _) = s
+            .call(Method::POST, "/v1/entries", Some(KEY_A), Some(&json!({"prompt": "during", "vector": axis(8, 4, 0.0), "response": answer("d")})))
+            .await?;
+        assert_eq!((status, v["error"]["code"].as_str()), (503, Some("store_unavailable")), "{v}");
+        let (status, v, _) = s.call(Method::GET, "/readyz", None, None).await?;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["degraded"], json!(["redis"]));
+        anyhow::Ok(())
+    }
+    .await;
+    services(&["redis", "outage"])?;
+    outcome?;
+    // Back: stores work again, and the refused store left nothing behind.
+    s.eventually("stores after Redis returns", Duration::from_secs(20), || async {
+        let (status, _, _) = s
+            .call(Method::POST, "/v1/entries", Some(KEY_A), Some(&json!({"prompt": "after", "vector": axis(8, 5, 0.0), "response": answer("a")})))
+            .await?;
+        Ok(status == 201)
+    })
+    .await?;
+    let v = s.lookup(KEY_A, json!({"prompt": "during"})).await?;
+    assert_eq!(v["hit"], false);
+    Ok(())
+}
