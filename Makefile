@@ -10,8 +10,10 @@ run: setup
 	$(CARGO) build --release --locked -p semantis-dataplane
 	$(BIN) serve --config dataplane/examples/embedded.toml
 
-## Everything CI checks: formatting, clippy -D warnings, unit and integration tests.
+## Everything CI checks: formatting, clippy -D warnings, unit and integration tests (against
+## real Postgres and Redis on loopback, installed and started by scripts/services.sh).
 test: setup lint
+	bash scripts/services.sh start
 	$(CARGO) test --workspace --locked
 
 lint:

@@ -58,9 +58,12 @@ pub struct BenchArgs {
     /// Vector dimension of the index.
     #[arg(long, default_value_t = 384)]
     dimension: usize,
-    /// Entries per concurrent seeding request stream.
+    /// Concurrent connections while seeding.
     #[arg(long, default_value_t = 8)]
     seed_connections: usize,
+    /// The `--seed` entries were stored by an earlier run: look them up without storing.
+    #[arg(long)]
+    seeded: bool,
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
@@ -111,8 +114,14 @@ fn seeded_prompt(i: u64) -> String {
     format!("how do I tune {} for item {i}?", words.join(" "))
 }
 
-fn scope() -> Value {
-    json!({"namespace": "bench", "model": "bench-model"})
+fn scope(scenario: Scenario) -> Value {
+    // Text seeds carry model embeddings, the others random vectors: keep them apart.
+    let namespace = if scenario == Scenario::SemanticText {
+        "bench-text"
+    } else {
+        "bench"
+    };
+    json!({"namespace": namespace, "model": "bench-model"})
 }
 
 struct Client {
@@ -169,7 +178,7 @@ fn request(
     match scenario {
         Scenario::ExactHit => (
             "/v1/lookup",
-            json!({"prompt": seeded_prompt(pick), "scope": scope()}),
+            json!({"prompt": seeded_prompt(pick), "scope": scope(scenario)}),
         ),
         Scenario::SemanticVector => {
             let noisy: Vec<f32> = seeded_vector(pick, dim)
@@ -178,18 +187,18 @@ fn request(
                 .collect();
             (
                 "/v1/lookup",
-                json!({"vector": normalized(noisy), "scope": scope()}),
+                json!({"vector": normalized(noisy), "scope": scope(scenario)}),
             )
         }
         Scenario::SemanticText => (
             "/v1/lookup",
-            json!({"prompt": format!("please tell me: {}", seeded_prompt(pick)), "scope": scope()}),
+            json!({"prompt": format!("please tell me: {}", seeded_prompt(pick)), "scope": scope(scenario)}),
         ),
         Scenario::Miss => {
             let v: Vec<f32> = (0..dim).map(|_| rng.random_range(-1.0f32..1.0)).collect();
             (
                 "/v1/lookup",
-                json!({"vector": normalized(v), "scope": scope()}),
+                json!({"vector": normalized(v), "scope": scope(scenario)}),
             )
         }
         Scenario::Store => {
@@ -197,14 +206,14 @@ fn request(
             (
                 "/v1/entries",
                 json!({"prompt": format!("bench store {n} {}", rng.random::<u64>()), "vector": normalized(v),
-                       "response": {"choices": [{"message": {"content": "ok"}}]}, "scope": scope()}),
+                       "response": {"choices": [{"message": {"content": "ok"}}]}, "scope": scope(scenario)}),
             )
         }
     }
 }
 
 async fn seed(args: &BenchArgs) -> anyhow::Result<()> {
-    if args.seed == 0 {
+    if args.seed == 0 || args.seeded {
         return Ok(());
     }
     let started = Instant::now();
@@ -214,7 +223,7 @@ async fn seed(args: &BenchArgs) -> anyhow::Result<()> {
     for _ in 0..args.seed_connections.max(1) {
         let client = Client::new(args)?;
         let next = next.clone();
-        let (total, dim) = (args.seed, args.dimension);
+        let (total, dim, scenario) = (args.seed, args.dimension, args.scenario);
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -224,7 +233,7 @@ async fn seed(args: &BenchArgs) -> anyhow::Result<()> {
                 let mut body = json!({
                     "prompt": seeded_prompt(i),
                     "response": {"choices": [{"message": {"content": format!("answer {i}")}}]},
-                    "scope": scope(),
+                    "scope": scope(scenario),
                     "prompt_tokens": 20, "completion_tokens": 100, "cost_usd": 0.0003,
                 });
                 if with_vectors {

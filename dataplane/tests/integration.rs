@@ -11,3 +11,5 @@ mod harness;
 mod lifecycle;
 #[path = "integration/postgres.rs"]
 mod postgres;
+#[path = "integration/tools.rs"]
+mod tools;

@@ -119,7 +119,13 @@ fn services_script() -> PathBuf {
 }
 
 /// Run `scripts/services.sh ARGS` (the project's own installer and starter) and return stdout.
+/// Calls are serialised: tests run in parallel, and two first-time installs or `initdb`s of
+/// the same instance must not race.
 pub fn services(args: &[&str]) -> anyhow::Result<String> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let out = Command::new("bash")
         .arg(services_script())
         .args(args)
@@ -154,17 +160,12 @@ pub fn private_redis(name: &str) -> anyhow::Result<String> {
 
 /// The shared Postgres instance, started once per test run.
 pub fn shared_postgres() -> anyhow::Result<String> {
-    static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    if let Some(u) = URL.get() {
-        return Ok(u.clone());
-    }
     let out = services(&["start"])?;
-    let url = out
+    Ok(out
         .lines()
         .find_map(|l| l.strip_prefix("SEMANTIS_TEST_POSTGRES_URL="))
         .context("services.sh printed no Postgres URL")?
-        .to_owned();
-    Ok(URL.get_or_init(|| url).clone())
+        .to_owned())
 }
 
 /// The local model directory `scripts/fetch-model.sh` fills.

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Reproduces BENCHMARKS.md: starts a release `semantis-dataplane serve` with
+# dataplane/examples/bench.toml on a fresh data directory, seeds it, and runs each scenario of
+# `semantis-dataplane bench`. Usage: scripts/bench.sh [ENTRIES] (default 1000000).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/semantis/target}"
+entries="${1:-1000000}"
+duration="${BENCH_DURATION:-20s}"
+bin="$CARGO_TARGET_DIR/release/semantis-dataplane"
+data="${SEMANTIS_BENCH_DIR:-/tmp/semantis-bench}"
+url="http://127.0.0.1:8090"
+export SEMANTIS_BENCH_API_KEY=bench-key
+
+bash scripts/setup.sh
+cargo build --release --locked -p semantis-dataplane >&2
+
+start_server() {
+  SEMANTIS_STORAGE__DATA_DIR="$data" "$bin" serve --config dataplane/examples/bench.toml \
+    2>>"$data.log" &
+  server=$!
+  local t0; t0=$(date +%s%N)
+  until curl -sf "$url/readyz" >/dev/null; do
+    kill -0 "$server" 2>/dev/null || { echo "server died; see $data.log" >&2; exit 1; }
+    sleep 0.02
+  done
+  echo "ready after $(( ($(date +%s%N) - t0) / 1000000 )) ms" >&2
+}
+stop_server() { kill -TERM "$server"; wait "$server" || true; }
+trap 'kill "$server" 2>/dev/null || true' EXIT
+
+rm -rf "$data" "$data.log"
+start_server
+run() { echo "## $*"; "$bin" bench --url "$url" --duration "$duration" --warmup 3s "$@"; }
+
+# Small-table scenarios first (10k entries), then the million.
+run --scenario exact-hit --seed 10000 --connections 1
+run --scenario exact-hit --seed 10000 --seeded --connections 16
+run --scenario semantic-vector --seed 10000 --seeded --connections 1
+run --scenario miss --connections 1
+run --scenario store --connections 8
+run --scenario semantic-text --seed 2000 --connections 1
+# Stores at a fixed rate while measuring lookups on another stream.
+run --scenario store --connections 4 --rate 5000 --duration 30s --warmup 1s > /tmp/semantis-bench-store.txt &
+storer=$!
+run --scenario exact-hit --seed 10000 --seeded --connections 1 --duration 20s
+wait "$storer"; cat /tmp/semantis-bench-store.txt
+
+if [ "$entries" -gt 0 ]; then
+  # Seeding overwrites nothing: entries 0..N get new ids; 0..10k already existed.
+  run --scenario semantic-vector --seed "$entries" --seed-connections 16 --connections 1
+  echo "## restart with $entries entries"
+  stop_server
+  start_server
+  run --scenario semantic-vector --seed "$entries" --seeded --connections 1 --duration 10s
+fi
+stop_server
