@@ -22,6 +22,9 @@ pub struct Metrics {
     pub embed_duration: HistogramVec,
     pub embed_errors: IntCounterVec,
     pub embedder_fallbacks: IntCounterVec,
+    pub embedder_circuit_open: IntGaugeVec,
+    pub embed_cache: IntCounterVec,
+    pub embed_batch_size: HistogramVec,
     pub store_errors: IntCounterVec,
     pub store_flush_duration: HistogramVec,
     pub store_flushed_entries: IntCounterVec,
@@ -65,6 +68,14 @@ impl Metrics {
             &["tenant"],
         )?;
         r.register(Box::new(entries.clone()))?;
+        let circuit = IntGaugeVec::new(
+            Opts::new(
+                "semantis_embedder_circuit_open",
+                "1 while the provider's circuit breaker refuses calls.",
+            ),
+            &["provider"],
+        )?;
+        r.register(Box::new(circuit.clone()))?;
         let dropped = IntCounter::new(
             "semantis_usage_events_dropped_total",
             "Usage and audit events dropped because the metadata store was unavailable.",
@@ -134,6 +145,22 @@ impl Metrics {
                 "semantis_embedder_errors_total",
                 "Failed embedding calls.",
                 &["provider"],
+            )?,
+            embedder_circuit_open: circuit,
+            embed_cache: counter(
+                &r,
+                "semantis_embedder_cache_requests_total",
+                "Embedding cache lookups by result (hit, miss).",
+                &["result"],
+            )?,
+            embed_batch_size: histogram(
+                &r,
+                "semantis_embedder_batch_size",
+                "Texts per provider call after batching concurrent requests.",
+                &["provider"],
+                vec![
+                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
+                ],
             )?,
             embedder_fallbacks: counter(
                 &r,

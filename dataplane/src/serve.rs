@@ -7,14 +7,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use redis::IntoConnectionInfo;
 use semantis_contract::{DataplaneConfig, EmbeddingProvider};
 use semantis_dataplane::cache::entry::now_ms;
 use semantis_dataplane::cache::tenants::TenantRegistry;
 use semantis_dataplane::cache::{Cache, CacheParts, Partition};
+use semantis_dataplane::embed::layers::{Batched, Cached};
 use semantis_dataplane::embed::local::LocalEmbedder;
-use semantis_dataplane::embed::{EmbedError, Embedder, fingerprint};
+use semantis_dataplane::embed::remote::RemoteEmbedder;
+use semantis_dataplane::embed::{Embedder, fingerprint};
 use semantis_dataplane::http::{AppState, router};
 use semantis_dataplane::metrics::Metrics;
 use semantis_dataplane::store::hot::InProcessHotLayer;
@@ -34,26 +36,58 @@ pub struct Built {
     pub usage_writer: JoinHandle<()>,
 }
 
-fn load_embedder(cfg: &DataplaneConfig) -> anyhow::Result<Option<Arc<dyn Embedder>>> {
-    match cfg.embedder.provider {
-        EmbeddingProvider::None => Ok(None),
+async fn load_embedder(
+    cfg: &DataplaneConfig,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Option<Arc<dyn Embedder>>> {
+    let e = &cfg.embedder;
+    let (provider, workers): (Arc<dyn Embedder>, usize) = match e.provider {
+        EmbeddingProvider::None => return Ok(None),
         EmbeddingProvider::Local => {
             let dir = semantis_dataplane::config::model_dir(cfg)
                 .context("failed to locate the local model: set embedder.model_dir")?;
             let started = std::time::Instant::now();
-            let model = LocalEmbedder::load(&dir, &cfg.embedder).with_context(|| {
+            let model = LocalEmbedder::load(&dir, e).with_context(|| {
                 format!(
                     "failed to load the local embedding model from {} (run scripts/fetch-model.sh)",
                     dir.display()
                 )
             })?;
             tracing::info!(dir = %dir.display(), ms = started.elapsed().as_millis() as u64, "loaded the local embedding model");
-            Ok(Some(Arc::new(model)))
+            // CPU-bound: one batch at a time uses the cores best.
+            (Arc::new(model), 1)
         }
-        EmbeddingProvider::Openai => Err(EmbedError::Unsupported("openai").into()),
-        EmbeddingProvider::Ollama => Err(EmbedError::Unsupported("ollama").into()),
-        EmbeddingProvider::Tei => Err(EmbedError::Unsupported("tei").into()),
+        EmbeddingProvider::Openai | EmbeddingProvider::Ollama | EmbeddingProvider::Tei => {
+            let remote = RemoteEmbedder::new(e, metrics.clone())
+                .context("failed to configure the embedding provider")?;
+            // Check what the provider really returns (dimension included) at startup.
+            remote
+                .embed(&["semantis dimension probe".to_owned()])
+                .await
+                .with_context(|| {
+                    format!(
+                        "failed to check the `{}` embedding provider at startup",
+                        e.provider.as_str()
+                    )
+                })?;
+            (Arc::new(remote), 4)
+        }
+    };
+    let batched: Arc<dyn Embedder> = Arc::new(Batched::new(
+        provider,
+        e.max_batch,
+        workers,
+        metrics.clone(),
+    ));
+    if e.cache_entries == 0 {
+        return Ok(Some(batched));
     }
+    Ok(Some(Arc::new(Cached::new(
+        batched,
+        e.cache_entries,
+        Duration::from_secs(e.cache_ttl_secs),
+        metrics.clone(),
+    ))))
 }
 
 pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Result<Built> {
@@ -61,7 +95,7 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
     let data_dir = PathBuf::from(&cfg.storage.data_dir);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("failed to create the data directory {}", data_dir.display()))?;
-    let embedder = load_embedder(cfg)?;
+    let embedder = load_embedder(cfg, &metrics).await?;
     let index_version = fingerprint(&cfg.embedder);
     let dimension = cfg.embedder.dimension;
 
@@ -150,6 +184,16 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
             .await
             .with_context(|| format!("failed to scan the entries of tenant `{}`", tenant.name))?;
         let now = now_ms();
+        if let Some((active, dim)) = metadata.active_version(&tenant.name).await?
+            && active != index_version
+        {
+            bail!(
+                "failed to start: tenant `{}` is served by index version {active} ({dim} dimensions), \
+                 but the configured embedder has fingerprint {index_version} ({dimension} dimensions); \
+                 migrate with `semantis-dataplane reindex` or restore the embedder settings",
+                tenant.name
+            );
+        }
         metadata.register_tenant(&tenant.name, now).await?;
         metadata
             .set_index_version(&tenant.name, &index_version, dimension, "active", now)

@@ -5,6 +5,8 @@
 mod api;
 #[path = "integration/cluster.rs"]
 mod cluster;
+#[path = "integration/embedders.rs"]
+mod embedders;
 #[path = "integration/harness.rs"]
 mod harness;
 #[path = "integration/lifecycle.rs"]

@@ -162,6 +162,22 @@ pub struct EmbedderConfig {
     pub endpoint: Option<String>,
     /// Remote providers: file holding the API key (a mounted Secret).
     pub api_key_file: Option<String>,
+    /// Remote providers: environment variable holding the API key (when no file is given).
+    pub api_key_env: Option<String>,
+    /// OpenAI: send `dimensions` in the request (models that can shorten their vectors).
+    pub send_dimensions: bool,
+    /// Remote providers: most texts in one call (OpenAI allows 2048).
+    pub max_batch: usize,
+    /// Remote providers: attempts per call, the first included.
+    pub max_attempts: u32,
+    /// Consecutive failures that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker refuses calls before letting one through, in milliseconds.
+    pub breaker_cooldown_ms: u64,
+    /// Embedding cache entries kept in process (0 disables it).
+    pub cache_entries: u64,
+    /// Embedding cache lifetime, in seconds.
+    pub cache_ttl_secs: u64,
     /// Longest input, in tokens, the local model sees; longer prompts are truncated.
     pub max_tokens: usize,
     /// Deadline for one embedding call, in milliseconds.
@@ -180,6 +196,14 @@ impl Default for EmbedderConfig {
             model_dir: None,
             endpoint: None,
             api_key_file: None,
+            api_key_env: None,
+            send_dimensions: false,
+            max_batch: 256,
+            max_attempts: 3,
+            breaker_failures: 5,
+            breaker_cooldown_ms: 10_000,
+            cache_entries: 100_000,
+            cache_ttl_secs: 86_400,
             max_tokens: 256,
             timeout_ms: 2000,
         }

@@ -269,6 +269,11 @@ impl Cache {
         self.embedder.is_some()
     }
 
+    /// False while the embedder refuses calls (its circuit breaker is open).
+    pub fn embedder_healthy(&self) -> bool {
+        self.embedder.as_ref().is_none_or(|e| e.healthy())
+    }
+
     pub fn partitions(&self) -> impl Iterator<Item = &Arc<Partition>> {
         self.partitions.values()
     }

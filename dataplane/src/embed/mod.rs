@@ -2,7 +2,9 @@
 //! trait. The embedder fingerprint names the index version: any change of provider, model,
 //! revision, dimension, pooling or normalisation means a new index.
 
+pub mod layers;
 pub mod local;
+pub mod remote;
 
 use async_trait::async_trait;
 use semantis_contract::{EmbedderConfig, Pooling};
@@ -21,8 +23,28 @@ pub enum EmbedError {
     Dimension { expected: usize, got: usize },
     #[error("failed to embed within {0} ms")]
     Timeout(u64),
-    #[error("the `{0}` embedding provider is not available in this build; use `local` or `none`")]
+    #[error("the `{0}` embedding provider cannot be built this way")]
     Unsupported(&'static str),
+    #[error("failed to embed with `{provider}`: HTTP {status}: {body}")]
+    Http {
+        provider: &'static str,
+        status: u16,
+        body: String,
+    },
+    #[error("failed to embed with `{provider}`: {reason}")]
+    Protocol {
+        provider: &'static str,
+        reason: String,
+    },
+    #[error("failed to embed with `{provider}`: {reason}")]
+    Unavailable {
+        provider: &'static str,
+        reason: String,
+    },
+    #[error("failed to embed: the `{0}` circuit breaker is open after repeated failures")]
+    CircuitOpen(&'static str),
+    #[error("failed to embed: the batching task has stopped")]
+    Stopped,
 }
 
 #[async_trait]
@@ -31,6 +53,10 @@ pub trait Embedder: Send + Sync {
     async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError>;
     fn dimension(&self) -> usize;
     fn provider(&self) -> &'static str;
+    /// False while calls are refused without trying (an open circuit breaker).
+    fn healthy(&self) -> bool {
+        true
+    }
 }
 
 /// hash(provider, model, revision, dimension, pooling, normalisation), 32 hex characters.

@@ -371,14 +371,17 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
             state.cache.dimension()
         )),
     });
+    let embedder_ok = state.cache.embedder_healthy();
     checks.push(Check {
         name: "embedder".into(),
-        ok: true,
+        ok: embedder_ok,
         critical: false,
-        detail: Some(if state.cache.has_embedder() {
-            "loaded".into()
-        } else {
+        detail: Some(if !state.cache.has_embedder() {
             "none configured: clients supply vectors".into()
+        } else if embedder_ok {
+            "available".into()
+        } else {
+            "circuit open: lookups fall back to the exact path".into()
         }),
     });
     let ready = checks.iter().filter(|c| c.critical).all(|c| c.ok);

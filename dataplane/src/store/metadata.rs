@@ -187,6 +187,18 @@ impl MetadataStore {
         Ok(())
     }
 
+    /// The tenant's active index version (fingerprint, dimension), if one is recorded.
+    pub async fn active_version(&self, tenant: &str) -> Result<Option<(String, i64)>, StoreError> {
+        on_pool!(self, |pool| sqlx::query_as::<_, (String, i64)>(
+            "SELECT fingerprint, dimension FROM index_versions
+             WHERE tenant = $1 AND state = 'active' ORDER BY updated_at DESC LIMIT 1"
+        )
+        .bind(tenant)
+        .fetch_optional(pool)
+        .await)
+        .map_err(meta("read the active index version"))
+    }
+
     pub async fn usage(&self, tenant: &str) -> Result<Vec<ModelUsage>, StoreError> {
         on_pool!(self, |pool| {
             let rows = sqlx::query(READ_USAGE)

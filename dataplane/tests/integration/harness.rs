@@ -30,6 +30,8 @@ pub struct Setup {
     pub postgres_url: Option<String>,
     /// Cluster mode: a Redis URL for the log and the hot layer.
     pub redis_url: Option<String>,
+    /// The `[embedder]` section's body, replacing the default (`none` or `local`).
+    pub embedder: Option<String>,
 }
 
 impl Default for Setup {
@@ -44,13 +46,16 @@ impl Default for Setup {
             min_similarity: 0.9,
             postgres_url: None,
             redis_url: None,
+            embedder: None,
         }
     }
 }
 
 impl Setup {
     pub fn config(&self, port: u16, data_dir: &Path) -> String {
-        let embedder = if self.local_model {
+        let embedder = if let Some(section) = &self.embedder {
+            section.clone()
+        } else if self.local_model {
             format!(
                 "provider = \"local\"\nmodel_dir = \"{}\"\n",
                 model_dir().display()

@@ -1,0 +1,180 @@
+//! Layers around any [`Embedder`]: [`Batched`] merges concurrent requests into one provider
+//! call, [`Cached`] remembers vectors by text (per embedder, so per fingerprint).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use moka::future::Cache;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{EmbedError, Embedder};
+use crate::cache::scope::short_hash;
+use crate::metrics::Metrics;
+
+type Job = (String, oneshot::Sender<Result<Vec<f32>, EmbedError>>);
+
+/// Requests that arrive while a call is in flight ride together in the next call: no added
+/// latency at low load, fewer and larger calls at high load.
+pub struct Batched {
+    inner: Arc<dyn Embedder>,
+    tx: mpsc::Sender<Job>,
+}
+
+impl Batched {
+    /// `workers` calls may be in flight at once (1 for an in-process model).
+    pub fn new(
+        inner: Arc<dyn Embedder>,
+        max_batch: usize,
+        workers: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel::<Job>(max_batch.max(1) * 4);
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..workers.max(1) {
+            let (inner, rx, metrics) = (inner.clone(), rx.clone(), metrics.clone());
+            tokio::spawn(async move {
+                loop {
+                    let mut jobs: Vec<Job> = Vec::new();
+                    {
+                        let mut rx = rx.lock().await;
+                        if rx.recv_many(&mut jobs, max_batch.max(1)).await == 0 {
+                            return;
+                        }
+                    }
+                    metrics
+                        .embed_batch_size
+                        .with_label_values(&[inner.provider()])
+                        .observe(jobs.len() as f64);
+                    let texts: Vec<String> = jobs.iter().map(|(t, _)| t.clone()).collect();
+                    match inner.embed(&texts).await {
+                        Ok(vectors) => {
+                            for ((_, reply), v) in jobs.into_iter().zip(vectors) {
+                                let _ = reply.send(Ok(v));
+                            }
+                        }
+                        Err(e) => {
+                            let message = e.to_string();
+                            let provider = inner.provider();
+                            for (_, reply) in jobs {
+                                let _ = reply.send(Err(EmbedError::Unavailable {
+                                    provider,
+                                    reason: message.clone(),
+                                }));
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        Self { inner, tx }
+    }
+}
+
+#[async_trait]
+impl Embedder for Batched {
+    async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let mut waiting = Vec::with_capacity(texts.len());
+        for t in texts {
+            let (reply, rx) = oneshot::channel();
+            self.tx
+                .send((t.clone(), reply))
+                .await
+                .map_err(|_| EmbedError::Stopped)?;
+            waiting.push(rx);
+        }
+        let mut out = Vec::with_capacity(waiting.len());
+        for rx in waiting {
+            out.push(rx.await.map_err(|_| EmbedError::Stopped)??);
+        }
+        Ok(out)
+    }
+
+    fn dimension(&self) -> usize {
+        self.inner.dimension()
+    }
+
+    fn provider(&self) -> &'static str {
+        self.inner.provider()
+    }
+
+    fn healthy(&self) -> bool {
+        self.inner.healthy()
+    }
+}
+
+/// The in-process embedding cache: the same text is embedded once per TTL.
+pub struct Cached {
+    inner: Arc<dyn Embedder>,
+    cache: Cache<String, Arc<[f32]>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Cached {
+    pub fn new(
+        inner: Arc<dyn Embedder>,
+        entries: u64,
+        ttl: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(entries)
+            .time_to_live(ttl)
+            .build();
+        Self {
+            inner,
+            cache,
+            metrics,
+        }
+    }
+}
+
+#[async_trait]
+impl Embedder for Cached {
+    async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let keys: Vec<String> = texts.iter().map(|t| short_hash(t.as_bytes())).collect();
+        let mut out: Vec<Option<Vec<f32>>> = Vec::with_capacity(texts.len());
+        let mut missing = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            match self.cache.get(k).await {
+                Some(v) => out.push(Some(v.to_vec())),
+                None => {
+                    out.push(None);
+                    missing.push(i);
+                }
+            }
+        }
+        let hits = (texts.len() - missing.len()) as u64;
+        self.metrics
+            .embed_cache
+            .with_label_values(&["hit"])
+            .inc_by(hits);
+        self.metrics
+            .embed_cache
+            .with_label_values(&["miss"])
+            .inc_by(missing.len() as u64);
+        if !missing.is_empty() {
+            let todo: Vec<String> = missing.iter().map(|&i| texts[i].clone()).collect();
+            let fresh = self.inner.embed(&todo).await?;
+            for (&i, v) in missing.iter().zip(fresh) {
+                self.cache
+                    .insert(keys[i].clone(), Arc::from(v.as_slice()))
+                    .await;
+                out[i] = Some(v);
+            }
+        }
+        Ok(out.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    fn dimension(&self) -> usize {
+        self.inner.dimension()
+    }
+
+    fn provider(&self) -> &'static str {
+        self.inner.provider()
+    }
+
+    fn healthy(&self) -> bool {
+        self.inner.healthy()
+    }
+}

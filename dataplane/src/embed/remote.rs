@@ -1,0 +1,429 @@
+//! Remote embedding providers over HTTP: OpenAI-compatible `/v1/embeddings`, Ollama
+//! `/api/embed` and Hugging Face TEI `/embed`. Every call has a deadline, retries transient
+//! failures with exponential backoff (honouring `Retry-After`), and goes through a circuit
+//! breaker so a dead provider costs nothing per lookup. API keys live in a `SecretString`
+//! and never reach a log line, a metric or an error message.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use backon::{ExponentialBuilder, Retryable};
+use parking_lot::Mutex;
+use reqwest::StatusCode;
+use secrecy::{ExposeSecret, SecretString};
+use semantis_contract::{EmbedderConfig, EmbeddingProvider};
+use serde_json::{Value, json};
+
+use super::{EmbedError, Embedder};
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    OpenAi,
+    Ollama,
+    Tei,
+}
+
+impl Protocol {
+    fn name(self) -> &'static str {
+        match self {
+            Self::OpenAi => "openai",
+            Self::Ollama => "ollama",
+            Self::Tei => "tei",
+        }
+    }
+
+    fn path(self) -> &'static str {
+        match self {
+            Self::OpenAi => "/v1/embeddings",
+            Self::Ollama => "/api/embed",
+            Self::Tei => "/embed",
+        }
+    }
+}
+
+/// Closed → open after `threshold` consecutive failures → after `cooldown`, calls go through
+/// again; one more failure reopens it at once, a success closes it.
+pub struct Breaker {
+    failures: AtomicU32,
+    opened_at: Mutex<Option<Instant>>,
+    threshold: u32,
+    cooldown: Duration,
+}
+
+impl Breaker {
+    pub fn new(threshold: u32, cooldown: Duration) -> Self {
+        Self {
+            failures: AtomicU32::new(0),
+            opened_at: Mutex::new(None),
+            threshold: threshold.max(1),
+            cooldown,
+        }
+    }
+
+    pub fn allows(&self) -> bool {
+        self.opened_at
+            .lock()
+            .is_none_or(|t| t.elapsed() >= self.cooldown)
+    }
+
+    pub fn is_open(&self) -> bool {
+        !self.allows()
+    }
+
+    fn success(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+        *self.opened_at.lock() = None;
+    }
+
+    fn failure(&self) {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= self.threshold {
+            *self.opened_at.lock() = Some(Instant::now());
+        }
+    }
+}
+
+/// One failed attempt, and whether another may help.
+#[derive(Debug)]
+struct Attempt {
+    error: EmbedError,
+    retry: bool,
+    retry_after: Option<Duration>,
+}
+
+pub struct RemoteEmbedder {
+    protocol: Protocol,
+    http: reqwest::Client,
+    url: String,
+    model: String,
+    dimension: usize,
+    normalize: bool,
+    send_dimensions: bool,
+    api_key: Option<SecretString>,
+    max_batch: usize,
+    max_attempts: u32,
+    breaker: Breaker,
+    metrics: Arc<Metrics>,
+}
+
+fn read_api_key(cfg: &EmbedderConfig) -> Result<Option<SecretString>, EmbedError> {
+    if let Some(path) = &cfg.api_key_file {
+        let key = std::fs::read_to_string(path).map_err(|e| EmbedError::Load {
+            path: path.clone(),
+            reason: format!("failed to read the API key file: {e}"),
+        })?;
+        return Ok(Some(SecretString::from(key.trim().to_owned())));
+    }
+    if let Some(var) = &cfg.api_key_env {
+        let key = std::env::var(var).map_err(|_| EmbedError::Load {
+            path: format!("${var}"),
+            reason: "the API key variable is not set".into(),
+        })?;
+        return Ok(Some(SecretString::from(key.trim().to_owned())));
+    }
+    Ok(None)
+}
+
+impl RemoteEmbedder {
+    pub fn new(cfg: &EmbedderConfig, metrics: Arc<Metrics>) -> Result<Self, EmbedError> {
+        let protocol = match cfg.provider {
+            EmbeddingProvider::Openai => Protocol::OpenAi,
+            EmbeddingProvider::Ollama => Protocol::Ollama,
+            EmbeddingProvider::Tei => Protocol::Tei,
+            EmbeddingProvider::Local | EmbeddingProvider::None => {
+                return Err(EmbedError::Unsupported(cfg.provider.as_str()));
+            }
+        };
+        let endpoint = cfg.endpoint.as_deref().ok_or_else(|| EmbedError::Load {
+            path: "embedder.endpoint".into(),
+            reason: format!("the `{}` provider needs an endpoint URL", protocol.name()),
+        })?;
+        let base = endpoint.trim_end_matches('/');
+        // An OpenAI base URL often already ends in /v1.
+        let url = match (protocol, base.ends_with("/v1")) {
+            (Protocol::OpenAi, true) => format!("{base}/embeddings"),
+            _ => format!("{base}{}", protocol.path()),
+        };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(cfg.timeout_ms))
+            .connect_timeout(Duration::from_millis(cfg.timeout_ms.min(1000)))
+            .build()
+            .map_err(|e| EmbedError::Load {
+                path: url.clone(),
+                reason: format!("failed to build the HTTP client: {e}"),
+            })?;
+        Ok(Self {
+            protocol,
+            http,
+            url,
+            model: cfg.model.clone(),
+            dimension: cfg.dimension,
+            normalize: cfg.normalize,
+            send_dimensions: cfg.send_dimensions,
+            api_key: read_api_key(cfg)?,
+            max_batch: cfg.max_batch.max(1),
+            max_attempts: cfg.max_attempts.max(1),
+            breaker: Breaker::new(
+                cfg.breaker_failures,
+                Duration::from_millis(cfg.breaker_cooldown_ms),
+            ),
+            metrics,
+        })
+    }
+
+    pub fn breaker_open(&self) -> bool {
+        self.breaker.is_open()
+    }
+
+    fn body(&self, texts: &[String]) -> Value {
+        match self.protocol {
+            Protocol::OpenAi => {
+                let mut body =
+                    json!({"model": self.model, "input": texts, "encoding_format": "float"});
+                if self.send_dimensions {
+                    body["dimensions"] = json!(self.dimension);
+                }
+                body
+            }
+            Protocol::Ollama => json!({"model": self.model, "input": texts}),
+            Protocol::Tei => {
+                json!({"inputs": texts, "normalize": self.normalize, "truncate": true})
+            }
+        }
+    }
+
+    fn parse(&self, body: &Value, expected: usize) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let bad = |what: &str| EmbedError::Protocol {
+            provider: self.protocol.name(),
+            reason: what.to_owned(),
+        };
+        let vectors: Vec<&Value> = match self.protocol {
+            Protocol::OpenAi => {
+                let mut data: Vec<&Value> = body["data"]
+                    .as_array()
+                    .ok_or_else(|| bad("the answer has no `data` array"))?
+                    .iter()
+                    .collect();
+                // The API may answer out of order; `index` says which input each is.
+                data.sort_by_key(|d| d["index"].as_u64().unwrap_or(u64::MAX));
+                data.into_iter().map(|d| &d["embedding"]).collect()
+            }
+            Protocol::Ollama => body["embeddings"]
+                .as_array()
+                .ok_or_else(|| bad("the answer has no `embeddings` array"))?
+                .iter()
+                .collect(),
+            Protocol::Tei => body
+                .as_array()
+                .ok_or_else(|| bad("the answer is not an array of vectors"))?
+                .iter()
+                .collect(),
+        };
+        if vectors.len() != expected {
+            return Err(bad(&format!(
+                "asked for {expected} vectors, got {}",
+                vectors.len()
+            )));
+        }
+        vectors
+            .into_iter()
+            .map(|v| {
+                let v: Vec<f32> = v
+                    .as_array()
+                    .ok_or_else(|| bad("a vector is not an array"))?
+                    .iter()
+                    .map(|x| {
+                        x.as_f64()
+                            .map(|f| f as f32)
+                            .ok_or_else(|| bad("a vector holds a non-number"))
+                    })
+                    .collect::<Result<_, _>>()?;
+                if v.len() != self.dimension {
+                    return Err(EmbedError::Dimension {
+                        expected: self.dimension,
+                        got: v.len(),
+                    });
+                }
+                if v.iter().any(|x| !x.is_finite()) {
+                    return Err(bad("a vector holds a non-finite value"));
+                }
+                Ok(if self.normalize { normalized(v) } else { v })
+            })
+            .collect()
+    }
+
+    async fn attempt(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, Attempt> {
+        let provider = self.protocol.name();
+        let mut req = self.http.post(&self.url).json(&self.body(texts));
+        if let Some(key) = &self.api_key {
+            req = req.bearer_auth(key.expose_secret());
+        }
+        let res = req.send().await.map_err(|e| Attempt {
+            error: if e.is_timeout() {
+                EmbedError::Unavailable {
+                    provider,
+                    reason: "the request timed out".into(),
+                }
+            } else {
+                EmbedError::Unavailable {
+                    provider,
+                    reason: format!("failed to reach {}: {}", self.url, without_url(&e)),
+                }
+            },
+            retry: true,
+            retry_after: None,
+        })?;
+        let status = res.status();
+        let retry_after = res
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        if !status.is_success() {
+            // A little of the body helps operators; never all of it.
+            let text = res.text().await.unwrap_or_default();
+            let snippet: String = text.chars().take(200).collect();
+            return Err(Attempt {
+                error: EmbedError::Http {
+                    provider,
+                    status: status.as_u16(),
+                    body: snippet,
+                },
+                retry: status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error(),
+                retry_after,
+            });
+        }
+        let body: Value = res.json().await.map_err(|e| Attempt {
+            error: EmbedError::Protocol {
+                provider,
+                reason: format!("failed to read the answer: {}", without_url(&e)),
+            },
+            retry: true,
+            retry_after: None,
+        })?;
+        self.parse(&body, texts.len()).map_err(|error| Attempt {
+            error,
+            retry: false,
+            retry_after: None,
+        })
+    }
+
+    /// One provider call with retries; TEI batches that are too large are split in halves.
+    async fn call(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(2))
+            .with_max_times(usize::try_from(self.max_attempts.saturating_sub(1)).unwrap_or(2))
+            .with_jitter();
+        let result = (|| async { self.attempt(texts).await })
+            .retry(backoff)
+            .when(|a: &Attempt| a.retry)
+            .adjust(|a: &Attempt, delay| a.retry_after.or(delay))
+            .await;
+        match result {
+            Ok(v) => Ok(v),
+            Err(Attempt {
+                error: EmbedError::Http { status: 413, .. },
+                ..
+            }) if self.protocol == Protocol::Tei && texts.len() > 1 => {
+                let (a, b) = texts.split_at(texts.len() / 2);
+                let mut out = Box::pin(self.call(a)).await?;
+                out.extend(Box::pin(self.call(b)).await?);
+                Ok(out)
+            }
+            Err(a) => Err(a.error),
+        }
+    }
+}
+
+/// reqwest errors name the URL; keep the message but not a query string that could hold a key.
+fn without_url(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(url) = e.url() {
+        let mut redacted = url.clone();
+        redacted.set_query(None);
+        s = s.replace(url.as_str(), redacted.as_str());
+    }
+    s
+}
+
+fn normalized(mut v: Vec<f32>) -> Vec<f32> {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 0.0 {
+        v.iter_mut().for_each(|x| *x /= n);
+    }
+    v
+}
+
+#[async_trait]
+impl Embedder for RemoteEmbedder {
+    async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let provider = self.protocol.name();
+        if !self.breaker.allows() {
+            return Err(EmbedError::CircuitOpen(provider));
+        }
+        let mut out = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(self.max_batch) {
+            match self.call(chunk).await {
+                Ok(v) => {
+                    self.breaker.success();
+                    out.extend(v);
+                }
+                Err(e) => {
+                    self.breaker.failure();
+                    self.metrics
+                        .embedder_circuit_open
+                        .with_label_values(&[provider])
+                        .set(i64::from(self.breaker.is_open()));
+                    return Err(e);
+                }
+            }
+        }
+        self.metrics
+            .embedder_circuit_open
+            .with_label_values(&[provider])
+            .set(0);
+        Ok(out)
+    }
+
+    fn dimension(&self) -> usize {
+        self.dimension
+    }
+
+    fn provider(&self) -> &'static str {
+        self.protocol.name()
+    }
+
+    fn healthy(&self) -> bool {
+        !self.breaker.is_open()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_breaker_opens_after_consecutive_failures_and_closes_on_success() {
+        let b = Breaker::new(3, Duration::from_secs(60));
+        b.failure();
+        b.failure();
+        assert!(b.allows());
+        b.success();
+        b.failure();
+        b.failure();
+        assert!(b.allows(), "a success resets the count");
+        b.failure();
+        assert!(b.is_open());
+        let quick = Breaker::new(1, Duration::ZERO);
+        quick.failure();
+        assert!(
+            quick.allows(),
+            "after the cool-down a trial call goes through"
+        );
+    }
+}

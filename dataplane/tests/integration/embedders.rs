@@ -1,0 +1,495 @@
+//! Remote embedding providers against local HTTP servers that speak the OpenAI, Ollama and
+//! TEI protocols, healthy and faulty: slow answers, 500s, 429 with Retry-After, truncated
+//! bodies, wrong dimensions, oversized batches.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use parking_lot::Mutex;
+use reqwest::Method;
+use semantis_contract::{EmbedderConfig, EmbeddingProvider};
+use semantis_dataplane::embed::remote::RemoteEmbedder;
+use semantis_dataplane::embed::{EmbedError, Embedder};
+use semantis_dataplane::metrics::Metrics;
+use serde_json::{Value, json};
+
+use crate::harness::{KEY_A, Server, Setup, answer};
+
+const DIM: usize = 16;
+const API_KEY: &str = "sk-test-very-secret-0123456789";
+
+/// What the fake does with the next requests.
+#[derive(Clone, Debug, PartialEq)]
+enum Fault {
+    None,
+    /// Answer 500 this many more times.
+    ServerErrors(u32),
+    /// Answer 429 with `Retry-After: 1` once.
+    RateLimitOnce,
+    /// Sleep this long before answering.
+    Slow(Duration),
+    /// Claim a longer body than is sent.
+    Truncated,
+    /// Vectors of the wrong length.
+    WrongDimension,
+    /// TEI: 413 for batches larger than this.
+    MaxBatch(usize),
+    /// Refuse everything.
+    Down,
+}
+
+#[derive(Default)]
+struct Seen {
+    requests: Vec<(Instant, Value, Option<String>)>,
+}
+
+#[derive(Clone)]
+struct Fake {
+    fault: Arc<Mutex<Fault>>,
+    seen: Arc<Mutex<Seen>>,
+}
+
+/// Bag of hashed lowercase words: texts with the same words get the same vector.
+fn embed_text(text: &str, dim: usize) -> Vec<f32> {
+    let mut v = vec![0f32; dim];
+    for w in text
+        .to_lowercase()
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+    {
+        let h = w.bytes().fold(1469598103934665603u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(1099511628211)
+        });
+        v[(h % dim as u64) as usize] += 1.0;
+    }
+    v
+}
+
+async fn handle(fake: Fake, protocol: &'static str, headers: HeaderMap, body: Value) -> Response {
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    fake.seen
+        .lock()
+        .requests
+        .push((Instant::now(), body.clone(), auth.clone()));
+    if protocol == "openai" && auth.as_deref() != Some(&format!("Bearer {API_KEY}")) {
+        return (StatusCode::UNAUTHORIZED, "bad key").into_response();
+    }
+    let texts: Vec<String> = match protocol {
+        "tei" => serde_json::from_value(body["inputs"].clone()).unwrap_or_default(),
+        _ => serde_json::from_value(body["input"].clone()).unwrap_or_default(),
+    };
+    let fault = fake.fault.lock().clone();
+    let mut dim = DIM;
+    match fault {
+        Fault::None => {}
+        Fault::ServerErrors(n) => {
+            *fake.fault.lock() = if n > 1 {
+                Fault::ServerErrors(n - 1)
+            } else {
+                Fault::None
+            };
+            return (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response();
+        }
+        Fault::RateLimitOnce => {
+            *fake.fault.lock() = Fault::None;
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", "1")],
+                "slow down",
+            )
+                .into_response();
+        }
+        Fault::Slow(d) => tokio::time::sleep(d).await,
+        Fault::Truncated => {
+            return Response::builder()
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(
+                    "{\"data\": [{\"embedding\": [0.1, 0.2",
+                ))
+                .unwrap_or_default();
+        }
+        Fault::WrongDimension => dim = DIM / 2,
+        Fault::MaxBatch(max) if texts.len() > max => {
+            return (StatusCode::PAYLOAD_TOO_LARGE, "batch too large").into_response();
+        }
+        Fault::MaxBatch(_) => {}
+        Fault::Down => return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response(),
+    }
+    let vectors: Vec<Vec<f32>> = texts.iter().map(|t| embed_text(t, dim)).collect();
+    match protocol {
+        "openai" => {
+            // Out of order on purpose: clients must use `index`.
+            let data: Vec<Value> = vectors
+                .iter()
+                .enumerate()
+                .rev()
+                .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
+                .collect();
+            Json(json!({"object": "list", "data": data, "model": body["model"]})).into_response()
+        }
+        "ollama" => Json(json!({"model": body["model"], "embeddings": vectors})).into_response(),
+        _ => Json(json!(vectors)).into_response(),
+    }
+}
+
+async fn start_fake() -> anyhow::Result<(String, Fake)> {
+    let fake = Fake {
+        fault: Arc::new(Mutex::new(Fault::None)),
+        seen: Arc::new(Mutex::new(Seen::default())),
+    };
+    let app = Router::new()
+        .route(
+            "/v1/embeddings",
+            post(
+                |State(f): State<Fake>, h: HeaderMap, Json(b): Json<Value>| {
+                    handle(f, "openai", h, b)
+                },
+            ),
+        )
+        .route(
+            "/api/embed",
+            post(
+                |State(f): State<Fake>, h: HeaderMap, Json(b): Json<Value>| {
+                    handle(f, "ollama", h, b)
+                },
+            ),
+        )
+        .route(
+            "/embed",
+            post(
+                |State(f): State<Fake>, h: HeaderMap, Json(b): Json<Value>| handle(f, "tei", h, b),
+            ),
+        )
+        .with_state(fake.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((url, fake))
+}
+
+fn config(provider: EmbeddingProvider, url: &str, key_file: &std::path::Path) -> EmbedderConfig {
+    EmbedderConfig {
+        provider,
+        model: "fake-embed".into(),
+        dimension: DIM,
+        endpoint: Some(url.to_owned()),
+        api_key_file: Some(key_file.display().to_string()),
+        timeout_ms: 500,
+        max_attempts: 3,
+        breaker_failures: 3,
+        breaker_cooldown_ms: 60_000,
+        ..EmbedderConfig::default()
+    }
+}
+
+fn key_file(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let path = dir.join("api-key");
+    std::fs::write(&path, format!("{API_KEY}\n"))?;
+    Ok(path)
+}
+
+fn embedder(cfg: &EmbedderConfig) -> anyhow::Result<RemoteEmbedder> {
+    Ok(RemoteEmbedder::new(cfg, Arc::new(Metrics::new()?))?)
+}
+
+#[tokio::test]
+async fn each_protocol_embeds_in_input_order() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (url, fake) = start_fake().await?;
+    let texts: Vec<String> = ["alpha beta", "gamma", "delta epsilon zeta"]
+        .map(String::from)
+        .to_vec();
+    for provider in [
+        EmbeddingProvider::Openai,
+        EmbeddingProvider::Ollama,
+        EmbeddingProvider::Tei,
+    ] {
+        let e = embedder(&config(provider, &url, &key_file(dir.path())?))?;
+        let got = e.embed(&texts).await?;
+        assert_eq!(got.len(), 3);
+        for (t, v) in texts.iter().zip(&got) {
+            let want = embed_text(t, DIM);
+            let norm = want.iter().map(|x| x * x).sum::<f32>().sqrt();
+            for (a, b) in v.iter().zip(&want) {
+                assert!((a - b / norm).abs() < 1e-6, "{provider:?} {t}");
+            }
+        }
+    }
+    let seen = fake.seen.lock();
+    assert_eq!(seen.requests[0].1["model"], "fake-embed");
+    assert_eq!(
+        seen.requests[0].2.as_deref(),
+        Some(format!("Bearer {API_KEY}").as_str())
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn openai_batches_at_most_max_batch_and_sends_dimensions_when_asked() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (url, fake) = start_fake().await?;
+    let mut cfg = config(EmbeddingProvider::Openai, &url, &key_file(dir.path())?);
+    cfg.max_batch = 4;
+    cfg.send_dimensions = true;
+    let texts: Vec<String> = (0..10).map(|i| format!("text {i}")).collect();
+    assert_eq!(embedder(&cfg)?.embed(&texts).await?.len(), 10);
+    let seen = fake.seen.lock();
+    let sizes: Vec<usize> = seen
+        .requests
+        .iter()
+        .map(|r| r.1["input"].as_array().map_or(0, Vec::len))
+        .collect();
+    assert_eq!(sizes, vec![4, 4, 2]);
+    assert_eq!(seen.requests[0].1["dimensions"], DIM);
+    Ok(())
+}
+
+#[tokio::test]
+async fn tei_splits_batches_the_server_refuses_as_too_large() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (url, fake) = start_fake().await?;
+    *fake.fault.lock() = Fault::MaxBatch(2);
+    let texts: Vec<String> = (0..7).map(|i| format!("item {i}")).collect();
+    let got = embedder(&config(
+        EmbeddingProvider::Tei,
+        &url,
+        &key_file(dir.path())?,
+    ))?
+    .embed(&texts)
+    .await?;
+    assert_eq!(got.len(), 7);
+    let norm = |t: &str| {
+        let v = embed_text(t, DIM);
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.into_iter().map(|x| x / n).collect::<Vec<_>>()
+    };
+    assert_eq!(got[6], norm("item 6"), "order survives the split");
+    Ok(())
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_and_retry_after_is_honoured() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (url, fake) = start_fake().await?;
+    let cfg = config(EmbeddingProvider::Ollama, &url, &key_file(dir.path())?);
+    *fake.fault.lock() = Fault::ServerErrors(2);
+    embedder(&cfg)?.embed(&["x".into()]).await?;
+    assert_eq!(fake.seen.lock().requests.len(), 3, "two 500s, then success");
+
+    fake.seen.lock().requests.clear();
+    *fake.fault.lock() = Fault::RateLimitOnce;
+    embedder(&cfg)?.embed(&["x".into()]).await?;
+    let seen = fake.seen.lock();
+    assert_eq!(seen.requests.len(), 2);
+    let gap = seen.requests[1].0 - seen.requests[0].0;
+    assert!(
+        gap >= Duration::from_millis(950),
+        "retried after {gap:?}, not after Retry-After: 1"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn slow_truncated_and_wrong_answers_are_clear_errors() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (url, fake) = start_fake().await?;
+    let mut cfg = config(EmbeddingProvider::Openai, &url, &key_file(dir.path())?);
+    cfg.max_attempts = 1;
+
+    *fake.fault.lock() = Fault::Slow(Duration::from_secs(3));
+    let started = Instant::now();
+    let err = embedder(&cfg)?
+        .embed(&["x".into()])
+        .await
+        .expect_err("slow");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the 500 ms deadline was not kept"
+    );
+    assert!(matches!(err, EmbedError::Unavailable { .. }), "{err}");
+
+    *fake.fault.lock() = Fault::Truncated;
+    let err = embedder(&cfg)?
+        .embed(&["x".into()])
+        .await
+        .expect_err("truncated");
+    assert!(matches!(err, EmbedError::Protocol { .. }), "{err}");
+
+    *fake.fault.lock() = Fault::WrongDimension;
+    let err = embedder(&cfg)?
+        .embed(&["x".into()])
+        .await
+        .expect_err("dimension");
+    assert!(
+        matches!(
+            err,
+            EmbedError::Dimension {
+                expected: 16,
+                got: 8
+            }
+        ),
+        "{err}"
+    );
+    assert!(!err.to_string().contains(API_KEY));
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_circuit_breaker_stops_calling_a_dead_provider() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (url, fake) = start_fake().await?;
+    let mut cfg = config(EmbeddingProvider::Tei, &url, &key_file(dir.path())?);
+    cfg.max_attempts = 1;
+    let e = embedder(&cfg)?;
+    *fake.fault.lock() = Fault::Down;
+    for _ in 0..3 {
+        assert!(e.embed(&["x".into()]).await.is_err());
+    }
+    let calls = fake.seen.lock().requests.len();
+    let err = e.embed(&["x".into()]).await.expect_err("open");
+    assert!(matches!(err, EmbedError::CircuitOpen("tei")), "{err}");
+    assert_eq!(
+        fake.seen.lock().requests.len(),
+        calls,
+        "an open breaker must not call out"
+    );
+    assert!(!e.healthy());
+    Ok(())
+}
+
+fn remote_setup(provider: &str, url: &str, key: &std::path::Path, extra: &str) -> Setup {
+    Setup {
+        embedder: Some(format!(
+            "provider = \"{provider}\"\nmodel = \"fake-embed\"\ndimension = {DIM}\nendpoint = \"{url}\"\n\
+             api_key_file = \"{}\"\ntimeout_ms = 300\nmax_attempts = 1\nbreaker_failures = 2\n\
+             breaker_cooldown_ms = 60000\n{extra}",
+            key.display()
+        )),
+        ..Setup::default()
+    }
+}
+
+#[tokio::test]
+async fn the_dataplane_serves_semantic_hits_through_each_provider() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (url, _fake) = start_fake().await?;
+    let key = key_file(dir.path())?;
+    for provider in ["openai", "ollama", "tei"] {
+        let root = dir.path().join(provider);
+        std::fs::create_dir_all(&root)?;
+        let s = Server::start(&root, &remote_setup(provider, &url, &key, "")).await?;
+        s.store(
+            KEY_A,
+            json!({"prompt": "How do I reset my password?", "response": answer(provider)}),
+        )
+        .await?;
+        // Same words, other case and punctuation: not an exact match, the same vector.
+        let v = s
+            .lookup(KEY_A, json!({"prompt": "how do i RESET my password"}))
+            .await?;
+        assert_eq!(
+            (v["path"].as_str(), v["response"].clone()),
+            (Some("semantic"), answer(provider)),
+            "{provider}: {v}"
+        );
+        assert!(
+            !s.log().contains(API_KEY),
+            "{provider}: the API key reached the log"
+        );
+        let m = s.metrics().await?;
+        assert!(!m.contains(API_KEY));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_the_provider_down_lookups_fall_back_to_the_exact_path() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (url, fake) = start_fake().await?;
+    let key = key_file(dir.path())?;
+    let s = Server::start(dir.path(), &remote_setup("openai", &url, &key, "")).await?;
+    s.store(
+        KEY_A,
+        json!({"prompt": "cached question", "response": answer("cached")}),
+    )
+    .await?;
+    *fake.fault.lock() = Fault::Down;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let v = s
+            .lookup(KEY_A, json!({"prompt": "a question never embedded"}))
+            .await?;
+        assert_eq!(
+            (v["hit"].as_bool(), v["degraded"].as_str()),
+            (Some(false), Some("embedder_unavailable")),
+            "{v}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the fallback waited too long"
+        );
+        let v = s
+            .lookup(KEY_A, json!({"prompt": "cached question"}))
+            .await?;
+        assert_eq!(v["path"], "exact", "the exact path keeps answering: {v}");
+    }
+    let (status, v, _) = s.call(Method::GET, "/readyz", None, None).await?;
+    assert_eq!(
+        (status, v["degraded"].clone()),
+        (200, json!(["embedder"])),
+        "{v}"
+    );
+    let m = s.metrics().await?;
+    assert!(crate::harness::metric_sum(&m, "semantis_cache_embedder_fallbacks_total", &[]) >= 5.0);
+    assert_eq!(
+        crate::harness::metric_sum(
+            &m,
+            "semantis_embedder_circuit_open",
+            &[("provider", "openai")]
+        ),
+        1.0
+    );
+    // A store that needs an embedding says why it cannot be served.
+    let (status, v, _) = s
+        .call(
+            Method::POST,
+            "/v1/entries",
+            Some(KEY_A),
+            Some(&json!({"prompt": "new", "response": {}})),
+        )
+        .await?;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (503, Some("embedder_unavailable"))
+    );
+    assert!(!v.to_string().contains(API_KEY));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_provider_with_the_wrong_dimension_stops_startup_naming_both() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (url, fake) = start_fake().await?;
+    *fake.fault.lock() = Fault::WrongDimension;
+    let key = key_file(dir.path())?;
+    let err = Server::start(dir.path(), &remote_setup("ollama", &url, &key, ""))
+        .await
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("the server started"))?;
+    let text = err.to_string();
+    assert!(
+        text.contains("returned 8 dimensions") && text.contains("says 16"),
+        "{text}"
+    );
+    Ok(())
+}
