@@ -22,6 +22,14 @@ pub enum ConfigError {
 }
 
 pub fn load(path: Option<&Path>) -> Result<DataplaneConfig, ConfigError> {
+    let cfg = load_unchecked(path)?;
+    validate(&cfg)?;
+    Ok(cfg)
+}
+
+/// [`load`] without the checks a serving configuration needs (tools like `eval` bring their
+/// own tenant).
+pub fn load_unchecked(path: Option<&Path>) -> Result<DataplaneConfig, ConfigError> {
     let mut figment = Figment::from(Serialized::defaults(DataplaneConfig::default()));
     if let Some(path) = path {
         if !path.exists() {
@@ -38,7 +46,6 @@ pub fn load(path: Option<&Path>) -> Result<DataplaneConfig, ConfigError> {
         .merge(env)
         .extract()
         .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
-    validate(&cfg)?;
     Ok(cfg)
 }
 

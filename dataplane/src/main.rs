@@ -1,6 +1,7 @@
 //! `semantis-dataplane`: the semantic-cache service and its tools.
 
 mod bench;
+mod eval;
 mod serve;
 
 use std::io::IsTerminal;
@@ -46,6 +47,8 @@ enum Command {
     },
     /// Load-test a running server and report latency percentiles and throughput.
     Bench(bench::BenchArgs),
+    /// Measure hit quality on a dataset of question pairs (store `a`, look up `b`).
+    Eval(eval::EvalArgs),
     /// Print the SHA-256 of an API key (read from stdin), for `api_key_sha256` in the config.
     HashKey,
 }
@@ -73,6 +76,7 @@ async fn main() -> anyhow::Result<()> {
             serve::run(cfg).await
         }
         Command::Bench(args) => bench::run(args).await,
+        Command::Eval(args) => eval::run(args).await,
         Command::HashKey => {
             let mut key = String::new();
             std::io::stdin()

@@ -249,6 +249,11 @@ impl Cache {
         self.registry.authenticate(bearer, tenant_header)
     }
 
+    /// A configured tenant by name (for tools acting inside the process, like `eval`).
+    pub fn tenant(&self, name: &str) -> Option<Arc<Tenant>> {
+        self.registry.get(name).cloned()
+    }
+
     pub fn dimension(&self) -> usize {
         self.dimension
     }

@@ -99,3 +99,105 @@ fn hash_key_prints_the_configured_hash() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+fn write_gz(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut gz =
+        flate2::write::GzEncoder::new(std::fs::File::create(path)?, flate2::Compression::default());
+    gz.write_all(text.as_bytes())?;
+    gz.finish()?;
+    Ok(())
+}
+
+#[test]
+fn eval_reports_the_quality_curve_as_table_csv_and_png() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dataset = dir.path().join("pairs.jsonl.gz");
+    let pairs = [
+        (
+            "How do I reset my password?",
+            "How can I reset my password?",
+            true,
+        ),
+        (
+            "What is the capital of France?",
+            "What's the capital city of France?",
+            true,
+        ),
+        (
+            "How do I learn to play the guitar?",
+            "What is the best way to learn guitar?",
+            true,
+        ),
+        (
+            "How tall is Mount Everest?",
+            "Which stocks should I buy this year?",
+            false,
+        ),
+        (
+            "What causes rain?",
+            "How do I bake sourdough bread at home?",
+            false,
+        ),
+    ];
+    let text: String = pairs
+        .iter()
+        .map(|(a, b, d)| format!("{}\n", serde_json::json!({"a": a, "b": b, "duplicate": d})))
+        .collect();
+    write_gz(&dataset, &text)?;
+    let config = dir.path().join("eval.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[embedder]\nprovider = \"local\"\nmodel_dir = \"{}\"\n",
+            crate::harness::model_dir().display()
+        ),
+    )?;
+    let (csv, png) = (dir.path().join("curve.csv"), dir.path().join("curve.png"));
+    let out = Command::new(env!("CARGO_BIN_EXE_semantis-dataplane"))
+        .arg("eval")
+        .arg("--dataset")
+        .arg(&dataset)
+        .arg("--config")
+        .arg(&config)
+        .arg("--csv")
+        .arg(&csv)
+        .arg("--plot")
+        .arg(&png)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("pairs 5  duplicates 3"), "{stdout}");
+    let rows: Vec<Vec<f64>> = std::fs::read_to_string(&csv)?
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').filter_map(|x| x.parse().ok()).collect())
+        .collect();
+    assert_eq!(rows.len(), 29, "thresholds 0.70..=0.98");
+    // At 0.70 the paraphrases hit their own question and the unrelated pairs miss.
+    assert_eq!(rows[0][0], 0.70);
+    assert_eq!(rows[0][2], 1.0, "precision at 0.70: {:?}", rows[0]);
+    assert!(rows[0][3] >= 2.0 / 3.0, "recall at 0.70: {:?}", rows[0]);
+    // Hit rate never grows with the threshold.
+    assert!(rows.windows(2).all(|w| w[1][1] <= w[0][1]));
+    let image = std::fs::read(&png)?;
+    assert_eq!(&image[..8], b"\x89PNG\r\n\x1a\n");
+
+    // A malformed line is a clear error naming it.
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"a\": \"x\", \"b\": \"y\", \"duplicate\": true}\nnot json\n",
+    )?;
+    let out = Command::new(env!("CARGO_BIN_EXE_semantis-dataplane"))
+        .args(["eval", "--dataset"])
+        .arg(&bad)
+        .output()?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 2"));
+    Ok(())
+}
