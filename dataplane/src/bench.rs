@@ -28,6 +28,8 @@ pub enum Scenario {
     Miss,
     /// Stores of new entries with supplied vectors.
     Store,
+    /// No server: the local model in process, one text per call, then batches of 32.
+    EmbedLocal,
 }
 
 #[derive(clap::Args, Debug)]
@@ -35,8 +37,8 @@ pub struct BenchArgs {
     /// Base URL of the dataplane.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     url: String,
-    /// The tenant's API key.
-    #[arg(long, env = "SEMANTIS_BENCH_API_KEY")]
+    /// The tenant's API key (every scenario but `embed-local`).
+    #[arg(long, env = "SEMANTIS_BENCH_API_KEY", default_value = "")]
     api_key: String,
     #[arg(long, value_enum, default_value = "exact-hit")]
     scenario: Scenario,
@@ -67,6 +69,74 @@ pub struct BenchArgs {
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
+    /// `embed-local`: the model directory (default: where scripts/fetch-model.sh puts it).
+    #[arg(long)]
+    model_dir: Option<std::path::PathBuf>,
+}
+
+/// `embed-local`: one embedding at a time for the run's duration, then batches of 32.
+async fn embed_local(args: &BenchArgs) -> anyhow::Result<()> {
+    use semantis_dataplane::embed::Embedder;
+    use semantis_dataplane::embed::local::LocalEmbedder;
+    let cfg = semantis_contract::EmbedderConfig::default();
+    let dir = match &args.model_dir {
+        Some(d) => d.clone(),
+        None => {
+            semantis_dataplane::config::model_dir(&semantis_contract::DataplaneConfig::default())
+                .context("failed to locate the model: pass --model-dir")?
+        }
+    };
+    let model = LocalEmbedder::load(&dir, &cfg).context("failed to load the local model")?;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let texts: Vec<String> = (0..1000u64).map(seeded_prompt).collect();
+    let warm_until = Instant::now() + args.warmup;
+    let mut i = 0usize;
+    while Instant::now() < warm_until {
+        model
+            .embed(&texts[i % texts.len()..=i % texts.len()])
+            .await?;
+        i += 1;
+    }
+    let end = Instant::now() + args.duration;
+    while Instant::now() < end {
+        let t = Instant::now();
+        model
+            .embed(&texts[i % texts.len()..=i % texts.len()])
+            .await?;
+        hist.saturating_record(
+            u64::try_from(t.elapsed().as_micros())
+                .unwrap_or(u64::MAX)
+                .max(1),
+        );
+        i += 1;
+    }
+    let started = Instant::now();
+    let mut batched = 0usize;
+    while started.elapsed() < args.duration {
+        let from = (batched / 32 * 32) % (texts.len() - 32);
+        model.embed(&texts[from..from + 32]).await?;
+        batched += 32;
+    }
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let report = json!({
+        "scenario": "EmbedLocal", "single_requests": hist.len(),
+        "p50_ms": ms(0.5), "p95_ms": ms(0.95), "p99_ms": ms(0.99),
+        "single_per_s": hist.len() as f64 / args.duration.as_secs_f64(),
+        "batch32_texts_per_s": batched as f64 / started.elapsed().as_secs_f64(),
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "EmbedLocal       one text: p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms  ({:.0}/s)   batches of 32: {:.0} texts/s",
+            ms(0.5),
+            ms(0.95),
+            ms(0.99),
+            report["single_per_s"].as_f64().unwrap_or(0.0),
+            report["batch32_texts_per_s"].as_f64().unwrap_or(0.0)
+        );
+    }
+    Ok(())
 }
 
 /// The i-th seeded entry's vector, reproducible from `i` alone.
@@ -201,7 +271,7 @@ fn request(
                 json!({"vector": normalized(v), "scope": scope(scenario)}),
             )
         }
-        Scenario::Store => {
+        Scenario::Store | Scenario::EmbedLocal => {
             let v: Vec<f32> = (0..dim).map(|_| rng.random_range(-1.0f32..1.0)).collect();
             (
                 "/v1/entries",
@@ -266,6 +336,9 @@ struct Tally {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.scenario == Scenario::EmbedLocal {
+        return embed_local(&args).await;
+    }
     if args.connections == 0 {
         bail!("--connections must be at least 1");
     }

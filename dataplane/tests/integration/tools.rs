@@ -69,6 +69,37 @@ async fn bench_reports_each_scenario_against_a_running_server() -> anyhow::Resul
     Ok(())
 }
 
+#[test]
+fn bench_measures_the_local_model_in_process() -> anyhow::Result<()> {
+    let out = Command::new(env!("CARGO_BIN_EXE_semantis-dataplane"))
+        .args([
+            "bench",
+            "--scenario",
+            "embed-local",
+            "--duration",
+            "1s",
+            "--warmup",
+            "100ms",
+            "--json",
+        ])
+        .arg("--model-dir")
+        .arg(crate::harness::model_dir())
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    assert!(v["single_requests"].as_u64().unwrap_or(0) > 0, "{v}");
+    assert!(v["p50_ms"].as_f64().is_some_and(|p| p > 0.0), "{v}");
+    assert!(
+        v["batch32_texts_per_s"].as_f64().is_some_and(|t| t > 0.0),
+        "{v}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn bench_refuses_a_hit_scenario_without_entries() -> anyhow::Result<()> {
     let out = Command::new(env!("CARGO_BIN_EXE_semantis-dataplane"))
