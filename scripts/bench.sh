@@ -15,8 +15,9 @@ export SEMANTIS_BENCH_API_KEY=bench-key
 bash scripts/setup.sh
 cargo build --release --locked -p semantis-dataplane >&2
 
+# The server gets core 0, the load generator core 1: throughput figures are per server core.
 start_server() {
-  SEMANTIS_STORAGE__DATA_DIR="$data" "$bin" serve --config dataplane/examples/bench.toml \
+  SEMANTIS_STORAGE__DATA_DIR="$data" taskset -c 0 "$bin" serve --config dataplane/examples/bench.toml \
     2>>"$data.log" &
   server=$!
   local t0; t0=$(date +%s%N)
@@ -31,7 +32,11 @@ trap 'kill "$server" 2>/dev/null || true' EXIT
 
 rm -rf "$data" "$data.log"
 start_server
-run() { echo "## $*"; "$bin" bench --url "$url" --duration "$duration" --warmup 3s "$@"; }
+
+run() { echo "## $*"; taskset -c 1 "$bin" bench --url "$url" --duration "$duration" --warmup 3s "$@"; }
+
+echo "## local model, in process, one core"
+taskset -c 0 "$bin" bench --scenario embed-local --duration "$duration" --warmup 3s
 
 # Small-table scenarios first (10k entries), then the million.
 run --scenario exact-hit --seed 10000 --connections 1
