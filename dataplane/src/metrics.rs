@@ -150,7 +150,7 @@ impl Metrics {
             embed_cache: counter(
                 &r,
                 "semantis_embedder_cache_requests_total",
-                "Embedding cache lookups by result (hit, miss).",
+                "Embedding cache lookups by result (hit: in process, hit_shared: Redis, miss).",
                 &["result"],
             )?,
             embed_batch_size: histogram(

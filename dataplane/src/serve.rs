@@ -39,6 +39,7 @@ pub struct Built {
 async fn load_embedder(
     cfg: &DataplaneConfig,
     metrics: &Arc<Metrics>,
+    redis: Option<redis::aio::ConnectionManager>,
 ) -> anyhow::Result<Option<Arc<dyn Embedder>>> {
     let e = &cfg.embedder;
     let (provider, workers): (Arc<dyn Embedder>, usize) = match e.provider {
@@ -86,6 +87,7 @@ async fn load_embedder(
         batched,
         e.cache_entries,
         Duration::from_secs(e.cache_ttl_secs),
+        redis.map(|conn| (conn, fingerprint(e))),
         metrics.clone(),
     ))))
 }
@@ -95,7 +97,6 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
     let data_dir = PathBuf::from(&cfg.storage.data_dir);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("failed to create the data directory {}", data_dir.display()))?;
-    let embedder = load_embedder(cfg, &metrics).await?;
     let index_version = fingerprint(&cfg.embedder);
     let dimension = cfg.embedder.dimension;
 
@@ -147,6 +148,7 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
         }
         None => None,
     };
+    let embedder = load_embedder(cfg, &metrics, redis.as_ref().map(|(_, c)| c.clone())).await?;
     // The pod name in Kubernetes; unique per process elsewhere.
     let replica = std::env::var("HOSTNAME")
         .ok()

@@ -103,18 +103,24 @@ impl Embedder for Batched {
     }
 }
 
-/// The in-process embedding cache: the same text is embedded once per TTL.
+/// The embedding cache: an in-process tier, and in cluster mode a Redis tier shared by the
+/// replicas, keyed by embedder fingerprint and text hash. The same text is embedded once per
+/// TTL. Redis failures only cost the shared tier, never the call.
 pub struct Cached {
     inner: Arc<dyn Embedder>,
     cache: Cache<String, Arc<[f32]>>,
+    redis: Option<(redis::aio::ConnectionManager, String)>,
+    ttl: Duration,
     metrics: Arc<Metrics>,
 }
 
 impl Cached {
+    /// `redis`: a connection and the embedder fingerprint that prefixes the keys.
     pub fn new(
         inner: Arc<dyn Embedder>,
         entries: u64,
         ttl: Duration,
+        redis: Option<(redis::aio::ConnectionManager, String)>,
         metrics: Arc<Metrics>,
     ) -> Self {
         let cache = Cache::builder()
@@ -124,8 +130,44 @@ impl Cached {
         Self {
             inner,
             cache,
+            redis,
+            ttl,
             metrics,
         }
+    }
+
+    fn redis_key(fingerprint: &str, text_hash: &str) -> String {
+        format!("semantis:emb:{fingerprint}:{text_hash}")
+    }
+
+    async fn redis_get(&self, text_hash: &str) -> Option<Vec<f32>> {
+        let (conn, fp) = self.redis.as_ref()?;
+        let bytes: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(Self::redis_key(fp, text_hash))
+            .query_async(&mut conn.clone())
+            .await
+            .ok()?;
+        let bytes = bytes?;
+        (bytes.len() == self.inner.dimension() * 4).then(|| {
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        })
+    }
+
+    async fn redis_put(&self, text_hash: &str, v: &[f32]) {
+        let Some((conn, fp)) = &self.redis else {
+            return;
+        };
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let _: Result<(), _> = redis::cmd("SET")
+            .arg(Self::redis_key(fp, text_hash))
+            .arg(bytes)
+            .arg("PX")
+            .arg(u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX))
+            .query_async(&mut conn.clone())
+            .await;
     }
 }
 
@@ -135,24 +177,24 @@ impl Embedder for Cached {
         let keys: Vec<String> = texts.iter().map(|t| short_hash(t.as_bytes())).collect();
         let mut out: Vec<Option<Vec<f32>>> = Vec::with_capacity(texts.len());
         let mut missing = Vec::new();
+        let (mut local_hits, mut shared_hits) = (0u64, 0u64);
         for (i, k) in keys.iter().enumerate() {
-            match self.cache.get(k).await {
-                Some(v) => out.push(Some(v.to_vec())),
-                None => {
-                    out.push(None);
-                    missing.push(i);
-                }
+            if let Some(v) = self.cache.get(k).await {
+                out.push(Some(v.to_vec()));
+                local_hits += 1;
+            } else if let Some(v) = self.redis_get(k).await {
+                self.cache.insert(k.clone(), Arc::from(v.as_slice())).await;
+                out.push(Some(v));
+                shared_hits += 1;
+            } else {
+                out.push(None);
+                missing.push(i);
             }
         }
-        let hits = (texts.len() - missing.len()) as u64;
-        self.metrics
-            .embed_cache
-            .with_label_values(&["hit"])
-            .inc_by(hits);
-        self.metrics
-            .embed_cache
-            .with_label_values(&["miss"])
-            .inc_by(missing.len() as u64);
+        let m = &self.metrics.embed_cache;
+        m.with_label_values(&["hit"]).inc_by(local_hits);
+        m.with_label_values(&["hit_shared"]).inc_by(shared_hits);
+        m.with_label_values(&["miss"]).inc_by(missing.len() as u64);
         if !missing.is_empty() {
             let todo: Vec<String> = missing.iter().map(|&i| texts[i].clone()).collect();
             let fresh = self.inner.embed(&todo).await?;
@@ -160,6 +202,7 @@ impl Embedder for Cached {
                 self.cache
                     .insert(keys[i].clone(), Arc::from(v.as_slice()))
                     .await;
+                self.redis_put(&keys[i], &v).await;
                 out[i] = Some(v);
             }
         }

@@ -493,3 +493,45 @@ async fn a_provider_with_the_wrong_dimension_stops_startup_naming_both() -> anyh
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn replicas_share_embeddings_through_the_redis_tier() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (url, fake) = start_fake().await?;
+    let key = key_file(dir.path())?;
+    let redis = crate::harness::private_redis("embedding-cache")?;
+    let flushed = std::process::Command::new("redis-cli")
+        .args(["-u", &redis, "FLUSHALL"])
+        .output()?;
+    anyhow::ensure!(flushed.status.success());
+    let mut setup = remote_setup("ollama", &url, &key, "");
+    setup.redis_url = Some(redis);
+    setup.postgres_url =
+        Some(crate::harness::fresh_database(&crate::harness::shared_postgres()?).await?);
+    let r1 = Server::start_replica(dir.path(), "r1", &setup).await?;
+    let r2 = Server::start_replica(dir.path(), "r2", &setup).await?;
+    let asked = || {
+        fake.seen
+            .lock()
+            .requests
+            .iter()
+            .filter(|r| r.1.to_string().contains("shared embedding text"))
+            .count()
+    };
+    r1.lookup(KEY_A, json!({"prompt": "shared embedding text"}))
+        .await?;
+    assert_eq!(asked(), 1);
+    r2.lookup(KEY_A, json!({"prompt": "shared embedding text"}))
+        .await?;
+    assert_eq!(asked(), 1, "the second replica embedded the text again");
+    let m = r2.metrics().await?;
+    assert_eq!(
+        crate::harness::metric_sum(
+            &m,
+            "semantis_embedder_cache_requests_total",
+            &[("result", "hit_shared")]
+        ),
+        1.0
+    );
+    Ok(())
+}
