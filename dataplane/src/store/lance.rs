@@ -143,6 +143,10 @@ pub struct LanceEntryStore {
     cursor: watch::Sender<Pos>,
     /// One flush or maintenance pass at a time.
     flush_lock: tokio::sync::Mutex<()>,
+    /// Appends hold it shared from the log write until the record is applied here; a flush
+    /// holds it exclusively while it fixes its position and takes its snapshot. Without it a
+    /// flush could cut between an acknowledged write and its tail entry and lose the entry.
+    append_gate: tokio::sync::RwLock<()>,
     cfg: StorageConfig,
     flushes_since_compaction: AtomicUsize,
     has_vector_index: AtomicBool,
@@ -305,6 +309,7 @@ impl LanceEntryStore {
             state: Mutex::new(State::default()),
             cursor,
             flush_lock: tokio::sync::Mutex::new(()),
+            append_gate: tokio::sync::RwLock::new(()),
             cfg,
             flushes_since_compaction: AtomicUsize::new(0),
             has_vector_index: AtomicBool::new(has_vector_index),
@@ -387,6 +392,7 @@ impl LanceEntryStore {
 
     /// Append a record and apply it here at once (the follower skips it later).
     async fn append(&self, record: WalRecord) -> Result<Pos, StoreError> {
+        let _gate = self.append_gate.read().await;
         match &self.log {
             Log::File(wal) => {
                 let pos = u128::from(wal.append(&record).await?);
@@ -563,6 +569,7 @@ impl LanceEntryStore {
     /// repeated after a crash never duplicates a row. Only the lease holder calls this.
     async fn flush_now(&self) -> Result<(), StoreError> {
         let _guard = self.flush_lock.lock().await;
+        let gate = self.append_gate.write().await;
         let upto = match &self.log {
             Log::File(wal) => {
                 if self.state.lock().tail.is_empty() && self.state.lock().pending.is_empty() {
@@ -587,6 +594,7 @@ impl LanceEntryStore {
                     .collect(),
             )
         };
+        drop(gate);
         if batch.is_empty() && deletes.is_empty() {
             return Ok(());
         }

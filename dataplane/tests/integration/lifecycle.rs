@@ -323,3 +323,56 @@ async fn the_local_model_matches_paraphrases_and_rejects_other_questions() -> an
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn stores_racing_flushes_are_never_lost() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // Tiny flushes, so many of them cut through the concurrent stores.
+    let setup = Setup {
+        flush_max_rows: 10,
+        ..Setup::default()
+    };
+    let s = Server::start(dir.path(), &setup).await?;
+    let stored = futures::future::join_all((0..8).map(|worker| {
+        let s = &s;
+        async move {
+            let mut ids = Vec::new();
+            for i in 0..15 {
+                let n = worker * 100 + i;
+                let id = s
+                    .store(KEY_A, json!({"prompt": format!("race {n}"), "vector": axis(8, n % 8, (n % 50) as f32 / 100.0), "response": answer(&n.to_string())}))
+                    .await?;
+                ids.push((n, id));
+            }
+            anyhow::Ok(ids)
+        }
+    }))
+    .await;
+    let ids: Vec<(usize, String)> = stored
+        .into_iter()
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .concat();
+    s.eventually(
+        "flushes during and after the stores",
+        Duration::from_secs(60),
+        || async {
+            let m = s.metrics().await?;
+            Ok(metric_sum(&m, "semantis_store_flush_duration_seconds_count", &[]) >= 2.0)
+        },
+    )
+    .await?;
+    let s = s.restart().await?; // kill -9
+    for (n, id) in &ids {
+        let v = s
+            .lookup(KEY_A, json!({"prompt": format!("race {n}")}))
+            .await?;
+        assert_eq!(
+            v["entry_id"].as_str(),
+            Some(id.as_str()),
+            "acknowledged store {n} was lost: {v}"
+        );
+    }
+    let (_, v, _) = s.call(Method::GET, "/v1/stats", Some(KEY_A), None).await?;
+    assert_eq!(v["entries"], 120, "no entry lost or duplicated: {v}");
+    Ok(())
+}
