@@ -33,22 +33,30 @@ trap 'kill "$server" 2>/dev/null || true' EXIT
 rm -rf "$data" "$data.log"
 start_server
 
-run() { echo "## $*"; taskset -c 1 "$bin" bench --url "$url" --duration "$duration" --warmup 3s "$@"; }
+# run [--duration D] [--warmup W] ARGS...: the load generator on core 1.
+run() {
+  local d="$duration" w=3s
+  [ "${1:-}" = --duration ] && { d="$2"; shift 2; }
+  [ "${1:-}" = --warmup ] && { w="$2"; shift 2; }
+  echo "## $* (duration $d)"
+  taskset -c 1 "$bin" bench --url "$url" --duration "$d" --warmup "$w" "$@"
+}
 
 echo "## local model, in process, one core"
 taskset -c 0 "$bin" bench --scenario embed-local --duration "$duration" --warmup 3s
 
-# Small-table scenarios first (10k entries), then the million.
+# Text first: the store flood below leaves the single server core busy flushing for minutes.
+run --scenario semantic-text --seed 500 --seed-connections 2 --connections 1
+# Small-table scenarios (10k entries), then the large table.
 run --scenario exact-hit --seed 10000 --connections 1
 run --scenario exact-hit --seed 10000 --seeded --connections 16
 run --scenario semantic-vector --seed 10000 --seeded --connections 1
 run --scenario miss --connections 1
 run --scenario store --connections 8
-run --scenario semantic-text --seed 2000 --connections 1
 # Stores at a fixed rate while measuring lookups on another stream.
-run --scenario store --connections 4 --rate 5000 --duration 30s --warmup 1s > /tmp/semantis-bench-store.txt &
+run --duration 30s --warmup 1s --scenario store --connections 16 --rate 5000 > /tmp/semantis-bench-store.txt &
 storer=$!
-run --scenario exact-hit --seed 10000 --seeded --connections 1 --duration 20s
+run --duration 20s --scenario exact-hit --seed 10000 --seeded --connections 1
 wait "$storer"; cat /tmp/semantis-bench-store.txt
 
 if [ "$entries" -gt 0 ]; then
@@ -57,6 +65,6 @@ if [ "$entries" -gt 0 ]; then
   echo "## restart with $entries entries"
   stop_server
   start_server
-  run --scenario semantic-vector --seed "$entries" --seeded --connections 1 --duration 10s
+  run --duration 10s --scenario semantic-vector --seed "$entries" --seeded --connections 1
 fi
 stop_server
