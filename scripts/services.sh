@@ -35,6 +35,10 @@ install_missing() {
     $sudo_cmd apt-get update -qq >&2
     DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need[@]}" >/dev/null
   fi
+  # Postgres refuses to run as root; Debian's package creates this user, a bare binary may not.
+  if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
+    useradd --system --no-create-home postgres
+  fi
 }
 
 # A stable port per instance name, in a range unlikely to be taken.
