@@ -13,11 +13,6 @@ use crate::harness::{
 
 async fn cluster_setup(redis_name: &str) -> anyhow::Result<Setup> {
     let redis = private_redis(redis_name)?;
-    // A clean log: each test owns its Redis instance, but a rerun reuses it.
-    let flushed = std::process::Command::new("redis-cli")
-        .args(["-u", &redis, "FLUSHALL"])
-        .output()?;
-    anyhow::ensure!(flushed.status.success(), "failed to flush Redis");
     Ok(Setup {
         redis_url: Some(redis),
         postgres_url: Some(fresh_database(&shared_postgres()?).await?),

@@ -500,10 +500,6 @@ async fn replicas_share_embeddings_through_the_redis_tier() -> anyhow::Result<()
     let (url, fake) = start_fake().await?;
     let key = key_file(dir.path())?;
     let redis = crate::harness::private_redis("embedding-cache")?;
-    let flushed = std::process::Command::new("redis-cli")
-        .args(["-u", &redis, "FLUSHALL"])
-        .output()?;
-    anyhow::ensure!(flushed.status.success());
     let mut setup = remote_setup("ollama", &url, &key, "");
     setup.redis_url = Some(redis);
     setup.postgres_url =

@@ -158,9 +158,15 @@ pub async fn fresh_database(server_url: &str) -> anyhow::Result<String> {
     ))
 }
 
-/// A Redis instance of this test's own (started by scripts/services.sh).
+/// A Redis instance of this test's own (started by scripts/services.sh), emptied: a rerun
+/// reuses the instance but must not see the last run's log.
 pub fn private_redis(name: &str) -> anyhow::Result<String> {
-    services(&["redis", name])
+    let url = services(&["redis", name])?;
+    let flushed = Command::new("redis-cli")
+        .args(["-u", &url, "FLUSHALL"])
+        .output()?;
+    anyhow::ensure!(flushed.status.success(), "failed to empty Redis `{name}`");
+    Ok(url)
 }
 
 /// The shared Postgres instance, started once per test run.
