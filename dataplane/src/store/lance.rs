@@ -149,6 +149,12 @@ pub struct LanceEntryStore {
     append_gate: tokio::sync::RwLock<()>,
     cfg: StorageConfig,
     flushes_since_compaction: AtomicUsize,
+    /// The next flush must merge on id instead of appending: its rows may already be in the
+    /// table (first flush after startup or after taking the lease, or after a flush that
+    /// failed once LanceDB may have committed). Appending is far cheaper on large tables.
+    merge_next: AtomicBool,
+    /// Whether the last lease check found this replica leading.
+    leading: AtomicBool,
     has_vector_index: AtomicBool,
     has_scalar_indexes: AtomicBool,
     last_table_maintenance: Mutex<Option<Instant>>,
@@ -312,6 +318,8 @@ impl LanceEntryStore {
             append_gate: tokio::sync::RwLock::new(()),
             cfg,
             flushes_since_compaction: AtomicUsize::new(0),
+            merge_next: AtomicBool::new(true),
+            leading: AtomicBool::new(false),
             has_vector_index: AtomicBool::new(has_vector_index),
             has_scalar_indexes: AtomicBool::new(has_scalar_indexes),
             last_table_maintenance: Mutex::new(None),
@@ -614,14 +622,41 @@ impl LanceEntryStore {
         }
         if !batch.is_empty() {
             let rb = self.to_batch(&batch)?;
-            let reader = RecordBatchIterator::new(vec![Ok(rb)], self.schema.clone());
-            let mut merge = self.table.merge_insert(&["id"]);
-            merge.when_not_matched_insert_all();
-            merge
-                .execute(Box::new(reader))
-                .await
-                .map_err(|e| self.lance("append to", e))?;
+            // Until this flush is recorded, a retry may find these rows already written.
+            let merge = self.merge_next.swap(true, Ordering::AcqRel);
+            if merge {
+                let reader = RecordBatchIterator::new(vec![Ok(rb)], self.schema.clone());
+                let mut merge = self.table.merge_insert(&["id"]);
+                merge.when_not_matched_insert_all();
+                merge
+                    .execute(Box::new(reader))
+                    .await
+                    .map_err(|e| self.lance("merge into", e))?;
+            } else {
+                self.table
+                    .add(rb)
+                    .execute()
+                    .await
+                    .map_err(|e| self.lance("append to", e))?;
+            }
         }
+        self.record_flushed(upto).await?;
+        self.merge_next.store(false, Ordering::Release);
+        self.flushes_since_compaction
+            .fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .store_flush_duration
+            .with_label_values(&[&self.tenant])
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .store_flushed_entries
+            .with_label_values(&[&self.tenant])
+            .inc_by(batch.len() as u64);
+        Ok(())
+    }
+
+    /// Everything up to `upto` is in the table: drop it here and tell the log.
+    async fn record_flushed(&self, upto: Pos) -> Result<(), StoreError> {
         match &self.log {
             Log::File(wal) => {
                 self.state.lock().apply_flushed(upto);
@@ -636,16 +671,6 @@ impl LanceEntryStore {
                 log.trim_before(upto + 1).await?;
             }
         }
-        self.flushes_since_compaction
-            .fetch_add(1, Ordering::Relaxed);
-        self.metrics
-            .store_flush_duration
-            .with_label_values(&[&self.tenant])
-            .observe(started.elapsed().as_secs_f64());
-        self.metrics
-            .store_flushed_entries
-            .with_label_values(&[&self.tenant])
-            .inc_by(batch.len() as u64);
         Ok(())
     }
 
@@ -661,10 +686,18 @@ impl LanceEntryStore {
     /// True when this replica may mutate the table: always in embedded mode; in cluster
     /// mode while it holds the flush lease.
     async fn leads(&self) -> Result<bool, StoreError> {
-        match &self.log {
-            Log::File(_) => Ok(true),
-            Log::Redis(log) => log.lead(LEASE).await,
+        let leads = match &self.log {
+            Log::File(_) => true,
+            Log::Redis(log) => log.lead(LEASE).await?,
+        };
+        // A replica taking over may find the previous leader's last flush half-recorded.
+        if leads && !self.leading.swap(true, Ordering::AcqRel) {
+            self.merge_next.store(true, Ordering::Release);
         }
+        if !leads {
+            self.leading.store(false, Ordering::Release);
+        }
+        Ok(leads)
     }
 
     async fn maintain_table(&self) -> Result<(), StoreError> {
