@@ -99,6 +99,14 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
         .with_context(|| format!("failed to create the data directory {}", data_dir.display()))?;
     let index_version = fingerprint(&cfg.embedder);
     let dimension = cfg.embedder.dimension;
+    if let Some(target) = &cfg.target_embedder {
+        // Dual writes to the target version belong to the reindex work (issue 6); until then
+        // the active version keeps serving and the target is only reported.
+        tracing::warn!(
+            target_fingerprint = %target.fingerprint(),
+            "an index migration target is configured; this build serves the active version only"
+        );
+    }
 
     let metadata = match &cfg.postgres {
         Some(pg) => {

@@ -7,6 +7,7 @@
 //! Every field has a default, so an empty file is a valid embedded-mode configuration.
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 /// The whole dataplane configuration file (TOML).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -19,6 +20,9 @@ pub struct DataplaneConfig {
     /// Postgres for tenants, index versions, usage and audit. Absent: SQLite in `data_dir`.
     pub postgres: Option<PostgresConfig>,
     pub embedder: EmbedderConfig,
+    /// The embedder an index migration is moving to, set by the operator while a
+    /// `reindex` runs. Its fingerprint names the target index version.
+    pub target_embedder: Option<EmbedderConfig>,
     /// Defaults that apply to every tenant unless the tenant overrides them.
     pub cache: CacheDefaults,
     pub tenants: Vec<TenantConfig>,
@@ -207,6 +211,28 @@ impl Default for EmbedderConfig {
             max_tokens: 256,
             timeout_ms: 2000,
         }
+    }
+}
+
+impl EmbedderConfig {
+    /// The embedder fingerprint: a hash of everything that changes the vectors (provider, model,
+    /// revision, dimension, pooling, normalisation). It names the index version, so both the
+    /// operator and the dataplane compute it here, from one definition.
+    pub fn fingerprint(&self) -> String {
+        let pooling = match self.pooling {
+            Pooling::Mean => "mean",
+            Pooling::Cls => "cls",
+        };
+        let canonical = format!(
+            "provider={}\nmodel={}\nrevision={}\ndimension={}\npooling={}\nnormalize={}",
+            self.provider.as_str(),
+            self.model,
+            self.revision,
+            self.dimension,
+            pooling,
+            self.normalize
+        );
+        hex::encode(&Sha256::digest(canonical.as_bytes())[..16])
     }
 }
 

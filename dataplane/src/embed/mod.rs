@@ -7,9 +7,7 @@ pub mod local;
 pub mod remote;
 
 use async_trait::async_trait;
-use semantis_contract::{EmbedderConfig, Pooling};
-
-use crate::cache::scope::short_hash;
+use semantis_contract::EmbedderConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
@@ -61,26 +59,13 @@ pub trait Embedder: Send + Sync {
 
 /// hash(provider, model, revision, dimension, pooling, normalisation), 32 hex characters.
 pub fn fingerprint(cfg: &EmbedderConfig) -> String {
-    let pooling = match cfg.pooling {
-        Pooling::Mean => "mean",
-        Pooling::Cls => "cls",
-    };
-    let canonical = format!(
-        "provider={}\nmodel={}\nrevision={}\ndimension={}\npooling={}\nnormalize={}",
-        cfg.provider.as_str(),
-        cfg.model,
-        cfg.revision,
-        cfg.dimension,
-        pooling,
-        cfg.normalize
-    );
-    short_hash(canonical.as_bytes())
+    cfg.fingerprint()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use semantis_contract::EmbeddingProvider;
+    use semantis_contract::{EmbeddingProvider, Pooling};
 
     #[test]
     fn every_identity_field_changes_the_fingerprint() {

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Builds the end-to-end control plane from Go modules at pinned versions: kube-apiserver,
+# kube-controller-manager, etcd, kwok, helm and kubeconform. Binaries are cached outside the
+# clone, keyed by the versions, so CI rebuilds only when a pin changes. Prints the bin directory.
+set -euo pipefail
+
+K8S_VERSION=1.36.3
+ETCD_VERSION=3.6.16
+KWOK_VERSION=0.8.0
+HELM_VERSION=3.22.0
+KUBECONFORM_VERSION=0.8.0
+
+CACHE=${SEMANTIS_CACHE:-$HOME/.cache/semantis}
+BIN=$CACHE/e2e/bin/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION-kc-$KUBECONFORM_VERSION
+SRC=$CACHE/e2e/src
+export GOFLAGS="-trimpath" CGO_ENABLED=0 GOTOOLCHAIN=local
+export GOPATH=${GOPATH:-$HOME/go}
+
+wanted=(kube-apiserver kube-controller-manager kube-scheduler etcd kwok helm kubeconform)
+missing=0
+for b in "${wanted[@]}"; do [[ -x $BIN/$b ]] || missing=1; done
+if [[ $missing == 0 ]]; then echo "$BIN"; exit 0; fi
+mkdir -p "$BIN" "$SRC"
+
+log() { echo "build-control-plane: $*" >&2; }
+
+# kube-apiserver, kube-controller-manager and kube-scheduler: k8s.io/kubernetes only builds as a dependency when
+# every k8s.io/<staging> module is pinned to the matching v0.N.M by a replace line.
+kube() {
+  local dir=$SRC/kube-$K8S_VERSION staging=v0.${K8S_VERSION#1.}
+  mkdir -p "$dir"
+  {
+    echo "module semantis.dev/e2e/kube"
+    echo "go 1.26"
+    echo "replace ("
+    curl -fsS "https://proxy.golang.org/k8s.io/kubernetes/@v/v$K8S_VERSION.mod" \
+      | sed -n 's#^\s*\(k8s.io/[a-z0-9-]*\) => ./staging/src/k8s.io/.*#\t\1 => \1 '"$staging"'#p'
+    echo ")"
+  } > "$dir/go.mod"
+  (
+    cd "$dir"
+    local cmds=(kube-apiserver kube-controller-manager kube-scheduler)
+    local pkgs=()
+    for cmd in "${cmds[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$cmd@v$K8S_VERSION"); done
+    go get "${pkgs[@]}" >&2
+    local pkg=k8s.io/component-base/version
+    local ldflags
+    ldflags="-s -w -X $pkg.gitVersion=v$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2) -X $pkg.gitTreeState=clean"
+    for cmd in "${cmds[@]}"; do
+      [[ -x $BIN/$cmd ]] && continue
+      log "building $cmd v$K8S_VERSION"
+      go build -ldflags "$ldflags" -o "$BIN/$cmd" "k8s.io/kubernetes/cmd/$cmd"
+    done
+  )
+}
+
+etcd() {
+  [[ -x $BIN/etcd ]] && return
+  local dir=$SRC/etcd-$ETCD_VERSION
+  mkdir -p "$dir"
+  printf 'module semantis.dev/e2e/etcd\ngo 1.26\n' > "$dir/go.mod"
+  (
+    cd "$dir"
+    go get "go.etcd.io/etcd/server/v3@v$ETCD_VERSION" >&2
+    log "building etcd v$ETCD_VERSION"
+    go build -ldflags "-s -w" -o "$BIN/etcd" go.etcd.io/etcd/server/v3
+  )
+}
+
+tool() { # name module-path version package
+  [[ -x $BIN/$1 ]] && return
+  local dir=$SRC/$1-$3
+  mkdir -p "$dir"
+  printf 'module semantis.dev/e2e/%s\ngo 1.26\n' "$1" > "$dir/go.mod"
+  (
+    cd "$dir"
+    go get "$4@v$3" >&2
+    log "building $1 v$3"
+    go build -ldflags "-s -w" -o "$BIN/$1" "$4"
+  )
+}
+
+etcd
+kube
+tool kwok sigs.k8s.io/kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
+tool helm helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
+tool kubeconform github.com/yannh/kubeconform "$KUBECONFORM_VERSION" github.com/yannh/kubeconform/cmd/kubeconform
+echo "$BIN"

@@ -1,0 +1,530 @@
+//! Stage 1 of reconcile: check what CEL cannot and resolve every default, purely.
+//!
+//! The result, [`ValidatedCache`], is what the builders read; they never look at the raw spec,
+//! so a default lives in exactly one place. An [`InvalidSpec`] means "wait for the user to
+//! change the manifest", never "retry".
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::ResourceExt;
+use semantis_contract::{EmbedderConfig, EvictionPolicy as ContractEviction};
+
+use crate::crd::{
+    AccessMode, DeletionPolicy, EmbeddingProvider, EmbeddingSpec, EvictionPolicy, LocalSecretRef,
+    Pooling, SecretKeyRef, SemanticCache,
+};
+
+pub const DEFAULT_REDIS_IMAGE: &str = "redis:7.4-alpine";
+pub const LOCAL_MODEL: &str = "sentence-transformers/all-MiniLM-L6-v2";
+pub const PAUSE_ANNOTATION: &str = "semantis.dev/paused";
+
+/// The spec is wrong in a way only the user can fix.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid spec: {field}: {message}")]
+pub struct InvalidSpec {
+    pub field: String,
+    pub message: String,
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> InvalidSpec {
+    InvalidSpec {
+        field: field.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// Operator-wide settings that feed defaults (from flags, not from the resource).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OperatorDefaults {
+    /// The dataplane image matching this operator's version.
+    pub dataplane_image: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidatedCache {
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+    pub generation: i64,
+    pub embedding: EmbeddingSpec,
+    /// The contract form of `embedding`, whose fingerprint names the wanted index version.
+    pub embedder: EmbedderConfig,
+    pub min_similarity: f32,
+    pub default_ttl_secs: u64,
+    pub max_entries: u64,
+    pub eviction: ContractEviction,
+    /// Sorted by name so reordering the spec list changes no child.
+    pub tenants: Vec<Tenant>,
+    pub redis: Redis,
+    pub postgres: Option<Postgres>,
+    pub dataplane: Dataplane,
+    pub backup: Option<Backup>,
+    pub service_monitor: bool,
+    pub service_monitor_labels: BTreeMap<String, String>,
+    pub paused: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tenant {
+    pub name: String,
+    pub api_key_secret: SecretKeyRef,
+    pub min_similarity: Option<f32>,
+    pub default_ttl_secs: Option<u64>,
+    pub max_entries: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Redis {
+    pub replicas: i32,
+    pub image: String,
+    pub storage_size: Quantity,
+    pub storage_class_name: Option<String>,
+    pub resources: Option<ResourceRequirements>,
+    pub max_memory: Option<String>,
+    pub persistence: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PostgresSource {
+    /// The operator creates the role and database with this admin Secret.
+    Admin(LocalSecretRef),
+    /// An existing role's Secret.
+    Existing(LocalSecretRef),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Postgres {
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub source: PostgresSource,
+    pub deletion_policy: DeletionPolicy,
+}
+
+impl Postgres {
+    /// The role the operator creates in admin mode: derived from the database name, so it is
+    /// stable across reconciles and operator restarts.
+    pub fn managed_role(&self) -> String {
+        self.database.clone()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataplane {
+    pub replicas: i32,
+    pub image: String,
+    pub storage_size: Quantity,
+    pub storage_class_name: Option<String>,
+    pub access_mode: AccessMode,
+    pub resources: Option<ResourceRequirements>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backup {
+    pub schedule: String,
+    pub bucket: String,
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub credentials_secret: LocalSecretRef,
+    pub retention: u32,
+}
+
+/// The contract's embedder for a spec's embedding section, with every default resolved.
+pub fn embedder_config(e: &EmbeddingSpec) -> EmbedderConfig {
+    let base = EmbedderConfig::default();
+    let provider = match e.provider {
+        EmbeddingProvider::Local => semantis_contract::EmbeddingProvider::Local,
+        EmbeddingProvider::Openai => semantis_contract::EmbeddingProvider::Openai,
+        EmbeddingProvider::Ollama => semantis_contract::EmbeddingProvider::Ollama,
+        EmbeddingProvider::Tei => semantis_contract::EmbeddingProvider::Tei,
+        EmbeddingProvider::None => semantis_contract::EmbeddingProvider::None,
+    };
+    let model = match (&e.model, e.provider) {
+        (Some(m), _) => m.clone(),
+        (None, EmbeddingProvider::Local) => LOCAL_MODEL.to_owned(),
+        (None, _) => String::new(),
+    };
+    EmbedderConfig {
+        provider,
+        model,
+        revision: e.revision.clone().unwrap_or_else(|| "main".to_owned()),
+        dimension: e.dimension as usize,
+        pooling: match e.pooling {
+            Some(Pooling::Cls) => semantis_contract::Pooling::Cls,
+            Some(Pooling::Mean) | None => semantis_contract::Pooling::Mean,
+        },
+        normalize: e.normalize.unwrap_or(true),
+        endpoint: e.endpoint.clone(),
+        ..base
+    }
+}
+
+fn quantity(field: &str, value: Option<&String>, default: &str) -> Result<Quantity, InvalidSpec> {
+    let raw = value.map(String::as_str).unwrap_or(default);
+    // Kubernetes quantities: digits with an optional decimal part and a binary or decimal suffix.
+    let digits_end = raw
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(raw.len());
+    let (number, suffix) = raw.split_at(digits_end);
+    let suffix_ok = matches!(
+        suffix,
+        "" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "k" | "M" | "G" | "T" | "P"
+    );
+    if number.is_empty() || number.parse::<f64>().is_err() || !suffix_ok {
+        return Err(invalid(
+            field,
+            format!("{raw:?} is not a Kubernetes quantity such as 10Gi"),
+        ));
+    }
+    Ok(Quantity(raw.to_owned()))
+}
+
+fn check_schedule(schedule: &str) -> Result<(), InvalidSpec> {
+    let fields: Vec<&str> = schedule.split_whitespace().collect();
+    let macro_ok = matches!(
+        schedule.trim(),
+        "@yearly" | "@annually" | "@monthly" | "@weekly" | "@daily" | "@midnight" | "@hourly"
+    );
+    let chars_ok = fields.iter().all(|f| {
+        f.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "*/,-?".contains(c))
+    });
+    if macro_ok || (fields.len() == 5 && chars_ok) {
+        Ok(())
+    } else {
+        Err(invalid(
+            "spec.backup.schedule",
+            format!("{schedule:?} is not a five-field cron schedule such as \"0 3 * * *\""),
+        ))
+    }
+}
+
+fn similarity(field: &str, v: Option<f64>) -> Result<Option<f32>, InvalidSpec> {
+    match v {
+        Some(x) if !(-1.0..=1.0).contains(&x) || x.is_nan() => Err(invalid(
+            field,
+            format!("{x} is outside the cosine similarity range -1..1"),
+        )),
+        Some(x) => Ok(Some(x as f32)),
+        None => Ok(None),
+    }
+}
+
+fn sanitize_identifier(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+pub fn is_paused(cache: &SemanticCache) -> bool {
+    cache.spec.paused.unwrap_or(false)
+        || cache
+            .annotations()
+            .get(PAUSE_ANNOTATION)
+            .is_some_and(|v| v == "true")
+}
+
+pub fn validate(
+    cache: &SemanticCache,
+    defaults: &OperatorDefaults,
+) -> Result<ValidatedCache, InvalidSpec> {
+    let spec = &cache.spec;
+    let name = cache.name_any();
+    let namespace = cache
+        .namespace()
+        .ok_or_else(|| invalid("metadata.namespace", "a SemanticCache is namespaced"))?;
+    // Children are named <name>-<suffix> with suffixes up to 16 characters (and the reindex
+    // Job adds 11 more); 63 is the limit for Service and label values.
+    if name.len() > 36 {
+        return Err(invalid(
+            "metadata.name",
+            format!("{name:?} is longer than 36 characters; child names would exceed 63"),
+        ));
+    }
+
+    let e = &spec.embedding;
+    if e.provider == EmbeddingProvider::Local && e.dimension != 384 {
+        return Err(invalid(
+            "spec.embedding.dimension",
+            "must be 384 for the local provider (all-MiniLM-L6-v2)",
+        ));
+    }
+    if matches!(
+        e.provider,
+        EmbeddingProvider::Ollama | EmbeddingProvider::Tei
+    ) && e.endpoint.is_none()
+    {
+        return Err(invalid(
+            "spec.embedding.endpoint",
+            "required for the ollama and tei providers",
+        ));
+    }
+    if matches!(
+        e.provider,
+        EmbeddingProvider::Openai | EmbeddingProvider::Ollama | EmbeddingProvider::Tei
+    ) && e.model.is_none()
+    {
+        return Err(invalid(
+            "spec.embedding.model",
+            "required for remote providers (the model name the provider knows)",
+        ));
+    }
+
+    let cache_spec = spec.cache.clone().unwrap_or(crate::crd::CacheSpec {
+        min_similarity: None,
+        default_ttl_seconds: None,
+        eviction: None,
+    });
+    let min_similarity =
+        similarity("spec.cache.minSimilarity", cache_spec.min_similarity)?.unwrap_or(0.9);
+    let eviction = cache_spec.eviction.as_ref();
+
+    let mut tenants = Vec::with_capacity(spec.tenants.len());
+    for (i, t) in spec.tenants.iter().enumerate() {
+        if tenants.iter().any(|x: &Tenant| x.name == t.name) {
+            return Err(invalid(
+                &format!("spec.tenants[{i}].name"),
+                format!("tenant {:?} appears twice", t.name),
+            ));
+        }
+        tenants.push(Tenant {
+            name: t.name.clone(),
+            api_key_secret: t.api_key_secret.clone(),
+            min_similarity: similarity(
+                &format!("spec.tenants[{i}].minSimilarity"),
+                t.min_similarity,
+            )?,
+            default_ttl_secs: t.default_ttl_seconds,
+            max_entries: t.quotas.as_ref().and_then(|q| q.max_entries),
+        });
+    }
+    tenants.sort_by(|a, b| a.name.cmp(&b.name));
+
+    let r = spec.redis.clone().unwrap_or(crate::crd::RedisSpec {
+        replicas: None,
+        image: None,
+        storage_size: None,
+        storage_class_name: None,
+        resources: None,
+        max_memory: None,
+        persistence: None,
+    });
+    let redis = Redis {
+        replicas: r.replicas.unwrap_or(1),
+        image: r.image.unwrap_or_else(|| DEFAULT_REDIS_IMAGE.to_owned()),
+        storage_size: quantity("spec.redis.storageSize", r.storage_size.as_ref(), "8Gi")?,
+        storage_class_name: r.storage_class_name,
+        resources: r.resources,
+        max_memory: r.max_memory,
+        persistence: r.persistence.unwrap_or(true),
+    };
+
+    let d = spec.dataplane.clone().unwrap_or(crate::crd::DataplaneSpec {
+        replicas: None,
+        image: None,
+        storage: None,
+        resources: None,
+    });
+    let storage = d.storage.clone();
+    let dataplane = Dataplane {
+        replicas: d.replicas.unwrap_or(1),
+        image: d.image.unwrap_or_else(|| defaults.dataplane_image.clone()),
+        storage_size: quantity(
+            "spec.dataplane.storage.size",
+            storage.as_ref().and_then(|s| s.size.as_ref()),
+            "10Gi",
+        )?,
+        storage_class_name: storage.as_ref().and_then(|s| s.storage_class_name.clone()),
+        access_mode: storage
+            .as_ref()
+            .and_then(|s| s.access_mode)
+            .unwrap_or(AccessMode::ReadWriteOnce),
+        resources: d.resources,
+    };
+    if dataplane.replicas > 1 {
+        if spec.postgres.is_none() {
+            return Err(invalid(
+                "spec.dataplane.replicas",
+                "above 1 needs spec.postgres: the embedded SQLite metadata store serves one replica",
+            ));
+        }
+        if dataplane.access_mode != AccessMode::ReadWriteMany {
+            return Err(invalid(
+                "spec.dataplane.storage.accessMode",
+                "must be ReadWriteMany above one replica: every replica reads the same volume",
+            ));
+        }
+    }
+
+    let postgres = match &spec.postgres {
+        None => None,
+        Some(p) => {
+            let source = match (&p.admin_secret, &p.credentials_secret) {
+                (Some(a), None) => PostgresSource::Admin(a.clone()),
+                (None, Some(c)) => PostgresSource::Existing(c.clone()),
+                _ => {
+                    return Err(invalid(
+                        "spec.postgres.adminSecret",
+                        "exactly one of adminSecret or credentialsSecret is required",
+                    ));
+                }
+            };
+            let database = p.database.clone().unwrap_or_else(|| {
+                let raw = format!(
+                    "semantis_{}_{}",
+                    sanitize_identifier(&namespace),
+                    sanitize_identifier(&name)
+                );
+                raw.chars().take(63).collect()
+            });
+            Some(Postgres {
+                host: p.host.clone(),
+                port: p.port.unwrap_or(5432),
+                database,
+                source,
+                deletion_policy: p.deletion_policy.unwrap_or(DeletionPolicy::Retain),
+            })
+        }
+    };
+
+    let backup = match &spec.backup {
+        None => None,
+        Some(b) => {
+            check_schedule(&b.schedule)?;
+            Some(Backup {
+                schedule: b.schedule.clone(),
+                bucket: b.s3.bucket.clone(),
+                prefix: b
+                    .s3
+                    .prefix
+                    .clone()
+                    .unwrap_or_else(|| format!("{namespace}/{name}")),
+                endpoint: b.s3.endpoint.clone(),
+                region: b
+                    .s3
+                    .region
+                    .clone()
+                    .unwrap_or_else(|| "us-east-1".to_owned()),
+                credentials_secret: b.credentials_secret.clone(),
+                retention: b.retention.unwrap_or(7),
+            })
+        }
+    };
+
+    let monitoring = spec.monitoring.clone();
+    Ok(ValidatedCache {
+        uid: cache.uid().unwrap_or_default(),
+        generation: cache.metadata.generation.unwrap_or(0),
+        embedding: e.clone(),
+        embedder: embedder_config(e),
+        min_similarity,
+        default_ttl_secs: cache_spec.default_ttl_seconds.unwrap_or(86_400),
+        max_entries: eviction
+            .and_then(|e| e.max_entries_per_tenant)
+            .unwrap_or(1_000_000),
+        eviction: match eviction.and_then(|e| e.policy) {
+            Some(EvictionPolicy::Lfu) => ContractEviction::Lfu,
+            Some(EvictionPolicy::Lru) | None => ContractEviction::Lru,
+        },
+        tenants,
+        redis,
+        postgres,
+        dataplane,
+        backup,
+        service_monitor: monitoring
+            .as_ref()
+            .and_then(|m| m.service_monitor)
+            .unwrap_or(false),
+        service_monitor_labels: monitoring.and_then(|m| m.labels).unwrap_or_default(),
+        paused: is_paused(cache),
+        name,
+        namespace,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(yaml: &str) -> SemanticCache {
+        let mut c: SemanticCache = serde_yaml::from_str(yaml).expect("parses");
+        c.metadata.namespace = Some("ns".into());
+        c
+    }
+
+    fn defaults() -> OperatorDefaults {
+        OperatorDefaults {
+            dataplane_image: "img".into(),
+        }
+    }
+
+    const BASE: &str = "apiVersion: semantis.dev/v1alpha1\nkind: SemanticCache\nmetadata: {name: c}\nspec:\n  embedding: {provider: local, dimension: 384}\n  tenants: []\n";
+
+    #[test]
+    fn defaults_resolve_in_one_place() {
+        let v = validate(&cache(BASE), &defaults()).expect("valid");
+        assert_eq!(v.min_similarity, 0.9);
+        assert_eq!(v.redis.replicas, 1);
+        assert_eq!(v.dataplane.replicas, 1);
+        assert_eq!(v.dataplane.image, "img");
+        assert_eq!(v.embedder.model, LOCAL_MODEL);
+        assert!(v.postgres.is_none() && v.backup.is_none());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (
+                "  embedding: {provider: local, dimension: 384}\n",
+                "  embedding: {provider: local, dimension: 768}\n",
+                "spec.embedding.dimension",
+            ),
+            (
+                "  tenants: []\n",
+                "  tenants: []\n  dataplane: {replicas: 2}\n",
+                "spec.dataplane.replicas",
+            ),
+            (
+                "  tenants: []\n",
+                "  tenants: []\n  dataplane: {storage: {size: lots}}\n",
+                "spec.dataplane.storage.size",
+            ),
+            (
+                "  tenants: []\n",
+                "  tenants: []\n  cache: {minSimilarity: 1.5}\n",
+                "spec.cache.minSimilarity",
+            ),
+            (
+                "  tenants: []\n",
+                "  tenants: [{name: a, apiKeySecret: {name: s, key: k}}, {name: a, apiKeySecret: {name: s, key: k}}]\n",
+                "spec.tenants[1].name",
+            ),
+            (
+                "  tenants: []\n",
+                "  tenants: []\n  backup: {schedule: 'every day', s3: {bucket: bkt}, credentialsSecret: {name: s}}\n",
+                "spec.backup.schedule",
+            ),
+        ];
+        for (from, to, field) in cases {
+            let err = validate(&cache(&BASE.replace(from, to)), &defaults()).expect_err(field);
+            assert_eq!(err.field, field, "{err}");
+        }
+    }
+
+    #[test]
+    fn the_pause_annotation_pauses() {
+        let mut c = cache(BASE);
+        assert!(!is_paused(&c));
+        c.metadata.annotations = Some([(PAUSE_ANNOTATION.to_owned(), "true".to_owned())].into());
+        assert!(is_paused(&c));
+    }
+}
