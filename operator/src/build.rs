@@ -212,6 +212,13 @@ pub fn build(c: &ValidatedCache, o: &Observed) -> Vec<Child> {
     let names = child_names(&c.name);
     let config = dataplane_config(c, o, &names);
     let config_toml = toml::to_string(&config).unwrap_or_default();
+    // Pods restart when what they serve changes, not when a migration starts: the target
+    // embedder is left out of the hash, so starting (or cancelling) a reindex bounces nothing.
+    let serving = DataplaneConfig {
+        target_embedder: None,
+        ..config.clone()
+    };
+    let serving_hash = hash(toml::to_string(&serving).unwrap_or_default().as_bytes());
     let mut out = vec![
         child(redis_secret(c, o, &names)),
         child(redis_config(c, &names)),
@@ -232,11 +239,7 @@ pub fn build(c: &ValidatedCache, o: &Observed) -> Vec<Child> {
     out.push(child(dataplane_configmap(c, &names, &config_toml)));
     out.push(child(dataplane_pvc(c, &names)));
     out.push(child(dataplane_service(c, &names)));
-    out.push(child(dataplane_deployment(
-        c,
-        &names,
-        &hash(config_toml.as_bytes()),
-    )));
+    out.push(child(dataplane_deployment(c, &names, &serving_hash)));
     if let Some(b) = &c.backup {
         out.push(child(backup_cronjob(c, b, &names)));
     }

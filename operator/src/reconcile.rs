@@ -135,7 +135,18 @@ async fn apply(cache: Arc<SemanticCache>, ctx: Arc<Context>) -> Result<Action, E
         tracing::info!(%ns, %name, "paused; leaving children as they are");
         return Ok(Action::await_change());
     }
-    let previous = cache.status.clone().unwrap_or_default();
+    // The active index lives in status, so it must never be read stale: the reflector's copy
+    // can predate this operator's own last status write (a Job event racing a status patch),
+    // and acting on it would restart a migration that already finished. A GET is quorum-read.
+    let fresh = api
+        .get_status(&name)
+        .await
+        .map_err(kube_err(format!("read SemanticCache {name}")))?;
+    if fresh.metadata.generation != cache.metadata.generation {
+        // A newer spec is on its way through the watch; reconcile that one.
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
+    let previous = fresh.status.clone().unwrap_or_default();
 
     let valid = match validate::validate(&cache, &ctx.defaults) {
         Ok(v) => v,
@@ -223,8 +234,10 @@ async fn apply(cache: Arc<SemanticCache>, ctx: Arc<Context>) -> Result<Action, E
     if let Some(err) = apply_error {
         return Err(Error::Apply(err));
     }
-    if matches!(observed.postgres, PostgresState::Failed { .. }) {
-        return Ok(Action::requeue(Duration::from_secs(10)));
+    // Conditions nothing watches: a Postgres outage and a missing ServiceMonitor CRD.
+    let crd_missing = valid.service_monitor && !observed.inputs.service_monitor_crd;
+    if matches!(observed.postgres, PostgresState::Failed { .. }) || crd_missing {
+        return Ok(Action::requeue(Duration::from_secs(5)));
     }
     Ok(Action::requeue(Duration::from_secs(300)))
 }
@@ -296,12 +309,22 @@ async fn write_status(
     name: &str,
     status: &SemanticCacheStatus,
 ) -> Result<(), Error> {
-    let patch = json!({ "status": status });
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(kube_err(format!(
-            "write the status of SemanticCache {name}"
-        )))?;
+    // Server-side apply of the whole status: fields this reconcile no longer sets (a finished
+    // migration's target) are removed, which a merge patch would leave behind.
+    let patch = json!({
+        "apiVersion": SemanticCache::api_version(&()),
+        "kind": SemanticCache::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(kube_err(format!(
+        "write the status of SemanticCache {name}"
+    )))?;
     Ok(())
 }
 
