@@ -896,10 +896,12 @@ fn service_monitor(c: &ValidatedCache, n: &ChildNames) -> Child {
     let mut object = DynamicObject::new(&n.dataplane, &resource).within(&c.namespace);
     object.metadata.labels = Some(labels);
     object.metadata.owner_references = Some(vec![owner(c)]);
+    // Keys in alphabetical order: serde_json keeps insertion order in some builds of the
+    // workspace and sorts in others, and the snapshot must not depend on which.
     object.data = serde_json::json!({
         "spec": {
+            "endpoints": [{ "interval": "30s", "path": "/metrics", "port": "http" }],
             "selector": { "matchLabels": selector(c, "dataplane") },
-            "endpoints": [{ "port": "http", "path": "/metrics", "interval": "30s" }],
         }
     });
     Child { resource, object }

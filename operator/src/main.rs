@@ -41,9 +41,13 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Watch one namespace only (default: all namespaces).
-    #[arg(long, env = "SEMANTIS_WATCH_NAMESPACE")]
-    namespace: Option<String>,
+    /// Namespaces to watch: repeat the flag or separate with commas (default: all namespaces).
+    #[arg(
+        long = "namespace",
+        env = "SEMANTIS_WATCH_NAMESPACES",
+        value_delimiter = ','
+    )]
+    namespaces: Vec<String>,
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, env = "SEMANTIS_METRICS_LISTEN", default_value = "0.0.0.0:8081")]
     metrics_listen: SocketAddr,
@@ -180,7 +184,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if !args.leader_election {
         ready.store(true, std::sync::atomic::Ordering::Relaxed);
         metrics.leader.set(1);
-        reconcile::run(ctx, args.namespace, shutdown_signal()).await;
+        reconcile::run(ctx, args.namespaces, shutdown_signal()).await;
         return Ok(());
     }
 
@@ -242,7 +246,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = lost_rx => { lost_flag.store(true, std::sync::atomic::Ordering::Relaxed); }
         }
     };
-    reconcile::run(ctx, args.namespace, until).await;
+    reconcile::run(ctx, args.namespaces, until).await;
     metrics.leader.set(0);
     // Dropping every receiver makes the lease task release the lease for a standby.
     lease_follower.abort();

@@ -43,7 +43,7 @@ async fn connect(admin: &Admin) -> Result<PgPool, PostgresError> {
         .disable_statement_logging();
     PgPoolOptions::new()
         .max_connections(1)
-        .acquire_timeout(std::time::Duration::from_secs(10))
+        .acquire_timeout(std::time::Duration::from_secs(5))
         .connect_with(options)
         .await
         .map_err(|source| PostgresError::Connect {

@@ -765,9 +765,35 @@ async fn cleanup(cache: Arc<SemanticCache>, ctx: Arc<Context>) -> Result<Action,
     Ok(Action::await_change())
 }
 
-/// Runs the controller until `shutdown` resolves. Children are watched by label so a change to
-/// one (or its status) re-reconciles its cache.
+/// Runs the controllers until `shutdown` resolves: one over all namespaces, or one per
+/// watched namespace. Children are watched by label so a change to one (or its status)
+/// re-reconciles its cache.
 pub async fn run(
+    ctx: Arc<Context>,
+    namespaces: Vec<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.into_iter().map(Some).collect()
+    };
+    let controllers = scopes.into_iter().map(|ns| {
+        let mut stop = stop_rx.clone();
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        run_one(ctx.clone(), ns, stopped)
+    });
+    futures::future::join_all(controllers).await;
+}
+
+async fn run_one(
     ctx: Arc<Context>,
     namespace: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
