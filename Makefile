@@ -6,7 +6,7 @@ DEV_BIN := $(CARGO_TARGET_DIR)/debug/semantis-dataplane
 E2E_DIR ?= /tmp/semantis-e2e
 export SEMANTIS_E2E_DIR := $(E2E_DIR)
 
-.PHONY: run test e2e e2e-up e2e-down crds lint fmt setup build release bench
+.PHONY: run test e2e e2e-up e2e-down crds manifests lint fmt setup build release release-dataplane release-operator bench
 
 ## Start the embedded default (LanceDB + SQLite + local model) on 127.0.0.1:8080. Uses the
 ## same dev build as `make test` (the model's numeric crates are optimised even there), so
@@ -16,12 +16,14 @@ run: setup
 	$(DEV_BIN) serve --config dataplane/examples/embedded.toml
 
 ## Everything CI checks: formatting, clippy -D warnings, `crds/` drift, unit and integration
-## tests (real Postgres and Redis on loopback, from scripts/services.sh) and the operator's
-## end-to-end suite (a real kube-apiserver, etcd, controllers and kwok, from e2e/scripts/).
+## tests (real Postgres and Redis on loopback, from scripts/services.sh), the chart, kustomize
+## and monitoring assets (validate-manifests.sh), and the operator's end-to-end suite (a real
+## kube-apiserver, etcd, controllers and kwok, from e2e/scripts/).
 test: setup lint
 	bash scripts/services.sh start
 	$(CARGO) build --workspace --locked --bins
 	bash e2e/scripts/control-plane.sh start
+	SEMANTIS_E2E_KUBECONFIG=$(E2E_DIR)/kubeconfig bash e2e/scripts/validate-manifests.sh
 	SEMANTIS_E2E_KUBECONFIG=$(E2E_DIR)/kubeconfig $(CARGO) test --workspace --locked; \
 	  rc=$$?; bash e2e/scripts/control-plane.sh stop; exit $$rc
 
@@ -39,9 +41,18 @@ e2e-up:
 e2e-down:
 	bash e2e/scripts/control-plane.sh stop
 
-## Regenerate crds/ from the Rust types (CI fails when they drift).
+## Regenerate crds/ from the Rust types, plus its copies in the chart and config/crd (CI fails
+## when any of them drifts), and the monitoring assets config/prometheus renders from the chart.
 crds:
 	$(CARGO) run --locked -q -p semantis-operator -- crd --out crds
+	cp crds/semanticcaches.semantis.dev.yaml charts/semantis-operator/crds/
+	cp crds/semanticcaches.semantis.dev.yaml config/crd/bases/
+	bash scripts/render-monitoring.sh
+
+## Validate the chart, kustomize output and monitoring assets offline (helm lint, kubeconform,
+## promtool) and against the end-to-end API server (server-side dry run); needs `make e2e-up`.
+manifests:
+	bash e2e/scripts/validate-manifests.sh
 
 lint:
 	$(CARGO) fmt --all --check
@@ -56,8 +67,13 @@ setup:
 build: setup
 	$(CARGO) build --workspace --locked
 
-release: setup
+release: setup release-dataplane
+
+## The images' build commands (Dockerfile.dataplane, Dockerfile.operator run exactly these).
+release-dataplane:
 	$(CARGO) build --release --locked -p semantis-dataplane
+release-operator:
+	$(CARGO) build --release --locked -p semantis-operator
 
 ## Reproduce BENCHMARKS.md (release build, about an hour with a million entries).
 bench: release

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the end-to-end control plane from Go modules at pinned versions: kube-apiserver,
-# kube-controller-manager, etcd, kwok, helm and kubeconform. Binaries are cached outside the
+# kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, helm, kubeconform and promtool. Binaries are cached outside the
 # clone, keyed by the versions, so CI rebuilds only when a pin changes. Prints the bin directory.
 set -euo pipefail
 
@@ -9,14 +9,15 @@ ETCD_VERSION=3.6.16
 KWOK_VERSION=0.8.0
 HELM_VERSION=3.22.0
 KUBECONFORM_VERSION=0.8.0
+PROMETHEUS_VERSION=0.316.0
 
 CACHE=${SEMANTIS_CACHE:-$HOME/.cache/semantis}
-BIN=$CACHE/e2e/bin/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION-kc-$KUBECONFORM_VERSION
+BIN=$CACHE/e2e/bin/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION-kc-$KUBECONFORM_VERSION-prom-$PROMETHEUS_VERSION
 SRC=$CACHE/e2e/src
 export GOFLAGS="-trimpath" CGO_ENABLED=0 GOTOOLCHAIN=local
 export GOPATH=${GOPATH:-$HOME/go}
 
-wanted=(kube-apiserver kube-controller-manager kube-scheduler etcd kwok helm kubeconform)
+wanted=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm kubeconform promtool)
 missing=0
 for b in "${wanted[@]}"; do [[ -x $BIN/$b ]] || missing=1; done
 if [[ $missing == 0 ]]; then echo "$BIN"; exit 0; fi
@@ -24,7 +25,7 @@ mkdir -p "$BIN" "$SRC"
 
 log() { echo "build-control-plane: $*" >&2; }
 
-# kube-apiserver, kube-controller-manager and kube-scheduler: k8s.io/kubernetes only builds as a dependency when
+# kube-apiserver, kube-controller-manager, kube-scheduler and kubectl: k8s.io/kubernetes only builds as a dependency when
 # every k8s.io/<staging> module is pinned to the matching v0.N.M by a replace line.
 kube() {
   local dir=$SRC/kube-$K8S_VERSION staging=v0.${K8S_VERSION#1.}
@@ -39,7 +40,7 @@ kube() {
   } > "$dir/go.mod"
   (
     cd "$dir"
-    local cmds=(kube-apiserver kube-controller-manager kube-scheduler)
+    local cmds=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
     local pkgs=()
     for cmd in "${cmds[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$cmd@v$K8S_VERSION"); done
     go get "${pkgs[@]}" >&2
@@ -85,4 +86,5 @@ kube
 tool kwok sigs.k8s.io/kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
 tool helm helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
 tool kubeconform github.com/yannh/kubeconform "$KUBECONFORM_VERSION" github.com/yannh/kubeconform/cmd/kubeconform
+tool promtool github.com/prometheus/prometheus "$PROMETHEUS_VERSION" github.com/prometheus/prometheus/cmd/promtool
 echo "$BIN"

@@ -3,6 +3,7 @@
 
 mod e2e {
     pub mod harness;
+    mod install;
     mod lifecycle;
     mod migration;
     mod platform;

@@ -27,13 +27,19 @@ pub const CRD_FILE: &str = "semanticcaches.semantis.dev.yaml";
 #[cfg(test)]
 mod tests {
     #[test]
-    fn crds_directory_matches_the_rust_types() {
-        let path = format!("{}/../crds/{}", env!("CARGO_MANIFEST_DIR"), super::CRD_FILE);
-        let committed = std::fs::read_to_string(&path).expect("crds/ file exists");
+    fn crds_and_their_copies_match_the_rust_types() {
         let generated = super::crd_yaml().expect("renders");
-        assert!(
-            committed == generated,
-            "{path} drifted from the Rust types; run `cargo run -p semantis-operator -- crd`"
-        );
+        for dir in ["crds", "charts/semantis-operator/crds", "config/crd/bases"] {
+            let path = format!(
+                "{}/../{dir}/{}",
+                env!("CARGO_MANIFEST_DIR"),
+                super::CRD_FILE
+            );
+            let committed = std::fs::read_to_string(&path).expect("the CRD file exists");
+            assert!(
+                committed == generated,
+                "{path} drifted from the Rust types; run `make crds`"
+            );
+        }
     }
 }

@@ -231,6 +231,7 @@ async fn apply(cache: Arc<SemanticCache>, ctx: Arc<Context>) -> Result<Action, E
         announce(&ctx, &cache, &previous, &next).await;
         write_status(&api, &name, &next).await?;
     }
+    ctx.metrics.observe_cache(&ns, &name, Some(&next));
     if let Some(err) = apply_error {
         return Err(Error::Apply(err));
     }
@@ -718,6 +719,11 @@ fn last_backup(obj: Option<&DynamicObject>) -> Option<crate::crd::BackupStatus> 
 }
 
 async fn cleanup(cache: Arc<SemanticCache>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.observe_cache(
+        &cache.namespace().unwrap_or_default(),
+        &cache.name_any(),
+        None,
+    );
     // Children go with their owner reference (garbage collection). What the API server cannot
     // clean up is the Postgres role and database created in admin mode.
     let Ok(valid) = validate::validate(&cache, &ctx.defaults) else {

@@ -3,6 +3,7 @@
 //! One integration binary for the crate.
 
 mod operator {
+    mod argocd;
     mod postgres;
     mod scripted;
 }

@@ -34,6 +34,10 @@ fn repo_root() -> PathBuf {
 
 /// The kubeconfig of the control plane: `SEMANTIS_E2E_KUBECONFIG` when set (attach), else the
 /// one `e2e/scripts/control-plane.sh start` brings up for this process.
+pub fn kubeconfig() -> &'static PathBuf {
+    kubeconfig_path()
+}
+
 fn kubeconfig_path() -> &'static PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {

@@ -73,6 +73,16 @@ async fn a_sample_yields_every_child_and_becomes_ready_only_for_reconciled_gener
         );
     }
     assert!(condition_now(&cache, "Degraded", "False"));
+    // The same truth on the operator's /metrics, which the alerts and the dashboard read.
+    let metrics = reqwest::get(&op.metrics_url).await?.text().await?;
+    let ready_series = format!(
+        "semantis_operator_cache_condition{{cache=\"demo\",namespace=\"{}\",type=\"Ready\"}} 1",
+        w.ns
+    );
+    assert!(
+        metrics.contains(&ready_series),
+        "{ready_series} not in:\n{metrics}"
+    );
 
     // The children, with the spec the platform team expects.
     let sts = w.api::<StatefulSet>().get("demo-redis").await?;
