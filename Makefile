@@ -8,11 +8,12 @@ export SEMANTIS_E2E_DIR := $(E2E_DIR)
 
 .PHONY: run test e2e e2e-up e2e-down crds manifests lint fmt setup build release release-dataplane release-operator bench
 
-## Start the embedded default (LanceDB + SQLite + local model) on 127.0.0.1:8080. Uses the
-## same dev build as `make test` (the model's numeric crates are optimised even there), so
-## one cold build serves both; `make release` builds the optimised binary.
+## Start the embedded default (LanceDB + SQLite + local model) on 127.0.0.1:8080. Builds
+## exactly what `make test` builds (same packages, same features: `cargo build -p` would
+## unify features differently and recompile lancedb), so one cold build serves both; the
+## model's numeric crates are optimised even there. `make release` builds the optimised binary.
 run: setup
-	$(CARGO) build --locked -p semantis-dataplane
+	$(CARGO) test --workspace --locked --no-run
 	$(DEV_BIN) serve --config dataplane/examples/embedded.toml
 
 ## Everything CI checks: formatting, clippy -D warnings, `crds/` drift, unit and integration
@@ -21,7 +22,7 @@ run: setup
 ## kube-apiserver, etcd, controllers and kwok, from e2e/scripts/).
 test: setup lint
 	bash scripts/services.sh start
-	$(CARGO) build --workspace --locked --bins
+	$(CARGO) test --workspace --locked --no-run
 	bash e2e/scripts/control-plane.sh start
 	SEMANTIS_E2E_KUBECONFIG=$(E2E_DIR)/kubeconfig bash e2e/scripts/validate-manifests.sh
 	SEMANTIS_E2E_KUBECONFIG=$(E2E_DIR)/kubeconfig $(CARGO) test --workspace --locked; \
@@ -30,7 +31,7 @@ test: setup lint
 ## The operator's end-to-end suite alone (control plane built from Go modules on first use).
 e2e: setup
 	bash scripts/services.sh start
-	$(CARGO) build --locked -p semantis-operator -p semantis-dataplane --bins
+	$(CARGO) test --workspace --locked --no-run
 	bash e2e/scripts/control-plane.sh start
 	SEMANTIS_E2E_KUBECONFIG=$(E2E_DIR)/kubeconfig $(CARGO) test --locked -p semantis-e2e; \
 	  rc=$$?; bash e2e/scripts/control-plane.sh stop; exit $$rc
