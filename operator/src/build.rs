@@ -17,7 +17,6 @@ use k8s_openapi::api::core::v1::{
     SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
     VolumeProjection, VolumeResourceRequirements,
 };
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
@@ -826,23 +825,14 @@ fn backup_cronjob(c: &ValidatedCache, b: &crate::validate::Backup, n: &ChildName
                     labels: Some(labels(c, "backup")),
                     ..ObjectMeta::default()
                 }),
-                spec: Some(JobSpec {
-                    backoff_limit: Some(2),
-                    template: PodTemplateSpec {
-                        metadata: Some(ObjectMeta {
-                            labels: Some(labels(c, "backup")),
-                            ..ObjectMeta::default()
-                        }),
-                        spec: Some(PodSpec {
-                            restart_policy: Some("Never".to_owned()),
-                            security_context: Some(pod_security(65532)),
-                            containers: vec![container],
-                            volumes: Some(volumes),
-                            ..PodSpec::default()
-                        }),
+                spec: Some(run_once(
+                    ObjectMeta {
+                        labels: Some(labels(c, "backup")),
+                        ..ObjectMeta::default()
                     },
-                    ..JobSpec::default()
-                }),
+                    container,
+                    volumes,
+                )),
             },
             ..CronJobSpec::default()
         },
@@ -867,25 +857,34 @@ fn reindex_job(c: &ValidatedCache, target: &EmbedderConfig, n: &ChildNames) -> J
     ]));
     Job {
         metadata: job_meta.clone(),
-        spec: Some(JobSpec {
-            backoff_limit: Some(2),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(job_labels),
-                    annotations: job_meta.annotations,
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(PodSpec {
-                    restart_policy: Some("Never".to_owned()),
-                    security_context: Some(pod_security(65532)),
-                    containers: vec![container],
-                    volumes: Some(volumes),
-                    ..PodSpec::default()
-                }),
+        spec: Some(run_once(
+            ObjectMeta {
+                labels: Some(job_labels),
+                annotations: job_meta.annotations,
+                ..ObjectMeta::default()
             },
-            ..JobSpec::default()
-        }),
+            container,
+            volumes,
+        )),
         ..Job::default()
+    }
+}
+
+/// A Job spec that runs one dataplane command to completion (backup, reindex), retried twice.
+fn run_once(pod_meta: ObjectMeta, container: Container, volumes: Vec<Volume>) -> JobSpec {
+    JobSpec {
+        backoff_limit: Some(2),
+        template: PodTemplateSpec {
+            metadata: Some(pod_meta),
+            spec: Some(PodSpec {
+                restart_policy: Some("Never".to_owned()),
+                security_context: Some(pod_security(65532)),
+                containers: vec![container],
+                volumes: Some(volumes),
+                ..PodSpec::default()
+            }),
+        },
+        ..JobSpec::default()
     }
 }
 
@@ -905,11 +904,6 @@ fn service_monitor(c: &ValidatedCache, n: &ChildNames) -> Child {
         }
     });
     Child { resource, object }
-}
-
-/// Kubernetes `Quantity` helper for tests and callers that need the raw string.
-pub fn quantity_str(q: &Quantity) -> &str {
-    &q.0
 }
 
 #[cfg(test)]

@@ -644,45 +644,45 @@ async fn prune(
     Ok(())
 }
 
+/// The typed form of an applied child (the apply response carries its current status).
+fn typed<K: serde::de::DeserializeOwned>(obj: Option<&DynamicObject>) -> Option<K> {
+    obj.and_then(|o| serde_json::to_value(o).ok())
+        .and_then(|v| serde_json::from_value(v).ok())
+}
+
+/// Whether the workload controller has seen the latest spec.
+fn observed(status_generation: Option<i64>, generation: Option<i64>) -> bool {
+    status_generation.is_some() && status_generation >= generation
+}
+
 fn rollout_of_statefulset(obj: Option<&DynamicObject>) -> Rollout {
-    let Some(sts) = obj
-        .and_then(|o| serde_json::to_value(o).ok())
-        .and_then(|v| serde_json::from_value::<StatefulSet>(v).ok())
-    else {
+    let Some(sts) = typed::<StatefulSet>(obj) else {
         return Rollout::default();
     };
-    let wanted = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
     let status = sts.status.unwrap_or_default();
     Rollout {
-        wanted,
+        wanted: sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
         ready: status.ready_replicas.unwrap_or(0),
         updated: status.updated_replicas.unwrap_or(0),
-        observed: status.observed_generation.is_some()
-            && status.observed_generation >= sts.metadata.generation,
+        observed: observed(status.observed_generation, sts.metadata.generation),
     }
 }
 
 fn rollout_of_deployment(obj: Option<&DynamicObject>) -> Rollout {
-    let Some(d) = obj
-        .and_then(|o| serde_json::to_value(o).ok())
-        .and_then(|v| serde_json::from_value::<Deployment>(v).ok())
-    else {
+    let Some(d) = typed::<Deployment>(obj) else {
         return Rollout::default();
     };
-    let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
     let status = d.status.unwrap_or_default();
     Rollout {
-        wanted,
+        wanted: d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
         ready: status.available_replicas.unwrap_or(0),
         updated: status.updated_replicas.unwrap_or(0),
-        observed: status.observed_generation.is_some()
-            && status.observed_generation >= d.metadata.generation,
+        observed: observed(status.observed_generation, d.metadata.generation),
     }
 }
 
 fn cronjob(obj: Option<&DynamicObject>) -> Option<CronJob> {
-    obj.and_then(|o| serde_json::to_value(o).ok())
-        .and_then(|v| serde_json::from_value::<CronJob>(v).ok())
+    typed(obj)
 }
 
 fn backup_state(c: &ValidatedCache, obj: Option<&DynamicObject>) -> BackupState {
