@@ -416,6 +416,14 @@ pub struct Operator {
 
 impl Operator {
     pub async fn start(leader_election: bool, lease_namespace: &str) -> anyhow::Result<Self> {
+        Self::start_with(leader_election, lease_namespace, &[]).await
+    }
+
+    pub async fn start_with(
+        leader_election: bool,
+        lease_namespace: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let port = free_port();
         let log = std::env::temp_dir().join(format!("semantis-operator-e2e-{port}.log"));
         let out = std::fs::File::create(&log)?;
@@ -428,6 +436,7 @@ impl Operator {
             .arg(lease_namespace)
             .arg("--lease-duration-secs")
             .arg("6")
+            .args(extra)
             .env("KUBECONFIG", kubeconfig_path())
             .env("RUST_LOG", "info,kube=warn")
             .stdout(out.try_clone()?)

@@ -392,6 +392,75 @@ async fn caches_in_two_namespaces_stay_separate_and_a_standby_takes_over() -> an
     Ok(())
 }
 
+#[tokio::test]
+async fn an_operator_watching_two_namespaces_leaves_a_third_alone() -> anyhow::Result<()> {
+    let w = World::new("watch-a").await?;
+    let b = World::namespace(&w.client, "watch-b").await?;
+    let outside = World::namespace(&w.client, "watch-c").await?;
+    for ns in [&w.ns, &b, &outside] {
+        let secrets: Api<Secret> = Api::namespaced(w.client.clone(), ns);
+        secrets
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(
+                    json!({"metadata": {"name": "team-a-key"}, "stringData": {"api-key": "k"}}),
+                )?,
+            )
+            .await?;
+    }
+    // The unwatched cache exists first, so a reconcile of it would come before the others.
+    let apply = |ns: String| {
+        let client = w.client.clone();
+        async move {
+            let mut c: SemanticCache = serde_yaml::from_str(&manifest("scoped", ""))?;
+            c.metadata.namespace = Some(ns.clone());
+            Api::<SemanticCache>::namespaced(client, &ns)
+                .patch(
+                    "scoped",
+                    &PatchParams::apply("e2e-gitops"),
+                    &Patch::Apply(&c),
+                )
+                .await?;
+            anyhow::Ok(())
+        }
+    };
+    apply(outside.clone()).await?;
+    let _op =
+        Operator::start_with(false, &w.ns, &["--namespace", &format!("{},{b}", w.ns)]).await?;
+    apply(w.ns.clone()).await?;
+    apply(b.clone()).await?;
+    w.wait_ready("scoped").await?;
+    let in_b: Api<SemanticCache> = Api::namespaced(w.client.clone(), &b);
+    wait_for(
+        &in_b,
+        "scoped",
+        "Ready in the second watched namespace",
+        super::harness::ready_now,
+    )
+    .await?;
+    let untouched = Api::<SemanticCache>::namespaced(w.client.clone(), &outside)
+        .get("scoped")
+        .await?;
+    assert!(
+        untouched.status.is_none(),
+        "an unwatched namespace got a status"
+    );
+    assert!(
+        untouched.metadata.finalizers.is_none(),
+        "an unwatched namespace got a finalizer"
+    );
+    assert!(
+        Api::<ConfigMap>::namespaced(w.client.clone(), &outside)
+            .get_opt("scoped-dataplane")
+            .await?
+            .is_none()
+    );
+    for ns in [&b, &outside, &w.ns] {
+        delete_namespace(&w.client, ns).await;
+    }
+    Ok(())
+}
+
 fn model_dir() -> PathBuf {
     std::env::var("SEMANTIS_MODEL_DIR")
         .map(PathBuf::from)
