@@ -156,6 +156,8 @@ pub struct TenantStats {
     pub eviction: String,
     pub min_similarity: f32,
     pub index_version: String,
+    /// Whether the tenant's table has its ANN (IVF-PQ) index; before that, search is exhaustive.
+    pub vector_index: bool,
     pub lookups: u64,
     pub hits: u64,
     pub hit_ratio: f64,
@@ -668,6 +670,7 @@ impl Cache {
             eviction: format!("{:?}", tenant.eviction).to_lowercase(),
             min_similarity: tenant.min_similarity,
             index_version: self.index_version.clone(),
+            vector_index: part.store.has_vector_index(),
             lookups,
             hits,
             hit_ratio: if lookups == 0 {

@@ -392,6 +392,17 @@ impl LanceEntryStore {
                     .checkout_latest()
                     .await
                     .map_err(|e| self.lance("refresh", e))?;
+                // An index the leader built since: search it (with re-ranking) from now on.
+                if !self.has_vector_index.load(Ordering::Relaxed) {
+                    let indices = self
+                        .table
+                        .list_indices()
+                        .await
+                        .map_err(|e| self.lance("list indices of", e))?;
+                    if indices.iter().any(|i| i.name == VECTOR_INDEX) {
+                        self.has_vector_index.store(true, Ordering::Relaxed);
+                    }
+                }
                 self.state.lock().apply_flushed(upto);
             }
         }
@@ -1043,6 +1054,10 @@ impl EntryStore for LanceEntryStore {
             }
         }
         Ok(out)
+    }
+
+    fn has_vector_index(&self) -> bool {
+        self.has_vector_index.load(Ordering::Relaxed)
     }
 
     async fn count_live(&self, now_ms: i64) -> Result<u64, StoreError> {

@@ -77,6 +77,10 @@ pub trait EntryStore: Send + Sync {
     /// (id, created_at) of every stored entry, to seed eviction tracking at startup.
     async fn all_ids(&self) -> Result<Vec<(String, i64)>, StoreError>;
     async fn count_live(&self, now_ms: i64) -> Result<u64, StoreError>;
+    /// Whether searches go through an ANN index (as this replica knows it).
+    fn has_vector_index(&self) -> bool {
+        false
+    }
     /// Move the write-ahead tail into the table now.
     async fn flush(&self) -> Result<(), StoreError>;
     /// Flush when due, then compact, prune and index when the counts say so.

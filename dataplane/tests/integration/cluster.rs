@@ -193,6 +193,62 @@ async fn one_leader_flushes_and_every_replica_reads_the_table() -> anyhow::Resul
     Ok(())
 }
 
+async fn vector_index(s: &Server) -> anyhow::Result<bool> {
+    let (_, v, _) = s.call(Method::GET, "/v1/stats", Some(KEY_A), None).await?;
+    Ok(v["vector_index"].as_bool().unwrap_or(false))
+}
+
+#[tokio::test]
+async fn every_replica_learns_of_the_ann_index_at_the_next_flush() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut setup = cluster_setup("ann").await?;
+    setup.dimension = 16;
+    setup.flush_max_rows = 50;
+    setup.storage_extra = "index_min_rows = 400".into();
+    let r1 = Server::start_replica(dir.path(), "r1", &setup).await?;
+    let r2 = Server::start_replica(dir.path(), "r2", &setup).await?;
+    let vector = |i: u64| -> Vec<f32> {
+        // Deterministic pseudo-random vectors (splitmix64), distinct for every i.
+        (0..16u64)
+            .map(|d| {
+                let mut z = (i * 16 + d).wrapping_add(0x9e37_79b9_7f4a_7c15);
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                ((z ^ (z >> 31)) as f64 / u64::MAX as f64) as f32 - 0.5
+            })
+            .collect()
+    };
+    assert!(!vector_index(&r1).await? && !vector_index(&r2).await?);
+    for i in 0..450u64 {
+        let through = if i % 2 == 0 { &r1 } else { &r2 };
+        through
+            .store(KEY_A, json!({"prompt": format!("ann {i}"), "vector": vector(i), "response": answer(&i.to_string())}))
+            .await?;
+    }
+    r1.eventually("the ANN index build", Duration::from_secs(120), || async {
+        Ok(vector_index(&r1).await? || vector_index(&r2).await?)
+    })
+    .await?;
+    // The replica that did not build it learns at the next flush (one more batch of stores).
+    for i in 450..500u64 {
+        r1.store(KEY_A, json!({"prompt": format!("ann {i}"), "vector": vector(i), "response": answer(&i.to_string())}))
+            .await?;
+    }
+    r1.eventually(
+        "both replicas search the index",
+        Duration::from_secs(30),
+        || async { Ok(vector_index(&r1).await? && vector_index(&r2).await?) },
+    )
+    .await?;
+    for server in [&r1, &r2] {
+        for i in (0..500u64).step_by(50) {
+            let v = server.lookup(KEY_A, json!({"vector": vector(i)})).await?;
+            assert_eq!(v["response"], answer(&i.to_string()), "entry {i}: {v}");
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_redis_outage_fails_stores_clearly_and_lookups_keep_answering() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

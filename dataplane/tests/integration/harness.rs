@@ -22,6 +22,8 @@ pub struct Setup {
     pub dimension: usize,
     pub local_model: bool,
     pub extra: String,
+    /// Extra `[storage]` lines.
+    pub storage_extra: String,
     pub tenant_a_extra: String,
     pub flush_max_rows: usize,
     pub max_body_bytes: usize,
@@ -40,6 +42,7 @@ impl Default for Setup {
             dimension: 8,
             local_model: false,
             extra: String::new(),
+            storage_extra: String::new(),
             tenant_a_extra: String::new(),
             flush_max_rows: 64,
             max_body_bytes: 64 * 1024,
@@ -89,6 +92,7 @@ flush_max_rows = {flush}
 flush_interval_ms = 200
 maintenance_interval_ms = 200
 compact_min_fragments = 4
+{storage_extra}
 
 [embedder]
 {embedder}
@@ -111,6 +115,7 @@ api_key_sha256 = ["{b}"]
             dir = data_dir.display(),
             flush = self.flush_max_rows,
             extra = self.extra,
+            storage_extra = self.storage_extra,
             a = sha(KEY_A),
             b = sha(KEY_B),
             a_extra = self.tenant_a_extra,
