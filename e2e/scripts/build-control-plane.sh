@@ -22,6 +22,7 @@ missing=0
 for b in "${wanted[@]}"; do [[ -x $BIN/$b ]] || missing=1; done
 if [[ $missing == 0 ]]; then echo "$BIN"; exit 0; fi
 mkdir -p "$BIN" "$SRC"
+command -v go >/dev/null || { echo "build-control-plane: needs Go ≥ 1.26 (https://go.dev/dl/)" >&2; exit 1; }
 
 log() { echo "build-control-plane: $*" >&2; }
 
