@@ -209,6 +209,7 @@ async fn apply(cache: Arc<SemanticCache>, ctx: Arc<Context>) -> Result<Action, E
             .service_monitor
             .then_some(observed.inputs.service_monitor_crd),
         apply_error: apply_error.clone(),
+        missing_secrets: observed.missing_secrets.clone(),
     };
     let conditions = status::stamp(
         status::conditions(&observation),
@@ -236,8 +237,12 @@ async fn apply(cache: Arc<SemanticCache>, ctx: Arc<Context>) -> Result<Action, E
         return Err(Error::Apply(err));
     }
     // Conditions nothing watches: a Postgres outage and a missing ServiceMonitor CRD.
+    // User Secrets carry no owner reference, so nothing triggers a reconcile when one appears.
     let crd_missing = valid.service_monitor && !observed.inputs.service_monitor_crd;
-    if matches!(observed.postgres, PostgresState::Failed { .. }) || crd_missing {
+    if matches!(observed.postgres, PostgresState::Failed { .. })
+        || crd_missing
+        || !observed.missing_secrets.is_empty()
+    {
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
     Ok(Action::requeue(Duration::from_secs(300)))
@@ -331,6 +336,7 @@ async fn write_status(
 
 struct ObservedState {
     inputs: Observed,
+    missing_secrets: Vec<String>,
     /// The spec form of the active embedder (for status).
     active_spec: crate::crd::EmbeddingSpec,
     postgres: PostgresState,
@@ -511,7 +517,43 @@ async fn observe(
             .map_err(kube_err("look up the ServiceMonitor CRD"))?
             .is_some();
 
+    // Every Secret the pods mount or read: a missing one would leave them pending with only a
+    // pod event to say why; the condition names it instead.
+    let mut references: Vec<(String, Option<String>, String)> = c
+        .tenants
+        .iter()
+        .map(|t| {
+            (
+                t.api_key_secret.name.clone(),
+                Some(t.api_key_secret.key.clone()),
+                format!("tenant {}", t.name),
+            )
+        })
+        .collect();
+    if let Some(k) = &c.embedding.api_key_secret {
+        references.push((k.name.clone(), Some(k.key.clone()), "the embedder".into()));
+    }
+    if let Some(b) = &c.backup {
+        references.push((b.credentials_secret.name.clone(), None, "backups".into()));
+    }
+    let mut missing_secrets = Vec::new();
+    for (name, key, user) in references {
+        let secret = read_secret(client, ns, &name).await?;
+        let present = match (&secret, &key) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(s), Some(k)) => s.data.as_ref().is_some_and(|d| d.contains_key(k)),
+        };
+        if !present {
+            missing_secrets.push(match key {
+                Some(k) => format!("Secret {name} (key {k}, {user})"),
+                None => format!("Secret {name} ({user})"),
+            });
+        }
+    }
+
     Ok(ObservedState {
+        missing_secrets,
         inputs: Observed {
             redis_password,
             postgres: postgres_login,

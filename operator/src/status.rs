@@ -19,6 +19,8 @@ pub struct Observation {
     pub service_monitor_crd: Option<bool>,
     /// A child failed to apply: transient, retried with back-off.
     pub apply_error: Option<String>,
+    /// Referenced Secrets (or keys) that do not exist: the pods cannot start without them.
+    pub missing_secrets: Vec<String>,
 }
 
 /// A StatefulSet's or Deployment's progress.
@@ -114,7 +116,17 @@ fn rollout_condition(type_: &str, what: &str, r: &Rollout, g: i64) -> Condition 
 pub fn conditions(o: &Observation) -> Vec<Condition> {
     let g = o.generation;
     let redis = rollout_condition("RedisReady", "Redis", &o.redis, g);
-    let dataplane = rollout_condition("DataplaneReady", "dataplane", &o.dataplane, g);
+    let dataplane = if o.missing_secrets.is_empty() {
+        rollout_condition("DataplaneReady", "dataplane", &o.dataplane, g)
+    } else {
+        condition(
+            "DataplaneReady",
+            false,
+            "SecretMissing",
+            format!("missing {}", o.missing_secrets.join(", ")),
+            g,
+        )
+    };
     let postgres = match &o.postgres {
         PostgresState::Embedded => condition(
             "PostgresReady",
@@ -311,6 +323,7 @@ mod tests {
             backup: BackupState::NotConfigured,
             service_monitor_crd: None,
             apply_error: None,
+            missing_secrets: Vec::new(),
         }
     }
 
@@ -348,6 +361,20 @@ mod tests {
         assert_eq!(get(&cs, "Degraded").status, "True");
         assert_eq!(get(&cs, "Degraded").reason, "ReindexFailed");
         assert_eq!(get(&cs, "IndexReady").reason, "ReindexFailed");
+    }
+
+    #[test]
+    fn a_missing_secret_is_named_in_the_dataplane_condition() {
+        let mut o = settled();
+        o.missing_secrets = vec!["Secret team-a-key (key api-key, tenant team-a)".into()];
+        let cs = conditions(&o);
+        let dp = get(&cs, "DataplaneReady");
+        assert_eq!(
+            (dp.status.as_str(), dp.reason.as_str()),
+            ("False", "SecretMissing")
+        );
+        assert!(dp.message.contains("team-a-key"));
+        assert_eq!(get(&cs, "Ready").status, "False");
     }
 
     #[test]

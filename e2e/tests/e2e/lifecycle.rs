@@ -173,6 +173,14 @@ async fn a_sample_yields_every_child_and_becomes_ready_only_for_reconciled_gener
 async fn reapplying_and_restarting_the_operator_change_no_child() -> anyhow::Result<()> {
     let w = World::new("drift").await?;
     w.secret("team-a-key", &[("api-key", "key-a")]).await?;
+    w.secret(
+        "s3",
+        &[
+            ("AWS_ACCESS_KEY_ID", "id"),
+            ("AWS_SECRET_ACCESS_KEY", "secret"),
+        ],
+    )
+    .await?;
     let op = Operator::start(false, &w.ns).await?;
     let yaml = manifest(
         "steady",
@@ -257,6 +265,30 @@ async fn spec_changes_reach_the_children_and_removed_tenants_disappear() -> anyh
         "team-a's Secret is still mounted"
     );
     assert!(rendered.contains("team-b-key"));
+    delete_namespace(&w.client, &w.ns).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_missing_tenant_secret_is_named_until_it_appears() -> anyhow::Result<()> {
+    let w = World::new("secret").await?;
+    let _op = Operator::start(false, &w.ns).await?;
+    w.apply_cache(&manifest("waiting", "")).await?;
+    let c = w
+        .wait_cache("waiting", "DataplaneReady=False (SecretMissing)", |c| {
+            condition_now(c, "DataplaneReady", "False")
+                && condition(c, "DataplaneReady").is_some_and(|d| d.reason == "SecretMissing")
+        })
+        .await?;
+    let message = &condition(&c, "DataplaneReady").expect("condition").message;
+    assert!(
+        message.contains("team-a-key") && message.contains("tenant team-a"),
+        "{message}"
+    );
+    assert!(condition_now(&c, "Ready", "False"));
+    // Creating the Secret is enough: the operator rechecks without a spec change.
+    w.secret("team-a-key", &[("api-key", "key-a")]).await?;
+    w.wait_ready("waiting").await?;
     delete_namespace(&w.client, &w.ns).await;
     Ok(())
 }
