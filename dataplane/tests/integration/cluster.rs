@@ -7,8 +7,8 @@ use reqwest::Method;
 use serde_json::json;
 
 use crate::harness::{
-    KEY_A, Server, Setup, answer, axis, fresh_database, metric_sum, private_redis, services,
-    shared_postgres,
+    KEY_A, Server, Setup, answer, axis, fresh_database, metric_sum, private_redis, scattered,
+    services, shared_postgres,
 };
 
 async fn cluster_setup(redis_name: &str) -> anyhow::Result<Setup> {
@@ -207,17 +207,7 @@ async fn every_replica_learns_of_the_ann_index_at_the_next_flush() -> anyhow::Re
     setup.storage_extra = "index_min_rows = 400".into();
     let r1 = Server::start_replica(dir.path(), "r1", &setup).await?;
     let r2 = Server::start_replica(dir.path(), "r2", &setup).await?;
-    let vector = |i: u64| -> Vec<f32> {
-        // Deterministic pseudo-random vectors (splitmix64), distinct for every i.
-        (0..16u64)
-            .map(|d| {
-                let mut z = (i * 16 + d).wrapping_add(0x9e37_79b9_7f4a_7c15);
-                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                ((z ^ (z >> 31)) as f64 / u64::MAX as f64) as f32 - 0.5
-            })
-            .collect()
-    };
+    let vector = |i: u64| scattered(16, i);
     assert!(!vector_index(&r1).await? && !vector_index(&r2).await?);
     for i in 0..450u64 {
         let through = if i % 2 == 0 { &r1 } else { &r2 };

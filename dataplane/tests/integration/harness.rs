@@ -426,6 +426,18 @@ pub fn axis(dim: usize, i: usize, tilt: f32) -> Vec<f32> {
     v
 }
 
+/// A deterministic pseudo-random vector (splitmix64), distinct for every `i`.
+pub fn scattered(dim: u64, i: u64) -> Vec<f32> {
+    (0..dim)
+        .map(|d| {
+            let mut z = (i * dim + d).wrapping_add(0x9e37_79b9_7f4a_7c15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((z ^ (z >> 31)) as f64 / u64::MAX as f64) as f32 - 0.5
+        })
+        .collect()
+}
+
 pub fn answer(text: &str) -> Value {
     json!({"choices": [{"message": {"role": "assistant", "content": text}}]})
 }

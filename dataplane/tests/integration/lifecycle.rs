@@ -6,7 +6,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::json;
 
-use crate::harness::{KEY_A, KEY_B, Server, Setup, answer, axis, metric_sum};
+use crate::harness::{KEY_A, KEY_B, Server, Setup, answer, axis, metric_sum, scattered};
 
 #[tokio::test]
 async fn entries_expire_at_their_ttl_and_hits_do_not_extend_it() -> anyhow::Result<()> {
@@ -235,17 +235,7 @@ async fn flushed_entries_and_the_ann_index_keep_serving() -> anyhow::Result<()> 
     );
     std::fs::write(&s.config_path, cfg)?;
     let s = s.restart().await?;
-    let vector = |i: u64| -> Vec<f32> {
-        // Deterministic pseudo-random vectors (splitmix64), distinct for every i.
-        (0..16u64)
-            .map(|d| {
-                let mut z = (i * 16 + d).wrapping_add(0x9e37_79b9_7f4a_7c15);
-                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                ((z ^ (z >> 31)) as f64 / u64::MAX as f64) as f32 - 0.5
-            })
-            .collect()
-    };
+    let vector = |i: u64| scattered(16, i);
     for i in 0..500u64 {
         s.store(KEY_A, json!({"prompt": format!("ann {i}"), "vector": vector(i), "response": answer(&i.to_string())}))
             .await?;

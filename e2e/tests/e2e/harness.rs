@@ -349,16 +349,11 @@ pub async fn wait_gone<K>(api: &Api<K>, name: &str) -> anyhow::Result<()>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
-    let started = Instant::now();
-    loop {
-        if api.get_opt(name).await?.is_none() {
-            return Ok(());
-        }
-        if started.elapsed() > DEADLINE {
-            bail!("timed out waiting for {name} to be deleted");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let gone = await_condition(api.clone(), name, |o: Option<&K>| o.is_none());
+    tokio::time::timeout(DEADLINE, gone)
+        .await
+        .map_err(|_| anyhow!("timed out waiting for {name} to be deleted"))??;
+    Ok(())
 }
 
 pub fn condition<'a>(
