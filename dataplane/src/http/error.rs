@@ -121,6 +121,17 @@ impl IntoResponse for ApiError {
 /// Middleware layers (body limit, timeout, method routing) answer with plain-text bodies;
 /// give those the API's error format too.
 pub async fn rewrite_plain_errors(res: Response) -> Response {
+    let mut res = rewrite_plain_error_body(res);
+    if res.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        // The rest of the body was never read, so the connection cannot carry another request;
+        // say so, or a pooling client reuses it and its next request dies on the reset.
+        res.headers_mut()
+            .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    }
+    res
+}
+
+fn rewrite_plain_error_body(res: Response) -> Response {
     let status = res.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return res;

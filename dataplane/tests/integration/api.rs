@@ -333,8 +333,8 @@ async fn bad_input_gets_a_stable_error_code_and_changes_nothing() -> anyhow::Res
         json!({"prompt": "keep me", "vector": axis(8, 5, 0.0), "response": answer("kept")}),
     )
     .await?;
-    // Just over the 64 KiB limit: the server answers 413 before reading it all, so keep it small
-    // enough to sit in the socket buffers rather than race a connection reset.
+    // Just over the 64 KiB limit: the server answers 413 before reading it all (and closes the
+    // connection), so keep it small enough to sit in the socket buffers rather than race a reset.
     let huge = "x".repeat(80 * 1024);
     let cases: Vec<(&str, Option<&str>, serde_json::Value, u16, &str)> = vec![
         (
@@ -452,12 +452,19 @@ async fn bad_input_gets_a_stable_error_code_and_changes_nothing() -> anyhow::Res
         ),
     ];
     for (path, key, body, status, code) in cases {
-        let (got, v, _) = s.call(Method::POST, path, key, Some(&body)).await?;
+        let (got, v, headers) = s.call(Method::POST, path, key, Some(&body)).await?;
         assert_eq!(
             (got, v["error"]["code"].as_str()),
             (status, Some(code)),
             "{path} {v}"
         );
+        if got == 413 {
+            // The unread rest of the body poisons the connection; the client must not reuse it.
+            assert_eq!(
+                headers.get("connection").and_then(|h| h.to_str().ok()),
+                Some("close")
+            );
+        }
         assert!(
             v["error"]["message"]
                 .as_str()
