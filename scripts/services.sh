@@ -5,8 +5,17 @@
 #   scripts/services.sh start           start the shared instances, print their URLs as KEY=VALUE
 #   scripts/services.sh postgres NAME   start (or reuse) a private Postgres instance NAME
 #   scripts/services.sh stop-postgres NAME / start-postgres NAME
+#   scripts/services.sh minio NAME      start (or reuse) a MinIO server NAME, print its endpoint
 #   scripts/services.sh stop            stop everything this script started
+#
+# MinIO (the S3-compatible server for backup tests) is built from its Go module once and cached
+# under ~/.cache/semantis/minio/<version>/.
 set -euo pipefail
+
+# MinIO publishes no semver tags; this is the module's pseudo-version of a 2026-02 commit.
+MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
+MINIO_USER=semantis
+MINIO_PASSWORD=semantis-minio-secret
 
 root="${SEMANTIS_SERVICES_DIR:-/tmp/semantis-services}"
 mkdir -p "$root"
@@ -93,6 +102,46 @@ redis_stop() {
   redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
 }
 
+minio_bin() {
+  local dir="${SEMANTIS_CACHE_DIR:-$HOME/.cache/semantis}/minio/$MINIO_VERSION"
+  if [ ! -x "$dir/minio" ]; then
+    command -v go >/dev/null 2>&1 || { echo "MinIO needs Go to build (go install)" >&2; return 1; }
+    echo "building MinIO $MINIO_VERSION from its Go module (a few minutes, once)" >&2
+    mkdir -p "$dir"
+    GOBIN="$dir" GOFLAGS=-mod=mod go install "github.com/minio/minio@$MINIO_VERSION" >&2
+  fi
+  echo "$dir/minio"
+}
+
+minio_start() {
+  local name="$1" bin dir port
+  bin=$(minio_bin)
+  dir="$root/minio-$name"
+  port=$(port_of "minio-$name")
+  mkdir -p "$dir/data"
+  if ! curl -fsS "http://127.0.0.1:$port/minio/health/live" >/dev/null 2>&1; then
+    MINIO_ROOT_USER=$MINIO_USER MINIO_ROOT_PASSWORD=$MINIO_PASSWORD MINIO_BROWSER=off \
+      setsid "$bin" server "$dir/data" --address "127.0.0.1:$port" --quiet \
+      >"$dir/minio.log" 2>&1 </dev/null &
+    echo $! >"$dir/minio.pid"
+    for _ in $(seq 1 200); do
+      curl -fsS "http://127.0.0.1:$port/minio/health/live" >/dev/null 2>&1 && break
+      sleep 0.1
+    done
+    curl -fsS "http://127.0.0.1:$port/minio/health/live" >/dev/null \
+      || { echo "MinIO did not start; see $dir/minio.log" >&2; return 1; }
+  fi
+  echo "SEMANTIS_TEST_S3_ENDPOINT=http://127.0.0.1:$port"
+  echo "AWS_ACCESS_KEY_ID=$MINIO_USER"
+  echo "AWS_SECRET_ACCESS_KEY=$MINIO_PASSWORD"
+}
+
+minio_stop() {
+  local pidfile="$root/minio-$1/minio.pid"
+  [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+  rm -f "$pidfile"
+}
+
 case "${1:-start}" in
   start)
     install_missing
@@ -103,9 +152,12 @@ case "${1:-start}" in
   stop-postgres) postgres_stop "$2" ;;
   redis|start-redis) install_missing; redis_start "$2" ;;
   stop-redis) redis_stop "$2" ;;
+  minio|start-minio) minio_start "$2" ;;
+  stop-minio) minio_stop "$2" ;;
   stop)
     for d in "$root"/pg-*; do [ -d "$d" ] && postgres_stop "${d##*/pg-}"; done
     for d in "$root"/redis-*; do [ -d "$d" ] && redis_stop "${d##*/redis-}"; done
+    for d in "$root"/minio-*; do [ -d "$d" ] && minio_stop "${d##*/minio-}"; done
     ;;
-  *) echo "usage: $0 start|postgres NAME|stop-postgres NAME|redis NAME|stop-redis NAME|stop" >&2; exit 2 ;;
+  *) echo "usage: $0 start|postgres NAME|stop-postgres NAME|redis NAME|stop-redis NAME|minio NAME|stop-minio NAME|stop" >&2; exit 2 ;;
 esac

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
-use semantis_contract::{DataplaneConfig, EmbeddingProvider};
+use semantis_contract::{DataplaneConfig, EmbedderConfig, EmbeddingProvider};
 
 const SECTIONS: [&str; 7] = [
     "server", "storage", "redis", "postgres", "embedder", "cache", "tenants",
@@ -75,10 +75,15 @@ fn validate(cfg: &DataplaneConfig) -> Result<(), ConfigError> {
 /// Where the local model's files are: the configured directory, or the one
 /// `scripts/fetch-model.sh` fills.
 pub fn model_dir(cfg: &DataplaneConfig) -> Option<PathBuf> {
-    if cfg.embedder.provider != EmbeddingProvider::Local {
+    embedder_model_dir(&cfg.embedder)
+}
+
+/// Where a local embedder's weights live (its `model_dir`, else the per-user cache).
+pub fn embedder_model_dir(embedder: &EmbedderConfig) -> Option<PathBuf> {
+    if embedder.provider != EmbeddingProvider::Local {
         return None;
     }
-    if let Some(dir) = &cfg.embedder.model_dir {
+    if let Some(dir) = &embedder.model_dir {
         return Some(PathBuf::from(dir));
     }
     let home = std::env::var_os("HOME")?;

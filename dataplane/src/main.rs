@@ -1,7 +1,9 @@
 //! `semantis-dataplane`: the semantic-cache service and its tools.
 
+mod backup;
 mod bench;
 mod eval;
+mod reindex;
 mod serve;
 
 use std::io::IsTerminal;
@@ -45,6 +47,13 @@ enum Command {
         #[arg(long, short, env = "SEMANTIS_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Fill the migration target (`target_embedder`) from the active index version, then
+    /// mark it ready; serving replicas switch to it when their embedder is set to it.
+    Reindex(reindex::ReindexArgs),
+    /// Upload a consistent snapshot of every tenant's tables and the metadata to S3.
+    Backup(backup::BackupArgs),
+    /// Rebuild a cache from a backup into empty stores, verifying every checksum first.
+    Restore(backup::RestoreArgs),
     /// Load-test a running server and report latency percentiles and throughput.
     Bench(bench::BenchArgs),
     /// Measure hit quality on a dataset of question pairs (store `a`, look up `b`).
@@ -75,6 +84,9 @@ async fn main() -> anyhow::Result<()> {
             let cfg = semantis_dataplane::config::load(config.as_deref())?;
             serve::run(cfg).await
         }
+        Command::Reindex(args) => reindex::run(args).await,
+        Command::Backup(args) => backup::backup(args).await,
+        Command::Restore(args) => backup::restore(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Eval(args) => eval::run(args).await,
         Command::HashKey => {

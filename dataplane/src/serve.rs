@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use redis::IntoConnectionInfo;
-use semantis_contract::{DataplaneConfig, EmbeddingProvider};
+use semantis_contract::{DataplaneConfig, EmbedderConfig, EmbeddingProvider};
 use semantis_dataplane::cache::entry::now_ms;
 use semantis_dataplane::cache::tenants::TenantRegistry;
 use semantis_dataplane::cache::{Cache, CacheParts, Partition};
@@ -19,8 +19,9 @@ use semantis_dataplane::embed::remote::RemoteEmbedder;
 use semantis_dataplane::embed::{Embedder, fingerprint};
 use semantis_dataplane::http::{AppState, router};
 use semantis_dataplane::metrics::Metrics;
+use semantis_dataplane::store::dual::DualEntryStore;
 use semantis_dataplane::store::hot::InProcessHotLayer;
-use semantis_dataplane::store::lance::{LanceEntryStore, LogConfig};
+use semantis_dataplane::store::lance::{LanceEntryStore, LogConfig, table_name};
 use semantis_dataplane::store::metadata::{MetadataStore, QueuedUsage};
 use semantis_dataplane::store::redis_hot::RedisHotLayer;
 use semantis_dataplane::store::redis_log::connect;
@@ -36,16 +37,16 @@ pub struct Built {
     pub usage_writer: JoinHandle<()>,
 }
 
-async fn load_embedder(
-    cfg: &DataplaneConfig,
+/// The embedder `e` describes, with batching and (when configured) its cache in front.
+pub async fn load_embedder(
+    e: &EmbedderConfig,
     metrics: &Arc<Metrics>,
     redis: Option<redis::aio::ConnectionManager>,
 ) -> anyhow::Result<Option<Arc<dyn Embedder>>> {
-    let e = &cfg.embedder;
     let (provider, workers): (Arc<dyn Embedder>, usize) = match e.provider {
         EmbeddingProvider::None => return Ok(None),
         EmbeddingProvider::Local => {
-            let dir = semantis_dataplane::config::model_dir(cfg)
+            let dir = semantis_dataplane::config::embedder_model_dir(e)
                 .context("failed to locate the local model: set embedder.model_dir")?;
             let started = std::time::Instant::now();
             let model = LocalEmbedder::load(&dir, e).with_context(|| {
@@ -92,22 +93,11 @@ async fn load_embedder(
     ))))
 }
 
-pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Result<Built> {
-    let registry = TenantRegistry::from_config(cfg).context("failed to load the tenants")?;
-    let data_dir = PathBuf::from(&cfg.storage.data_dir);
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("failed to create the data directory {}", data_dir.display()))?;
-    let index_version = fingerprint(&cfg.embedder);
-    let dimension = cfg.embedder.dimension;
-    if let Some(target) = &cfg.target_embedder {
-        // Dual writes to the target version belong to the reindex work (issue 6); until then
-        // the active version keeps serving and the target is only reported.
-        tracing::warn!(
-            target_fingerprint = %target.fingerprint(),
-            "an index migration target is configured; this build serves the active version only"
-        );
-    }
-
+/// Postgres in cluster mode, else SQLite in the data directory; migrated on open.
+pub async fn open_metadata(
+    cfg: &DataplaneConfig,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<MetadataStore> {
     let metadata = match &cfg.postgres {
         Some(pg) => {
             let password = match &pg.password_file {
@@ -129,6 +119,23 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
             .await
             .context("failed to open the SQLite metadata store")?,
     };
+    Ok(metadata)
+}
+
+pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Result<Built> {
+    let registry = TenantRegistry::from_config(cfg).context("failed to load the tenants")?;
+    let data_dir = PathBuf::from(&cfg.storage.data_dir);
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("failed to create the data directory {}", data_dir.display()))?;
+    let index_version = fingerprint(&cfg.embedder);
+    let dimension = cfg.embedder.dimension;
+    // A migration target other than the active embedder: dual writes (see store::dual).
+    let target = cfg
+        .target_embedder
+        .as_ref()
+        .filter(|t| t.fingerprint() != index_version);
+
+    let metadata = open_metadata(cfg, &data_dir).await?;
     let db = lancedb::connect(&data_dir.join("lance").to_string_lossy())
         .execute()
         .await
@@ -156,7 +163,22 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
         }
         None => None,
     };
-    let embedder = load_embedder(cfg, &metrics, redis.as_ref().map(|(_, c)| c.clone())).await?;
+    let embedder = load_embedder(
+        &cfg.embedder,
+        &metrics,
+        redis.as_ref().map(|(_, c)| c.clone()),
+    )
+    .await?;
+    let target = match target {
+        Some(t) => {
+            let e = load_embedder(t, &metrics, redis.as_ref().map(|(_, c)| c.clone()))
+                .await
+                .context("failed to load the migration target's embedder")?
+                .context("failed to start: the migration target needs an embedding provider")?;
+            Some((t, t.fingerprint(), e))
+        }
+        None => None,
+    };
     // The pod name in Kubernetes; unique per process elsewhere.
     let replica = std::env::var("HOSTNAME")
         .ok()
@@ -169,8 +191,8 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
     let mut partitions = Vec::new();
     for tenant in registry.all() {
         // One table per (tenant, index version).
-        let table = format!("{}--{}", tenant.name, &index_version[..16]);
-        let log = match &redis {
+        let table = table_name(&tenant.name, &index_version);
+        let log = || match &redis {
             Some((client, conn)) => LogConfig::Redis {
                 client,
                 conn,
@@ -178,9 +200,12 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
             },
             None => LogConfig::File { root: &wal_root },
         };
-        let store = LanceEntryStore::open(
+        let now = now_ms();
+        check_index_version(&metadata, &tenant.name, &index_version, dimension, now).await?;
+        metadata.register_tenant(&tenant.name, now).await?;
+        let active = LanceEntryStore::open(
             &db,
-            log,
+            log(),
             &tenant.name,
             &table,
             dimension,
@@ -189,27 +214,46 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
         )
         .await
         .with_context(|| format!("failed to open the entry store of tenant `{}`", tenant.name))?;
-        let seen = store
+        let seen = active
             .all_ids()
             .await
             .with_context(|| format!("failed to scan the entries of tenant `{}`", tenant.name))?;
-        let now = now_ms();
-        if let Some((active, dim)) = metadata.active_version(&tenant.name).await?
-            && active != index_version
-        {
-            bail!(
-                "failed to start: tenant `{}` is served by index version {active} ({dim} dimensions), \
-                 but the configured embedder has fingerprint {index_version} ({dimension} dimensions); \
-                 migrate with `semantis-dataplane reindex` or restore the embedder settings",
-                tenant.name
-            );
+        let mut store: Arc<dyn EntryStore> = active;
+        if let Some((t, target_fp, target_embedder)) = &target {
+            let target_table = table_name(&tenant.name, target_fp);
+            let target_store = LanceEntryStore::open(
+                &db,
+                log(),
+                &tenant.name,
+                &target_table,
+                t.dimension,
+                cfg.storage.clone(),
+                metrics.clone(),
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "failed to open the migration target of tenant `{}`",
+                    tenant.name
+                )
+            })?;
+            if metadata
+                .version_state(&tenant.name, target_fp)
+                .await?
+                .is_none()
+            {
+                metadata
+                    .set_index_version(&tenant.name, target_fp, t.dimension, "building", now)
+                    .await?;
+            }
+            tracing::info!(tenant = %tenant.name, target_table, "writing to the migration target too");
+            store = Arc::new(DualEntryStore::new(
+                store,
+                target_store,
+                target_embedder.clone(),
+            ));
         }
-        metadata.register_tenant(&tenant.name, now).await?;
-        metadata
-            .set_index_version(&tenant.name, &index_version, dimension, "active", now)
-            .await?;
         tracing::info!(tenant = %tenant.name, table, entries = seen.len(), "opened tenant");
-        let store: Arc<dyn EntryStore> = store;
         partitions.push(Arc::new(Partition::new(tenant.clone(), store, &seen)));
     }
 
@@ -241,6 +285,74 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
     })
 }
 
+/// Refuse to serve a version the tenant's data does not live in: the configured embedder's
+/// version must be the active one, a `ready` migration target (which then becomes active and
+/// retires the old one), or the first version the tenant has.
+async fn check_index_version(
+    metadata: &MetadataStore,
+    tenant: &str,
+    index_version: &str,
+    dimension: usize,
+    now: i64,
+) -> anyhow::Result<()> {
+    match metadata.active_version(tenant).await? {
+        Some((active, _)) if active == index_version => {}
+        None => {}
+        Some((active, dim)) => {
+            let state = metadata.version_state(tenant, index_version).await?;
+            if state.as_deref() != Some("ready") {
+                bail!(
+                    "failed to start: tenant `{tenant}` is served by index version {active} ({dim} dimensions), \
+                     but the configured embedder has fingerprint {index_version} ({dimension} dimensions, {}); \
+                     set it as `target_embedder` and run `semantis-dataplane reindex` first, or restore the embedder settings",
+                    state.map_or_else(|| "never built".to_owned(), |s| format!("state `{s}`"))
+                );
+            }
+            tracing::info!(tenant, from = %active, to = index_version, "switching to the reindexed version");
+        }
+    }
+    metadata
+        .activate_version(tenant, index_version, dimension, now)
+        .await?;
+    Ok(())
+}
+
+/// Drop the tables of versions retired longer ago than the grace period. Replicas still on the
+/// old version (a rolling update) keep serving it until then.
+async fn retire_versions(
+    metadata: &MetadataStore,
+    data_dir: &std::path::Path,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let cutoff = now_ms() - i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+    let retired = metadata.retired_before(cutoff).await?;
+    if retired.is_empty() {
+        return Ok(());
+    }
+    let db = lancedb::connect(&data_dir.join("lance").to_string_lossy())
+        .execute()
+        .await
+        .context("failed to open LanceDB")?;
+    for (tenant, fp) in retired {
+        let table = table_name(&tenant, &fp);
+        match db.drop_table(&table, &[]).await {
+            Ok(()) | Err(lancedb::Error::TableNotFound { .. }) => {}
+            Err(e) => return Err(e).with_context(|| format!("failed to drop table {table}")),
+        }
+        let wal = data_dir.join("wal").join(&table);
+        if wal.exists() {
+            std::fs::remove_dir_all(&wal)
+                .with_context(|| format!("failed to remove {}", wal.display()))?;
+        }
+        let dimension = 0;
+        metadata
+            .set_index_version(&tenant, &fp, dimension, "deleted", now_ms())
+            .await?;
+        tracing::info!(tenant, table, "deleted the retired index version");
+    }
+    Ok(())
+}
+
 fn spawn_maintainers(cache: &Arc<Cache>, cfg: &DataplaneConfig) -> Vec<JoinHandle<()>> {
     let tick = Duration::from_millis((cfg.storage.flush_interval_ms / 4).clamp(20, 1000));
     let c = cache.clone();
@@ -261,7 +373,24 @@ fn spawn_maintainers(cache: &Arc<Cache>, cfg: &DataplaneConfig) -> Vec<JoinHandl
             c.purge_expired(10_000).await;
         }
     });
-    vec![maintain, expire]
+    let metadata = cache.metadata().clone();
+    let data_dir = PathBuf::from(&cfg.storage.data_dir);
+    let grace = Duration::from_secs(cfg.storage.retired_grace_secs);
+    let retire = tokio::spawn(async move {
+        let mut interval =
+            tokio::time::interval(Duration::from_secs(30).min(grace.max(Duration::from_secs(1))));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            if let Err(e) = retire_versions(&metadata, &data_dir, grace).await {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "failed to delete retired index versions"
+                );
+            }
+        }
+    });
+    vec![maintain, expire, retire]
 }
 
 async fn shutdown_signal() {

@@ -3,6 +3,8 @@
 
 #[path = "integration/api.rs"]
 mod api;
+#[path = "integration/backup.rs"]
+mod backup;
 #[path = "integration/cluster.rs"]
 mod cluster;
 #[path = "integration/embedders.rs"]
@@ -11,6 +13,8 @@ mod embedders;
 mod harness;
 #[path = "integration/lifecycle.rs"]
 mod lifecycle;
+#[path = "integration/migration.rs"]
+mod migration;
 #[path = "integration/postgres.rs"]
 mod postgres;
 #[path = "integration/tools.rs"]

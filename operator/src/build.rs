@@ -54,6 +54,9 @@ pub struct Observed {
     pub active: EmbedderConfig,
     /// The index version a migration is building (also while it has failed).
     pub target: Option<EmbedderConfig>,
+    /// Whether the reindex Job may exist: every dataplane replica already runs with the target
+    /// (so writes reach both versions while the Job copies), or the Job was created before.
+    pub start_reindex: bool,
     /// Whether the monitoring.coreos.com ServiceMonitor CRD is installed.
     pub service_monitor_crd: bool,
 }
@@ -207,17 +210,19 @@ fn hash(bytes: &[u8]) -> String {
 }
 
 /// Everything the cache wants, in a stable order.
+/// The hash on the dataplane's pod template. Pods restart whenever the rendered config changes,
+/// the migration target included: serving replicas must write to the target (dual writes)
+/// before the reindex Job copies, or stores made during the copy would miss the new version.
+pub fn config_hash(c: &ValidatedCache, o: &Observed) -> String {
+    let config = dataplane_config(c, o, &child_names(&c.name));
+    hash(toml::to_string(&config).unwrap_or_default().as_bytes())
+}
+
 pub fn build(c: &ValidatedCache, o: &Observed) -> Vec<Child> {
     let names = child_names(&c.name);
     let config = dataplane_config(c, o, &names);
     let config_toml = toml::to_string(&config).unwrap_or_default();
-    // Pods restart when what they serve changes, not when a migration starts: the target
-    // embedder is left out of the hash, so starting (or cancelling) a reindex bounces nothing.
-    let serving = DataplaneConfig {
-        target_embedder: None,
-        ..config.clone()
-    };
-    let serving_hash = hash(toml::to_string(&serving).unwrap_or_default().as_bytes());
+    let serving_hash = hash(config_toml.as_bytes());
     let mut out = vec![
         child(redis_secret(c, o, &names)),
         child(redis_config(c, &names)),
@@ -242,7 +247,7 @@ pub fn build(c: &ValidatedCache, o: &Observed) -> Vec<Child> {
     if let Some(b) = &c.backup {
         out.push(child(backup_cronjob(c, b, &names)));
     }
-    if let Some(target) = &o.target {
+    if let Some(target) = o.target.as_ref().filter(|_| o.start_reindex) {
         out.push(child(reindex_job(c, target, &names)));
     }
     if c.service_monitor && o.service_monitor_crd {
@@ -936,6 +941,7 @@ mod tests {
             }),
             active: c.embedder.clone(),
             target: None,
+            start_reindex: false,
             service_monitor_crd: true,
         }
     }
@@ -978,7 +984,12 @@ mod tests {
         let mut o = observed(&c);
         let mut target = c.embedder.clone();
         target.revision = "v2".into();
+        let before = config_hash(&c, &o);
         o.target = Some(target.clone());
+        // The replicas roll to dual writes first; no Job until they run with the target.
+        assert_ne!(config_hash(&c, &o), before);
+        assert!(!build(&c, &o).iter().any(|ch| ch.kind() == "Job"));
+        o.start_reindex = true;
         let children = build(&c, &o);
         let job = children
             .iter()

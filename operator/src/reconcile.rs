@@ -25,8 +25,8 @@ use semantis_contract::EmbedderConfig;
 use serde_json::json;
 
 use crate::build::{
-    self, CACHE_LABEL, Child, MANAGED_BY, Observed, PostgresLogin, child_names, reindex_job_name,
-    service_monitor_resource,
+    self, CACHE_LABEL, CONFIG_HASH_ANNOTATION, Child, MANAGED_BY, Observed, PostgresLogin,
+    child_names, reindex_job_name, service_monitor_resource,
 };
 use crate::crd::{DeletionPolicy, IndexStatus, SemanticCache, SemanticCacheStatus};
 use crate::metrics::Metrics;
@@ -469,6 +469,7 @@ async fn observe(
         None => (c.embedding.clone(), wanted.clone()),
     };
     let mut target = None;
+    let mut reindex_job_exists = false;
     let mut index = IndexState::Serving;
     if active.fingerprint() != wanted.fingerprint() {
         let job_name = reindex_job_name(&c.name, &wanted);
@@ -476,6 +477,7 @@ async fn observe(
             .get_opt(&job_name)
             .await
             .map_err(kube_err(format!("read Job {job_name}")))?;
+        reindex_job_exists = job.is_some();
         let finished = job.as_ref().and_then(job_outcome);
         match finished {
             Some(Ok(())) => {
@@ -552,15 +554,21 @@ async fn observe(
         }
     }
 
+    let mut inputs = Observed {
+        redis_password,
+        postgres: postgres_login,
+        active,
+        target,
+        start_reindex: false,
+        service_monitor_crd,
+    };
+    if inputs.target.is_some() {
+        inputs.start_reindex =
+            reindex_job_exists || dual_writes_rolled_out(client, c, &inputs).await?;
+    }
     Ok(ObservedState {
         missing_secrets,
-        inputs: Observed {
-            redis_password,
-            postgres: postgres_login,
-            active,
-            target,
-            service_monitor_crd,
-        },
+        inputs,
         active_spec,
         postgres: postgres_state,
         index,
@@ -710,10 +718,39 @@ fn rollout_of_statefulset(obj: Option<&DynamicObject>) -> Rollout {
     }
 }
 
-fn rollout_of_deployment(obj: Option<&DynamicObject>) -> Rollout {
-    let Some(d) = typed::<Deployment>(obj) else {
-        return Rollout::default();
+/// True when the dataplane Deployment runs the config with the migration target on every
+/// replica: its pod template carries that config's hash and the rollout is complete.
+async fn dual_writes_rolled_out(
+    client: &Client,
+    c: &ValidatedCache,
+    inputs: &Observed,
+) -> Result<bool, Error> {
+    let name = child_names(&c.name).dataplane;
+    let Some(d) = Api::<Deployment>::namespaced(client.clone(), &c.namespace)
+        .get_opt(&name)
+        .await
+        .map_err(kube_err(format!("read Deployment {name}")))?
+    else {
+        return Ok(false);
     };
+    let running = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(CONFIG_HASH_ANNOTATION))
+        .cloned();
+    Ok(
+        running.as_deref() == Some(build::config_hash(c, inputs).as_str())
+            && deployment_rollout(d).done(),
+    )
+}
+
+fn rollout_of_deployment(obj: Option<&DynamicObject>) -> Rollout {
+    typed::<Deployment>(obj).map_or_else(Rollout::default, deployment_rollout)
+}
+
+fn deployment_rollout(d: Deployment) -> Rollout {
     let status = d.status.unwrap_or_default();
     Rollout {
         wanted: d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),

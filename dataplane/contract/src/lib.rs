@@ -75,6 +75,9 @@ pub struct StorageConfig {
     pub prune_older_than_secs: u64,
     /// How often the background maintainer looks at each table, in milliseconds.
     pub maintenance_interval_ms: u64,
+    /// Delete an index version's table this long after a migration retired it, in seconds
+    /// (replicas still rolling over keep serving it until then).
+    pub retired_grace_secs: u64,
 }
 
 impl Default for StorageConfig {
@@ -88,6 +91,7 @@ impl Default for StorageConfig {
             index_max_unindexed_rows: 20_000,
             prune_older_than_secs: 600,
             maintenance_interval_ms: 10_000,
+            retired_grace_secs: 3600,
         }
     }
 }

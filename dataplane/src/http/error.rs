@@ -125,8 +125,10 @@ pub async fn rewrite_plain_errors(res: Response) -> Response {
     if res.status() == StatusCode::PAYLOAD_TOO_LARGE {
         // The rest of the body was never read, so the connection cannot carry another request;
         // say so, or a pooling client reuses it and its next request dies on the reset.
-        res.headers_mut()
-            .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+        res.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
     }
     res
 }

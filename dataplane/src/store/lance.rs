@@ -153,6 +153,8 @@ pub struct LanceEntryStore {
     /// table (first flush after startup or after taking the lease, or after a flush that
     /// failed once LanceDB may have committed). Appending is far cheaper on large tables.
     merge_next: AtomicBool,
+    /// Merge on every flush: set on a migration target, whose rows `reindex` also writes.
+    always_merge: AtomicBool,
     /// Whether the last lease check found this replica leading.
     leading: AtomicBool,
     has_vector_index: AtomicBool,
@@ -227,43 +229,7 @@ impl LanceEntryStore {
             table: table_name.to_owned(),
             source: Box::new(source),
         };
-        let table = match db.open_table(table_name).execute().await {
-            Ok(t) => t,
-            Err(lancedb::Error::TableNotFound { .. }) => {
-                match db
-                    .create_empty_table(table_name, schema.clone())
-                    .execute()
-                    .await
-                {
-                    Ok(t) => t,
-                    // Another replica created it first.
-                    Err(lancedb::Error::TableAlreadyExists { .. }) => db
-                        .open_table(table_name)
-                        .execute()
-                        .await
-                        .map_err(|e| lance("open", e))?,
-                    Err(e) => return Err(lance("create", e)),
-                }
-            }
-            Err(e) => return Err(lance("open", e)),
-        };
-        let found = table
-            .schema()
-            .await
-            .map_err(|e| lance("read the schema of", e))?;
-        if found
-            .field_with_name("vector")
-            .map(|f| f.data_type().clone())
-            .ok()
-            != Some(schema.field(5).data_type().clone())
-        {
-            return Err(StoreError::Decode {
-                table: table_name.to_owned(),
-                reason: format!(
-                    "the table's vector column does not hold {dimension}-dimensional vectors"
-                ),
-            });
-        }
+        let table = open_or_create_table(db, table_name, dimension).await?;
         let indices = table
             .list_indices()
             .await
@@ -319,6 +285,7 @@ impl LanceEntryStore {
             cfg,
             flushes_since_compaction: AtomicUsize::new(0),
             merge_next: AtomicBool::new(true),
+            always_merge: AtomicBool::new(false),
             leading: AtomicBool::new(false),
             has_vector_index: AtomicBool::new(has_vector_index),
             has_scalar_indexes: AtomicBool::new(has_scalar_indexes),
@@ -459,6 +426,11 @@ impl LanceEntryStore {
         }
     }
 
+    /// Flush by merging on id from now on (a migration target that `reindex` fills too).
+    pub fn merge_every_flush(&self) {
+        self.always_merge.store(true, Ordering::Relaxed);
+    }
+
     pub fn tail_len(&self) -> usize {
         self.state.lock().tail.len()
     }
@@ -472,51 +444,7 @@ impl LanceEntryStore {
     }
 
     fn to_batch(&self, entries: &[Arc<Entry>]) -> Result<RecordBatch, StoreError> {
-        let strings = |f: fn(&Entry) -> &str| -> ArrayRef {
-            Arc::new(StringArray::from_iter_values(entries.iter().map(|e| f(e))))
-        };
-        let dim = match self.schema.field(5).data_type() {
-            DataType::FixedSizeList(_, d) => *d,
-            _ => 0,
-        };
-        let vectors = FixedSizeListArray::from_iter_primitive::<Float32Type, _, _>(
-            entries
-                .iter()
-                .map(|e| Some(e.vector.iter().copied().map(Some).collect::<Vec<_>>())),
-            dim,
-        );
-        let columns: Vec<ArrayRef> = vec![
-            strings(|e| &e.id),
-            strings(|e| &e.scope),
-            strings(|e| &e.namespace),
-            strings(|e| &e.exact_key),
-            strings(|e| &e.prompt),
-            Arc::new(vectors),
-            Arc::new(BinaryArray::from_iter_values(
-                entries.iter().map(|e| e.response.as_ref()),
-            )),
-            strings(|e| &e.model),
-            Arc::new(Int64Array::from_iter_values(
-                entries.iter().map(|e| e.created_at_ms),
-            )),
-            Arc::new(Int64Array::from_iter_values(
-                entries.iter().map(|e| e.expires_at_ms),
-            )),
-            Arc::new(UInt64Array::from_iter_values(
-                entries.iter().map(|e| e.prompt_tokens),
-            )),
-            Arc::new(UInt64Array::from_iter_values(
-                entries.iter().map(|e| e.completion_tokens),
-            )),
-            Arc::new(Float64Array::from_iter_values(
-                entries.iter().map(|e| e.cost_usd),
-            )),
-            strings(|e| &e.metadata),
-        ];
-        RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| StoreError::Decode {
-            table: self.name.clone(),
-            reason: format!("failed to build a record batch: {e}"),
-        })
+        entries_to_batch(&self.schema, &self.name, entries)
     }
 
     fn decode(&self, batch: &RecordBatch) -> Result<Vec<Entry>, StoreError> {
@@ -634,7 +562,8 @@ impl LanceEntryStore {
         if !batch.is_empty() {
             let rb = self.to_batch(&batch)?;
             // Until this flush is recorded, a retry may find these rows already written.
-            let merge = self.merge_next.swap(true, Ordering::AcqRel);
+            let merge = self.merge_next.swap(true, Ordering::AcqRel)
+                || self.always_merge.load(Ordering::Relaxed);
             if merge {
                 let reader = RecordBatchIterator::new(vec![Ok(rb)], self.schema.clone());
                 let mut merge = self.table.merge_insert(&["id"]);
@@ -718,14 +647,7 @@ impl LanceEntryStore {
             .await
             .map_err(|e| self.lance("count rows of", e))?;
         if rows > 0 && !self.has_scalar_indexes.load(Ordering::Relaxed) {
-            for column in ["exact_key", "id", "scope"] {
-                self.table
-                    .create_index(&[column], Index::BTree(BTreeIndexBuilder::default()))
-                    .replace(true)
-                    .execute()
-                    .await
-                    .map_err(|e| self.lance("build a scalar index on", e))?;
-            }
+            create_scalar_indexes(&self.table, &self.name).await?;
             self.has_scalar_indexes.store(true, Ordering::Relaxed);
         }
         if self.flushes_since_compaction.load(Ordering::Relaxed) >= self.cfg.compact_min_fragments {
@@ -760,33 +682,12 @@ impl LanceEntryStore {
         }
         if !self.has_vector_index.load(Ordering::Relaxed) && rows >= self.cfg.index_min_rows {
             let started = Instant::now();
-            // About sqrt(rows) partitions, as LanceDB recommends; PQ with 8-dim sub-vectors.
-            let partitions = ((rows as f64).sqrt() as u32).clamp(1, 4096);
-            let dim = match self.schema.field(5).data_type() {
-                DataType::FixedSizeList(_, d) => u32::try_from(*d).unwrap_or(8),
-                _ => 8,
-            };
-            self.table
-                .create_index(
-                    &["vector"],
-                    Index::IvfPq(
-                        IvfPqIndexBuilder::default()
-                            .distance_type(DistanceType::Cosine)
-                            .num_partitions(partitions)
-                            .num_sub_vectors((dim / 8).max(1)),
-                    ),
-                )
-                .name(VECTOR_INDEX.to_owned())
-                .replace(true)
-                .execute()
-                .await
-                .map_err(|e| self.lance("build the vector index of", e))?;
+            create_vector_index(&self.table, &self.name, &self.schema, rows).await?;
             self.has_vector_index.store(true, Ordering::Relaxed);
             self.metrics
                 .store_index_build_duration
                 .with_label_values(&[&self.tenant])
                 .observe(started.elapsed().as_secs_f64());
-            tracing::info!(table = %self.name, rows, partitions, "built the vector index");
         } else if self.has_vector_index.load(Ordering::Relaxed) {
             let stats = self
                 .table
@@ -814,6 +715,313 @@ fn column<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> Result<&'a T, Strin
     b.column_by_name(name)
         .and_then(|c| c.as_any().downcast_ref::<T>())
         .ok_or_else(|| format!("column `{name}` is missing or of the wrong type"))
+}
+
+/// Entries → one record batch of `schema`.
+fn entries_to_batch(
+    schema: &SchemaRef,
+    table: &str,
+    entries: &[Arc<Entry>],
+) -> Result<RecordBatch, StoreError> {
+    let strings = |f: fn(&Entry) -> &str| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(entries.iter().map(|e| f(e))))
+    };
+    let dim = match schema.field(5).data_type() {
+        DataType::FixedSizeList(_, d) => *d,
+        _ => 0,
+    };
+    let vectors = FixedSizeListArray::from_iter_primitive::<Float32Type, _, _>(
+        entries
+            .iter()
+            .map(|e| Some(e.vector.iter().copied().map(Some).collect::<Vec<_>>())),
+        dim,
+    );
+    let columns: Vec<ArrayRef> = vec![
+        strings(|e| &e.id),
+        strings(|e| &e.scope),
+        strings(|e| &e.namespace),
+        strings(|e| &e.exact_key),
+        strings(|e| &e.prompt),
+        Arc::new(vectors),
+        Arc::new(BinaryArray::from_iter_values(
+            entries.iter().map(|e| e.response.as_ref()),
+        )),
+        strings(|e| &e.model),
+        Arc::new(Int64Array::from_iter_values(
+            entries.iter().map(|e| e.created_at_ms),
+        )),
+        Arc::new(Int64Array::from_iter_values(
+            entries.iter().map(|e| e.expires_at_ms),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            entries.iter().map(|e| e.prompt_tokens),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            entries.iter().map(|e| e.completion_tokens),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            entries.iter().map(|e| e.cost_usd),
+        )),
+        strings(|e| &e.metadata),
+    ];
+    RecordBatch::try_new(schema.clone(), columns).map_err(|e| StoreError::Decode {
+        table: table.to_owned(),
+        reason: format!("failed to build a record batch: {e}"),
+    })
+}
+
+/// The LanceDB table of one (tenant, index version).
+pub fn table_name(tenant: &str, fingerprint: &str) -> String {
+    format!("{tenant}--{}", &fingerprint[..fingerprint.len().min(16)])
+}
+
+fn lance_error(table: &str, action: &'static str) -> impl FnOnce(lancedb::Error) -> StoreError {
+    let table = table.to_owned();
+    move |source| StoreError::Lance {
+        action,
+        table,
+        source: Box::new(source),
+    }
+}
+
+/// Open `name`, creating it empty when missing, and check it holds `dimension`-sized vectors.
+pub async fn open_or_create_table(
+    db: &lancedb::Connection,
+    name: &str,
+    dimension: usize,
+) -> Result<lancedb::Table, StoreError> {
+    let schema = entry_schema(dimension);
+    let table = match db.open_table(name).execute().await {
+        Ok(t) => t,
+        Err(lancedb::Error::TableNotFound { .. }) => {
+            match db.create_empty_table(name, schema.clone()).execute().await {
+                Ok(t) => t,
+                // Another replica (or `reindex`) created it first.
+                Err(lancedb::Error::TableAlreadyExists { .. }) => db
+                    .open_table(name)
+                    .execute()
+                    .await
+                    .map_err(lance_error(name, "open"))?,
+                Err(e) => return Err(lance_error(name, "create")(e)),
+            }
+        }
+        Err(e) => return Err(lance_error(name, "open")(e)),
+    };
+    let found = table
+        .schema()
+        .await
+        .map_err(lance_error(name, "read the schema of"))?;
+    if found
+        .field_with_name("vector")
+        .map(|f| f.data_type().clone())
+        .ok()
+        != Some(schema.field(5).data_type().clone())
+    {
+        return Err(StoreError::Decode {
+            table: name.to_owned(),
+            reason: format!(
+                "the table's vector column does not hold {dimension}-dimensional vectors"
+            ),
+        });
+    }
+    Ok(table)
+}
+
+async fn create_scalar_indexes(table: &lancedb::Table, name: &str) -> Result<(), StoreError> {
+    for column in ["exact_key", "id", "scope"] {
+        table
+            .create_index(&[column], Index::BTree(BTreeIndexBuilder::default()))
+            .replace(true)
+            .execute()
+            .await
+            .map_err(lance_error(name, "build a scalar index on"))?;
+    }
+    Ok(())
+}
+
+async fn create_vector_index(
+    table: &lancedb::Table,
+    name: &str,
+    schema: &SchemaRef,
+    rows: usize,
+) -> Result<(), StoreError> {
+    // About sqrt(rows) partitions, as LanceDB recommends; PQ with 8-dim sub-vectors.
+    let partitions = ((rows as f64).sqrt() as u32).clamp(1, 4096);
+    let dim = match schema.field(5).data_type() {
+        DataType::FixedSizeList(_, d) => u32::try_from(*d).unwrap_or(8),
+        _ => 8,
+    };
+    table
+        .create_index(
+            &["vector"],
+            Index::IvfPq(
+                IvfPqIndexBuilder::default()
+                    .distance_type(DistanceType::Cosine)
+                    .num_partitions(partitions)
+                    .num_sub_vectors((dim / 8).max(1)),
+            ),
+        )
+        .name(VECTOR_INDEX.to_owned())
+        .replace(true)
+        .execute()
+        .await
+        .map_err(lance_error(name, "build the vector index of"))?;
+    tracing::info!(table = %name, rows, partitions, "built the vector index");
+    Ok(())
+}
+
+/// Direct access to one table, outside any write-ahead log: what `reindex` reads from the
+/// active version and writes into the target. Writes merge on id, so they are idempotent and
+/// safe next to a serving replica that flushes into the same table.
+pub struct TableAccess {
+    name: String,
+    table: lancedb::Table,
+    schema: SchemaRef,
+}
+
+impl TableAccess {
+    pub async fn open(
+        db: &lancedb::Connection,
+        name: &str,
+        dimension: usize,
+    ) -> Result<Self, StoreError> {
+        Ok(Self {
+            name: name.to_owned(),
+            table: open_or_create_table(db, name, dimension).await?,
+            schema: entry_schema(dimension),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Move to the table's latest version: a serving replica may have committed since, and a
+    /// commit on a stale version is refused as a conflict.
+    async fn refresh(&self) -> Result<(), StoreError> {
+        self.table
+            .checkout_latest()
+            .await
+            .map_err(lance_error(&self.name, "check out the latest version of"))
+    }
+
+    pub async fn count_live(&self, now_ms: i64) -> Result<u64, StoreError> {
+        let n = self
+            .table
+            .count_rows(Some(format!("expires_at > {now_ms}")))
+            .await
+            .map_err(lance_error(&self.name, "count rows of"))?;
+        Ok(n as u64)
+    }
+
+    /// Ids of every row, with their creation times.
+    pub async fn ids(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let batches: Vec<RecordBatch> = self
+            .table
+            .query()
+            .select(Select::columns(&["id", "created_at"]))
+            .execute()
+            .await
+            .map_err(lance_error(&self.name, "query"))?
+            .try_collect()
+            .await
+            .map_err(lance_error(&self.name, "read"))?;
+        let mut out = Vec::new();
+        for b in &batches {
+            let err = |reason| StoreError::Decode {
+                table: self.name.clone(),
+                reason,
+            };
+            let ids = string_column(b, "id").map_err(err)?;
+            let created = column::<Int64Array>(b, "created_at").map_err(err)?;
+            for i in 0..b.num_rows() {
+                out.push((ids.value(i).to_owned(), created.value(i)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stream the entries that are live at `now_ms`, a batch at a time (memory stays bounded
+    /// by LanceDB's batch size, not the table's).
+    pub async fn live_entries(
+        &self,
+        now_ms: i64,
+    ) -> Result<impl futures::Stream<Item = Result<Vec<Entry>, StoreError>> + use<>, StoreError>
+    {
+        let name = self.name.clone();
+        let stream = self
+            .table
+            .query()
+            .only_if(format!("expires_at > {now_ms}"))
+            .execute()
+            .await
+            .map_err(lance_error(&self.name, "query"))?;
+        Ok(futures::StreamExt::map(stream, move |batch| {
+            let batch = batch.map_err(lance_error(&name, "read"))?;
+            decode_batch(&batch).map_err(|reason| StoreError::Decode {
+                table: name.clone(),
+                reason,
+            })
+        }))
+    }
+
+    /// Insert entries whose id is not in the table yet.
+    pub async fn merge(&self, entries: &[Arc<Entry>]) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.refresh().await?;
+        let rb = entries_to_batch(&self.schema, &self.name, entries)?;
+        let reader = RecordBatchIterator::new(vec![Ok(rb)], self.schema.clone());
+        let mut merge = self.table.merge_insert(&["id"]);
+        merge.when_not_matched_insert_all();
+        merge
+            .execute(Box::new(reader))
+            .await
+            .map_err(lance_error(&self.name, "merge into"))?;
+        Ok(())
+    }
+
+    pub async fn delete_ids(&self, ids: &[String]) -> Result<(), StoreError> {
+        for chunk in ids.chunks(512) {
+            let predicate = format!(
+                "id IN ({})",
+                chunk.iter().map(|i| quote(i)).collect::<Vec<_>>().join(",")
+            );
+            self.table
+                .delete(predicate.as_str())
+                .await
+                .map_err(lance_error(&self.name, "delete from"))?;
+        }
+        Ok(())
+    }
+
+    /// Scalar indexes always, the ANN index once the table holds `index_min_rows`.
+    /// Returns whether the ANN index exists afterwards.
+    pub async fn build_indexes(&self, cfg: &StorageConfig) -> Result<bool, StoreError> {
+        self.refresh().await?;
+        let rows = self
+            .table
+            .count_rows(None)
+            .await
+            .map_err(lance_error(&self.name, "count rows of"))?;
+        if rows == 0 {
+            return Ok(false);
+        }
+        self.table
+            .optimize(OptimizeAction::Compact {
+                options: Default::default(),
+                remap_options: None,
+            })
+            .await
+            .map_err(lance_error(&self.name, "compact"))?;
+        create_scalar_indexes(&self.table, &self.name).await?;
+        if rows >= cfg.index_min_rows {
+            create_vector_index(&self.table, &self.name, &self.schema, rows).await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
 }
 
 /// Rows → entries.

@@ -30,6 +30,19 @@ pub struct ModelUsage {
     pub usd_saved: f64,
 }
 
+/// Every metadata row, in a form both backends read and write (a backup's `metadata.json`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MetadataSnapshot {
+    /// (name, created_at)
+    pub tenants: Vec<(String, i64)>,
+    /// (tenant, fingerprint, dimension, state, created_at, updated_at)
+    pub index_versions: Vec<(String, String, i64, String, i64, i64)>,
+    /// (tenant, model, day, lookups, hits, tokens_saved, usd_saved)
+    pub usage: Vec<(String, String, String, i64, i64, i64, f64)>,
+    /// (at_ms, tenant, request_id, entry_id, path, similarity)
+    pub hit_audit: Vec<(i64, String, String, String, String, f64)>,
+}
+
 /// Embedded mode: SQLite in the data directory. Cluster mode: Postgres, shared by replicas.
 #[derive(Clone)]
 pub enum MetadataStore {
@@ -197,6 +210,185 @@ impl MetadataStore {
         .fetch_optional(pool)
         .await)
         .map_err(meta("read the active index version"))
+    }
+
+    /// The recorded state of one index version, if any.
+    pub async fn version_state(
+        &self,
+        tenant: &str,
+        fingerprint: &str,
+    ) -> Result<Option<String>, StoreError> {
+        on_pool!(self, |pool| sqlx::query_scalar::<_, String>(
+            "SELECT state FROM index_versions WHERE tenant = $1 AND fingerprint = $2"
+        )
+        .bind(tenant)
+        .bind(fingerprint)
+        .fetch_optional(pool)
+        .await)
+        .map_err(meta("read an index version"))
+    }
+
+    /// Make `fingerprint` the tenant's active version and retire the one it replaces, in one
+    /// transaction.
+    pub async fn activate_version(
+        &self,
+        tenant: &str,
+        fingerprint: &str,
+        dimension: usize,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let dimension = i64::try_from(dimension).unwrap_or(i64::MAX);
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(meta("begin a transaction"))?;
+            sqlx::query(
+                "UPDATE index_versions SET state = 'retired', updated_at = $1
+                 WHERE tenant = $2 AND state = 'active' AND fingerprint <> $3",
+            )
+            .bind(now_ms)
+            .bind(tenant)
+            .bind(fingerprint)
+            .execute(&mut *tx)
+            .await
+            .map_err(meta("retire the previous index version"))?;
+            sqlx::query(SET_INDEX_VERSION)
+                .bind(tenant)
+                .bind(fingerprint)
+                .bind(dimension)
+                .bind("active")
+                .bind(now_ms)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await
+                .map_err(meta("activate an index version"))?;
+            tx.commit().await.map_err(meta("commit the index switch"))
+        })?;
+        Ok(())
+    }
+
+    /// Versions retired before `cutoff_ms`: (tenant, fingerprint).
+    pub async fn retired_before(
+        &self,
+        cutoff_ms: i64,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        on_pool!(self, |pool| sqlx::query_as::<_, (String, String)>(
+            "SELECT tenant, fingerprint FROM index_versions
+             WHERE state = 'retired' AND updated_at < $1 ORDER BY tenant, fingerprint"
+        )
+        .bind(cutoff_ms)
+        .fetch_all(pool)
+        .await)
+        .map_err(meta("list retired index versions"))
+    }
+
+    /// Every row of every table, for a backup.
+    pub async fn export(&self) -> Result<MetadataSnapshot, StoreError> {
+        on_pool!(self, |pool| {
+            let tenants = sqlx::query_as::<_, (String, i64)>(
+                "SELECT name, created_at FROM tenants ORDER BY name",
+            )
+            .fetch_all(pool)
+            .await
+            .map_err(meta("export tenants"))?;
+            let index_versions = sqlx::query_as::<_, (String, String, i64, String, i64, i64)>(
+                "SELECT tenant, fingerprint, dimension, state, created_at, updated_at
+                 FROM index_versions ORDER BY tenant, fingerprint",
+            )
+            .fetch_all(pool)
+            .await
+            .map_err(meta("export index versions"))?;
+            let usage = sqlx::query_as::<_, (String, String, String, i64, i64, i64, f64)>(
+                "SELECT tenant, model, day, lookups, hits, tokens_saved, usd_saved
+                 FROM usage ORDER BY tenant, model, day",
+            )
+            .fetch_all(pool)
+            .await
+            .map_err(meta("export usage"))?;
+            let hit_audit = sqlx::query_as::<_, (i64, String, String, String, String, f64)>(
+                "SELECT at_ms, tenant, request_id, entry_id, path, similarity
+                 FROM hit_audit ORDER BY id",
+            )
+            .fetch_all(pool)
+            .await
+            .map_err(meta("export the hit audit trail"))?;
+            Ok(MetadataSnapshot {
+                tenants,
+                index_versions,
+                usage,
+                hit_audit,
+            })
+        })
+    }
+
+    /// True when no tenant and no index version is recorded (a restore target).
+    pub async fn is_empty(&self) -> Result<bool, StoreError> {
+        let n: i64 = on_pool!(self, |pool| sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM tenants) + (SELECT COUNT(*) FROM index_versions)"
+        )
+        .fetch_one(pool)
+        .await)
+        .map_err(meta("count tenants"))?;
+        Ok(n == 0)
+    }
+
+    /// Load a backup's rows, in one transaction.
+    pub async fn import(&self, snap: &MetadataSnapshot) -> Result<(), StoreError> {
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(meta("begin a transaction"))?;
+            for (name, created_at) in &snap.tenants {
+                sqlx::query("INSERT INTO tenants (name, created_at) VALUES ($1, $2)")
+                    .bind(name)
+                    .bind(created_at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(meta("restore tenants"))?;
+            }
+            for (tenant, fp, dim, state, created, updated) in &snap.index_versions {
+                sqlx::query(
+                    "INSERT INTO index_versions
+                       (tenant, fingerprint, dimension, state, created_at, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(tenant)
+                .bind(fp)
+                .bind(dim)
+                .bind(state)
+                .bind(created)
+                .bind(updated)
+                .execute(&mut *tx)
+                .await
+                .map_err(meta("restore index versions"))?;
+            }
+            for (tenant, model, day, lookups, hits, tokens, usd) in &snap.usage {
+                sqlx::query(
+                    "INSERT INTO usage (tenant, model, day, lookups, hits, tokens_saved, usd_saved)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(tenant)
+                .bind(model)
+                .bind(day)
+                .bind(lookups)
+                .bind(hits)
+                .bind(tokens)
+                .bind(usd)
+                .execute(&mut *tx)
+                .await
+                .map_err(meta("restore usage"))?;
+            }
+            for (at_ms, tenant, request_id, entry_id, path, similarity) in &snap.hit_audit {
+                sqlx::query(INSERT_AUDIT)
+                    .bind(at_ms)
+                    .bind(tenant)
+                    .bind(request_id)
+                    .bind(entry_id)
+                    .bind(path)
+                    .bind(similarity)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(meta("restore the hit audit trail"))?;
+            }
+            tx.commit().await.map_err(meta("commit the restore"))
+        })?;
+        Ok(())
     }
 
     pub async fn usage(&self, tenant: &str) -> Result<Vec<ModelUsage>, StoreError> {

@@ -3,6 +3,7 @@
 //! and audit, off the hit path). Implementations: LanceDB with a write-ahead tail, an
 //! in-process hot layer, and SQLite/Postgres metadata through sqlx.
 
+pub mod dual;
 pub mod hot;
 pub mod lance;
 pub mod metadata;
@@ -47,6 +48,8 @@ pub enum StoreError {
     },
     #[error("failed to decode stored entries of `{table}`: {reason}")]
     Decode { table: String, reason: String },
+    #[error("failed to embed for the migration target index version: {0}")]
+    TargetEmbed(String),
     #[error("failed to write: the write-ahead log of `{0}` is closed")]
     Closed(String),
 }

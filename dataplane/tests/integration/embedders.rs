@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 
 use crate::harness::{KEY_A, Server, Setup, answer};
 
-const DIM: usize = 16;
+pub const DIM: usize = 16;
 const API_KEY: &str = "sk-test-very-secret-0123456789";
 
 /// What the fake does with the next requests.
@@ -49,13 +49,13 @@ struct Seen {
 }
 
 #[derive(Clone)]
-struct Fake {
+pub struct Fake {
     fault: Arc<Mutex<Fault>>,
     seen: Arc<Mutex<Seen>>,
 }
 
 /// Bag of hashed lowercase words: texts with the same words get the same vector.
-fn embed_text(text: &str, dim: usize) -> Vec<f32> {
+pub fn embed_text(text: &str, dim: usize) -> Vec<f32> {
     let mut v = vec![0f32; dim];
     for w in text
         .to_lowercase()
@@ -87,7 +87,12 @@ async fn handle(fake: Fake, protocol: &'static str, headers: HeaderMap, body: Va
         _ => serde_json::from_value(body["input"].clone()).unwrap_or_default(),
     };
     let fault = fake.fault.lock().clone();
-    let mut dim = DIM;
+    // `fake-embed-d384` answers 384 dimensions: a second model, for index migrations.
+    let mut dim = body["model"]
+        .as_str()
+        .and_then(|m| m.strip_prefix("fake-embed-d"))
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(DIM);
     match fault {
         Fault::None => {}
         Fault::ServerErrors(n) => {
@@ -116,7 +121,7 @@ async fn handle(fake: Fake, protocol: &'static str, headers: HeaderMap, body: Va
                 ))
                 .unwrap_or_default();
         }
-        Fault::WrongDimension => dim = DIM / 2,
+        Fault::WrongDimension => dim /= 2,
         Fault::MaxBatch(max) if texts.len() > max => {
             return (StatusCode::PAYLOAD_TOO_LARGE, "batch too large").into_response();
         }
@@ -140,7 +145,7 @@ async fn handle(fake: Fake, protocol: &'static str, headers: HeaderMap, body: Va
     }
 }
 
-async fn start_fake() -> anyhow::Result<(String, Fake)> {
+pub async fn start_fake() -> anyhow::Result<(String, Fake)> {
     let fake = Fake {
         fault: Arc::new(Mutex::new(Fault::None)),
         seen: Arc::new(Mutex::new(Seen::default())),
@@ -192,7 +197,7 @@ fn config(provider: EmbeddingProvider, url: &str, key_file: &std::path::Path) ->
     }
 }
 
-fn key_file(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+pub fn key_file(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
     let path = dir.join("api-key");
     std::fs::write(&path, format!("{API_KEY}\n"))?;
     Ok(path)

@@ -18,6 +18,7 @@ pub fn sha(key: &str) -> String {
 }
 
 /// Settings a test may change; everything else is a fast embedded-mode config.
+#[derive(Clone)]
 pub struct Setup {
     pub dimension: usize,
     pub local_model: bool,

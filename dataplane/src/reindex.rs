@@ -1,0 +1,339 @@
+//! `reindex`: fill the migration target's table from the active one.
+//!
+//! For each tenant: every live entry of the active version is re-embedded with the target
+//! embedder and merged (by id) into the target table; then deletes that raced the copy are
+//! swept out, the indexes are built and the version is marked `ready` in the metadata store.
+//! Serving replicas with the same `target_embedder` write new entries to both versions
+//! meanwhile (store::dual), so a ready target holds everything.
+//!
+//! Resumable and idempotent: the checkpoint is the target table itself (ids already there are
+//! skipped), and a tenant whose target is already `ready` is left alone. Memory stays bounded:
+//! entries stream from LanceDB a batch at a time.
+
+use std::collections::HashSet;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use backon::{ExponentialBuilder, Retryable};
+use futures::StreamExt;
+use prometheus::{IntGaugeVec, Opts};
+use semantis_contract::DataplaneConfig;
+use semantis_dataplane::cache::entry::{Entry, now_ms};
+use semantis_dataplane::cache::tenants::TenantRegistry;
+use semantis_dataplane::embed::Embedder;
+use semantis_dataplane::metrics::Metrics;
+use semantis_dataplane::store::lance::{TableAccess, table_name};
+use semantis_dataplane::store::metadata::MetadataStore;
+
+use crate::serve::{load_embedder, open_metadata};
+
+#[derive(clap::Args)]
+pub struct ReindexArgs {
+    /// The dataplane's configuration file; it must name a `target_embedder`.
+    #[arg(long, short, env = "SEMANTIS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Prompts per embedding call.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Serve Prometheus metrics (progress per tenant) on this address while running.
+    #[arg(long)]
+    metrics_listen: Option<String>,
+}
+
+struct Progress {
+    done: IntGaugeVec,
+    total: IntGaugeVec,
+    terminal: bool,
+    last_report: Instant,
+}
+
+impl Progress {
+    fn new(metrics: &Metrics) -> anyhow::Result<Self> {
+        let done = IntGaugeVec::new(
+            Opts::new(
+                "semantis_reindex_entries_done",
+                "Entries of the tenant present in the target index version.",
+            ),
+            &["tenant"],
+        )?;
+        let total = IntGaugeVec::new(
+            Opts::new(
+                "semantis_reindex_entries_total",
+                "Live entries of the tenant's active index version when the copy began.",
+            ),
+            &["tenant"],
+        )?;
+        metrics.registry.register(Box::new(done.clone()))?;
+        metrics.registry.register(Box::new(total.clone()))?;
+        Ok(Self {
+            done,
+            total,
+            terminal: std::io::stderr().is_terminal(),
+            last_report: Instant::now(),
+        })
+    }
+
+    fn report(&mut self, tenant: &str, done: u64, total: u64, started: Instant, last: bool) {
+        self.done
+            .with_label_values(&[tenant])
+            .set(i64::try_from(done).unwrap_or(i64::MAX));
+        self.total
+            .with_label_values(&[tenant])
+            .set(i64::try_from(total).unwrap_or(i64::MAX));
+        let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-3);
+        if self.terminal {
+            // A one-line progress bar, redrawn in place.
+            let width = 30;
+            let filled = (done * width)
+                .checked_div(total)
+                .unwrap_or(width)
+                .min(width);
+            let bar: String = (0..width)
+                .map(|i| if i < filled { '#' } else { '.' })
+                .collect();
+            let mut err = std::io::stderr();
+            let _ = write!(
+                err,
+                "\r{tenant}: [{bar}] {done}/{total} ({rate:.0} entries/s)"
+            );
+            if last {
+                let _ = writeln!(err);
+            }
+            let _ = err.flush();
+        } else if last || self.last_report.elapsed() >= Duration::from_secs(5) {
+            self.last_report = Instant::now();
+            tracing::info!(
+                tenant,
+                done,
+                total,
+                entries_per_sec = rate.round(),
+                "reindex progress"
+            );
+        }
+    }
+}
+
+pub async fn run(args: ReindexArgs) -> anyhow::Result<()> {
+    let cfg = semantis_dataplane::config::load(args.config.as_deref())?;
+    let Some(target) = cfg.target_embedder.clone() else {
+        bail!(
+            "failed to reindex: the configuration names no `target_embedder` (the embedder to migrate to)"
+        );
+    };
+    let active_fp = cfg.embedder.fingerprint();
+    let target_fp = target.fingerprint();
+    if active_fp == target_fp {
+        tracing::info!(fingerprint = %active_fp, "the target embedder is the active one; nothing to do");
+        return Ok(());
+    }
+    let metrics = Arc::new(Metrics::new().context("failed to register metrics")?);
+    let mut progress = Progress::new(&metrics).context("failed to register reindex metrics")?;
+    if let Some(addr) = &args.metrics_listen {
+        serve_metrics(addr, metrics.clone()).await?;
+    }
+    let registry = TenantRegistry::from_config(&cfg).context("failed to load the tenants")?;
+    let data_dir = PathBuf::from(&cfg.storage.data_dir);
+    let metadata = open_metadata(&cfg, &data_dir).await?;
+    let db = lancedb::connect(&data_dir.join("lance").to_string_lossy())
+        .execute()
+        .await
+        .with_context(|| format!("failed to open LanceDB in {}", data_dir.display()))?;
+    let embedder = load_embedder(&target, &metrics, None)
+        .await
+        .context("failed to load the target embedder")?
+        .context("failed to reindex: the target embedder has no provider")?;
+    tracing::info!(from = %active_fp, to = %target_fp, model = %target.model, "reindexing");
+    for tenant in registry.all() {
+        let job = TenantJob {
+            cfg: &cfg,
+            tenant: &tenant.name,
+            db: &db,
+            metadata: &metadata,
+            embedder: embedder.as_ref(),
+            active_fp: &active_fp,
+            target_fp: &target_fp,
+            batch: args.batch.max(1),
+        };
+        job.run(&mut progress)
+            .await
+            .with_context(|| format!("failed to reindex tenant `{}`", tenant.name))?;
+    }
+    Ok(())
+}
+
+async fn serve_metrics(addr: &str, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("failed to listen on {addr}"))?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let m = metrics.clone();
+            async move { m.render() }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!(error = %e, "the metrics listener stopped");
+        }
+    });
+    Ok(())
+}
+
+fn conflict_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(8)
+}
+
+struct TenantJob<'a> {
+    cfg: &'a DataplaneConfig,
+    tenant: &'a str,
+    db: &'a lancedb::Connection,
+    metadata: &'a MetadataStore,
+    embedder: &'a dyn Embedder,
+    active_fp: &'a str,
+    target_fp: &'a str,
+    batch: usize,
+}
+
+impl TenantJob<'_> {
+    async fn run(&self, progress: &mut Progress) -> anyhow::Result<()> {
+        let target_dim = self.cfg.target_embedder.as_ref().map_or(0, |t| t.dimension);
+        match self
+            .metadata
+            .version_state(self.tenant, self.target_fp)
+            .await?
+            .as_deref()
+        {
+            Some("ready" | "active") => {
+                tracing::info!(tenant = self.tenant, "the target version is already ready");
+                return Ok(());
+            }
+            Some(_) => {}
+            None => {
+                self.metadata
+                    .set_index_version(
+                        self.tenant,
+                        self.target_fp,
+                        target_dim,
+                        "building",
+                        now_ms(),
+                    )
+                    .await?;
+            }
+        }
+        let source_name = table_name(self.tenant, self.active_fp);
+        let source = TableAccess::open(self.db, &source_name, self.cfg.embedder.dimension).await?;
+        let target = TableAccess::open(
+            self.db,
+            &table_name(self.tenant, self.target_fp),
+            target_dim,
+        )
+        .await?;
+        // The checkpoint: whatever an earlier (interrupted) run or the dual writes put there.
+        let present: HashSet<String> = target.ids().await?.into_iter().map(|(id, _)| id).collect();
+        let started = Instant::now();
+        let scan_started_ms = now_ms();
+        let total = source.count_live(scan_started_ms).await?;
+        let mut done = present.len() as u64;
+        let mut copied: Vec<String> = Vec::new();
+        let mut pending: Vec<Entry> = Vec::with_capacity(self.batch);
+        let mut stream = Box::pin(source.live_entries(scan_started_ms).await?);
+        progress.report(self.tenant, done, total, started, false);
+        while let Some(batch) = stream.next().await {
+            for entry in batch? {
+                if present.contains(&entry.id) {
+                    continue;
+                }
+                pending.push(entry);
+                if pending.len() >= self.batch {
+                    done += self.copy(&target, &mut pending, &mut copied).await?;
+                    progress.report(self.tenant, done, total, started, false);
+                }
+            }
+        }
+        done += self.copy(&target, &mut pending, &mut copied).await?;
+        progress.report(self.tenant, done, total, started, true);
+
+        // A delete served while the copy ran may have reached the target before the copy of
+        // the same entry did. Once the serving replicas have flushed (two flush intervals),
+        // an entry created before the scan that is gone from the active table was deleted.
+        tokio::time::sleep(Duration::from_millis(
+            self.cfg.storage.flush_interval_ms.saturating_mul(2),
+        ))
+        .await;
+        let fresh = TableAccess::open(self.db, &source_name, self.cfg.embedder.dimension).await?;
+        let still: HashSet<String> = fresh.ids().await?.into_iter().map(|(id, _)| id).collect();
+        let gone: Vec<String> = copied
+            .into_iter()
+            .filter(|id| !still.contains(id))
+            .collect();
+        if !gone.is_empty() {
+            target.delete_ids(&gone).await?;
+        }
+        // A serving replica's maintainer may index or compact the same table concurrently;
+        // LanceDB then refuses one commit as a conflict, which a retry resolves.
+        let ann = (|| target.build_indexes(&self.cfg.storage))
+            .retry(conflict_backoff())
+            .notify(|e, wait| tracing::info!(error = %e, ?wait, "retrying the index build"))
+            .await?;
+        self.metadata
+            .set_index_version(self.tenant, self.target_fp, target_dim, "ready", now_ms())
+            .await?;
+        tracing::info!(
+            tenant = self.tenant,
+            entries = done,
+            deleted_during_copy = gone.len(),
+            ann_index = ann,
+            secs = started.elapsed().as_secs_f64(),
+            "the target index version is ready"
+        );
+        Ok(())
+    }
+
+    /// Re-embed `pending` and merge it into the target; returns how many were written.
+    async fn copy(
+        &self,
+        target: &TableAccess,
+        pending: &mut Vec<Entry>,
+        copied: &mut Vec<String>,
+    ) -> anyhow::Result<u64> {
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let prompts: Vec<String> = pending.iter().map(|e| e.prompt.clone()).collect();
+        let vectors = self
+            .embedder
+            .embed(&prompts)
+            .await
+            .context("failed to embed with the target embedder")?;
+        if vectors.len() != pending.len() {
+            bail!(
+                "failed to embed: the target embedder returned {} vectors for {} prompts",
+                vectors.len(),
+                pending.len()
+            );
+        }
+        let entries: Vec<Arc<Entry>> = pending
+            .drain(..)
+            .zip(vectors)
+            .map(|(e, v)| {
+                Arc::new(Entry {
+                    vector: Arc::from(v),
+                    ..e
+                })
+            })
+            .collect();
+        (|| target.merge(&entries))
+            .retry(conflict_backoff())
+            .notify(|e, wait| tracing::info!(error = %e, ?wait, "retrying a merge"))
+            .await?;
+        copied.extend(entries.iter().map(|e| e.id.clone()));
+        Ok(entries.len() as u64)
+    }
+}

@@ -1,0 +1,236 @@
+//! Zero-downtime index migration in cluster mode: replicas roll to a config with a
+//! `target_embedder` (dual writes), `reindex` fills the target, replicas roll to the new
+//! embedder, all under concurrent lookups and stores.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+
+use crate::embedders::{key_file, start_fake};
+use crate::harness::{
+    KEY_A, Server, Setup, answer, fresh_database, private_redis, shared_postgres,
+};
+
+/// The words of `prompt` reversed: another exact key, the same bag-of-words vector, so only
+/// the semantic path can answer it.
+fn reordered(prompt: &str) -> String {
+    prompt.split(' ').rev().collect::<Vec<_>>().join(" ")
+}
+
+fn prompt(i: usize) -> String {
+    format!("migration topic {i} alpha{i} beta{} gamma{}", i * 7, i * 13)
+}
+
+#[derive(Default)]
+struct Load {
+    /// Replicas the "Service" routes to; the test swaps them as a rolling update would.
+    targets: Mutex<Vec<String>>,
+    failures: Mutex<Vec<String>>,
+    /// (prompt, response tag) of every acknowledged store.
+    stored: Mutex<Vec<(String, String)>>,
+    lookups: Mutex<(u64, u64)>,
+}
+
+async fn drive(load: Arc<Load>, stop: Arc<AtomicBool>, seeded: usize) {
+    let http = reqwest::Client::new();
+    let mut i = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        i += 1;
+        let targets = load.targets.lock().clone();
+        let url = &targets[i % targets.len()];
+        if i % 3 == 0 {
+            let p = prompt(10_000 + i);
+            let tag = format!("live-{i}");
+            let res = http
+                .post(format!("{url}/v1/entries"))
+                .bearer_auth(KEY_A)
+                .json(&json!({"prompt": p, "response": answer(&tag)}))
+                .send()
+                .await;
+            match res {
+                Ok(r) if r.status().as_u16() == 201 => load.stored.lock().push((p, tag)),
+                Ok(r) => {
+                    let what = format!(
+                        "store {}: {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    );
+                    load.failures.lock().push(what);
+                }
+                Err(e) => load.failures.lock().push(format!("store: {e}")),
+            }
+        } else {
+            let p = reordered(&prompt(i % seeded));
+            let res = http
+                .post(format!("{url}/v1/lookup"))
+                .bearer_auth(KEY_A)
+                .json(&json!({"prompt": p}))
+                .send()
+                .await;
+            match res {
+                Ok(r) if r.status().is_success() => {
+                    let v: Value = r.json().await.unwrap_or_default();
+                    let hit = v["hit"].as_bool() == Some(true);
+                    let mut l = load.lookups.lock();
+                    l.0 += 1;
+                    l.1 += u64::from(hit);
+                }
+                Ok(r) => {
+                    let what = format!(
+                        "lookup {}: {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    );
+                    load.failures.lock().push(what);
+                }
+                Err(e) => load.failures.lock().push(format!("lookup: {e}")),
+            }
+        }
+    }
+}
+
+/// `semantis-dataplane reindex --config CONFIG`, off the runtime (the fake embedder lives on it).
+async fn reindex(config: &std::path::Path) -> anyhow::Result<std::process::Output> {
+    let config = config.to_owned();
+    Ok(tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_semantis-dataplane"))
+            .args(["reindex", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info,lance=warn,lancedb=warn")
+            .output()
+    })
+    .await??)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_change_under_load_loses_nothing_and_fails_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (url, _fake) = start_fake().await?;
+    let key = key_file(dir.path())?;
+    // Wide fake models: distinct prompts never share a bag-of-words vector.
+    let target_section = |model: &str, dim: usize| {
+        format!(
+            "provider = \"openai\"\nmodel = \"{model}\"\ndimension = {dim}\nendpoint = \"{url}\"\n\
+             api_key_file = \"{}\"\ntimeout_ms = 2000\n",
+            key.display()
+        )
+    };
+    let cluster = Setup {
+        redis_url: Some(private_redis("migration")?),
+        postgres_url: Some(fresh_database(&shared_postgres()?).await?),
+        min_similarity: 0.95,
+        embedder: Some(target_section("fake-embed-d256", 256)),
+        ..Setup::default()
+    };
+    let dual = Setup {
+        extra: format!(
+            "\n[target_embedder]\n{}",
+            target_section("fake-embed-d384", 384)
+        ),
+        ..cluster.clone()
+    };
+    let migrated = Setup {
+        embedder: Some(target_section("fake-embed-d384", 384)),
+        ..cluster.clone()
+    };
+
+    // Version 1 with some history.
+    let old = Server::start_replica(dir.path(), "old", &cluster).await?;
+    let seeded = 40;
+    for i in 0..seeded {
+        old.store(
+            KEY_A,
+            json!({"prompt": prompt(i), "response": answer(&format!("seed-{i}"))}),
+        )
+        .await?;
+    }
+    let load = Arc::new(Load::default());
+    load.targets.lock().push(old.url.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let driver = tokio::spawn(drive(load.clone(), stop.clone(), seeded));
+
+    // Roll to dual writes.
+    let mut old = old;
+    let dual_replica = Server::start_replica(dir.path(), "dual", &dual).await?;
+    *load.targets.lock() = vec![dual_replica.url.clone()];
+    assert!(old.stop_gracefully()?, "{}", old.log());
+
+    // The new embedder alone is refused until the target is ready.
+    let refused = Server::start_replica(dir.path(), "early", &migrated).await;
+    let err = format!(
+        "{:#}",
+        refused
+            .err()
+            .expect("a replica on an unbuilt version must not start")
+    );
+    assert!(err.contains("semantis-dataplane reindex"), "{err}");
+
+    // Reindex while the load runs.
+    let out = reindex(&dual_replica.config_path).await?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "reindex failed:\n{log}");
+    assert!(log.contains("the target index version is ready"), "{log}");
+    // Idempotent: a second run finds the target ready and does nothing.
+    let again = reindex(&dual_replica.config_path).await?;
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already ready"));
+
+    // Roll to the new embedder.
+    let mut dual_replica = dual_replica;
+    let new = Server::start_replica(dir.path(), "new", &migrated).await?;
+    *load.targets.lock() = vec![new.url.clone()];
+    assert!(dual_replica.stop_gracefully()?, "{}", dual_replica.log());
+    // Let the load run on the new version for a moment of its own.
+    let before = load.lookups.lock().0;
+    new.eventually(
+        "lookups on the new version",
+        Duration::from_secs(10),
+        || async { Ok(load.lookups.lock().0 >= before + 50) },
+    )
+    .await?;
+    stop.store(true, Ordering::Relaxed);
+    driver.await?;
+
+    let failures = load.failures.lock().clone();
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    let (lookups, hits) = *load.lookups.lock();
+    assert_eq!(
+        hits, lookups,
+        "every lookup of a seeded prompt hits, through both switches"
+    );
+    let v = new
+        .lookup(KEY_A, json!({"prompt": "nothing like anything stored"}))
+        .await?;
+    assert_eq!(v["hit"], false);
+
+    // Everything acknowledged — seeded, stored during the dual writes, stored after — is in
+    // the new version with a vector of the new model (the reordered prompt only matches by
+    // vector).
+    let stored = load.stored.lock().clone();
+    assert!(stored.len() > 20, "the load stored only {}", stored.len());
+    let all: Vec<(String, String)> = (0..seeded)
+        .map(|i| (prompt(i), format!("seed-{i}")))
+        .chain(stored)
+        .collect();
+    for (p, tag) in &all {
+        let v = new.lookup(KEY_A, json!({"prompt": reordered(p)})).await?;
+        assert_eq!(
+            (
+                v["hit"].as_bool(),
+                v["path"].as_str(),
+                v["response"]["choices"][0]["message"]["content"].as_str()
+            ),
+            (Some(true), Some("semantic"), Some(tag.as_str())),
+            "{p}: {v}"
+        );
+    }
+    let (_, stats, _) = new
+        .call(reqwest::Method::GET, "/v1/stats", Some(KEY_A), None)
+        .await?;
+    assert_eq!(stats["entries"].as_u64(), Some(all.len() as u64), "{stats}");
+    Ok(())
+}
