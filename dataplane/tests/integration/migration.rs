@@ -42,7 +42,7 @@ async fn drive(load: Arc<Load>, stop: Arc<AtomicBool>, seeded: usize) {
         i += 1;
         let targets = load.targets.lock().clone();
         let url = &targets[i % targets.len()];
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             let p = prompt(10_000 + i);
             let tag = format!("live-{i}");
             let res = http
