@@ -825,6 +825,41 @@ mod tests {
     }
 
     #[test]
+    fn a_table_snapshot_is_its_data_plus_exactly_the_chosen_manifest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = dir.path();
+        for f in [
+            "_versions/1.manifest",
+            "_versions/2.manifest",
+            "_versions/3.manifest",
+            "data/a.lance",
+            "_indices/x/index.idx",
+        ] {
+            std::fs::create_dir_all(t.join(f).parent().expect("parent")).expect("mkdir");
+            std::fs::write(t.join(f), b"x").expect("write");
+        }
+        let files = table_files(t, 2).expect("files");
+        let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+        assert_eq!(
+            names,
+            [
+                "_indices/x/index.idx",
+                "data/a.lance",
+                "_versions/2.manifest"
+            ]
+        );
+        // Lance's newer naming counts down from u64::MAX.
+        let v2 = format!("_versions/{:020}.manifest", u64::MAX - 7);
+        std::fs::write(t.join(&v2), b"x").expect("write");
+        let files = table_files(t, 7).expect("files");
+        assert_eq!(files.last().map(|p| p.display().to_string()), Some(v2));
+        assert!(
+            table_files(t, 9).is_err(),
+            "a version without a manifest is an error"
+        );
+    }
+
+    #[test]
     fn backup_ids_sort_by_time() {
         let a = backup_id(1_795_392_000_000);
         let b = backup_id(1_795_392_001_000);

@@ -214,6 +214,26 @@ impl TenantJob<'_> {
                 tracing::info!(tenant = self.tenant, "the target version is already ready");
                 return Ok(());
             }
+            // Retired earlier (a migration back): the old table holds entries since deleted.
+            Some("retired" | "deleted") => {
+                let stale = table_name(self.tenant, self.target_fp);
+                match self.db.drop_table(&stale, &[]).await {
+                    Ok(()) | Err(lancedb::Error::TableNotFound { .. }) => {}
+                    Err(e) => {
+                        return Err(e)
+                            .with_context(|| format!("failed to drop the stale table {stale}"));
+                    }
+                }
+                self.metadata
+                    .set_index_version(
+                        self.tenant,
+                        self.target_fp,
+                        target_dim,
+                        "building",
+                        now_ms(),
+                    )
+                    .await?;
+            }
             Some(_) => {}
             None => {
                 self.metadata
@@ -278,6 +298,10 @@ impl TenantJob<'_> {
         }
         // A serving replica's maintainer may index or compact the same table concurrently;
         // LanceDB then refuses one commit as a conflict, which a retry resolves.
+        let duplicates = (|| target.dedupe())
+            .retry(conflict_backoff())
+            .notify(|e, wait| tracing::info!(error = %e, ?wait, "retrying the dedupe"))
+            .await?;
         let ann = (|| target.build_indexes(&self.cfg.storage))
             .retry(conflict_backoff())
             .notify(|e, wait| tracing::info!(error = %e, ?wait, "retrying the index build"))
@@ -289,6 +313,7 @@ impl TenantJob<'_> {
             tenant = self.tenant,
             entries = done,
             deleted_during_copy = gone.len(),
+            duplicates,
             ann_index = ann,
             secs = started.elapsed().as_secs_f64(),
             "the target index version is ready"

@@ -221,6 +221,33 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
         let mut store: Arc<dyn EntryStore> = active;
         if let Some((t, target_fp, target_embedder)) = &target {
             let target_table = table_name(&tenant.name, target_fp);
+            match metadata
+                .version_state(&tenant.name, target_fp)
+                .await?
+                .as_deref()
+            {
+                None => {
+                    metadata
+                        .set_index_version(&tenant.name, target_fp, t.dimension, "building", now)
+                        .await?;
+                }
+                // Migrating back to a version retired earlier: its table holds entries since
+                // deleted, so it starts over empty.
+                Some("retired" | "deleted") => {
+                    match db.drop_table(&target_table, &[]).await {
+                        Ok(()) | Err(lancedb::Error::TableNotFound { .. }) => {}
+                        Err(e) => {
+                            return Err(e).with_context(|| {
+                                format!("failed to drop the stale table {target_table}")
+                            });
+                        }
+                    }
+                    metadata
+                        .set_index_version(&tenant.name, target_fp, t.dimension, "building", now)
+                        .await?;
+                }
+                Some(_) => {}
+            }
             let target_store = LanceEntryStore::open(
                 &db,
                 log(),
@@ -237,15 +264,6 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
                     tenant.name
                 )
             })?;
-            if metadata
-                .version_state(&tenant.name, target_fp)
-                .await?
-                .is_none()
-            {
-                metadata
-                    .set_index_version(&tenant.name, target_fp, t.dimension, "building", now)
-                    .await?;
-            }
             tracing::info!(tenant = %tenant.name, target_table, "writing to the migration target too");
             store = Arc::new(DualEntryStore::new(
                 store,

@@ -982,6 +982,56 @@ impl TableAccess {
         Ok(())
     }
 
+    /// Make every id appear once. A merge racing another merge of the same new id (a serving
+    /// replica's flush and `reindex`) can commit both rows; keep one of them.
+    pub async fn dedupe(&self) -> Result<usize, StoreError> {
+        self.refresh().await?;
+        let mut seen = HashSet::new();
+        let dupes: Vec<String> = self
+            .ids()
+            .await?
+            .into_iter()
+            .filter_map(|(id, _)| (!seen.insert(id.clone())).then_some(id))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        if dupes.is_empty() {
+            return Ok(0);
+        }
+        let mut keep: Vec<Arc<Entry>> = Vec::new();
+        for chunk in dupes.chunks(512) {
+            let filter = format!(
+                "id IN ({})",
+                chunk.iter().map(|i| quote(i)).collect::<Vec<_>>().join(",")
+            );
+            let batches: Vec<RecordBatch> = self
+                .table
+                .query()
+                .only_if(filter)
+                .execute()
+                .await
+                .map_err(lance_error(&self.name, "query"))?
+                .try_collect()
+                .await
+                .map_err(lance_error(&self.name, "read"))?;
+            let mut once = HashSet::new();
+            for b in &batches {
+                let rows = decode_batch(b).map_err(|reason| StoreError::Decode {
+                    table: self.name.clone(),
+                    reason,
+                })?;
+                keep.extend(
+                    rows.into_iter()
+                        .filter(|e| once.insert(e.id.clone()))
+                        .map(Arc::new),
+                );
+            }
+        }
+        self.delete_ids(&dupes).await?;
+        self.merge(&keep).await?;
+        Ok(dupes.len())
+    }
+
     pub async fn delete_ids(&self, ids: &[String]) -> Result<(), StoreError> {
         for chunk in ids.chunks(512) {
             let predicate = format!(

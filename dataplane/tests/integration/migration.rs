@@ -135,6 +135,9 @@ async fn a_model_change_under_load_loses_nothing_and_fails_nothing() -> anyhow::
     };
     let migrated = Setup {
         embedder: Some(target_section("fake-embed-d384", 384)),
+        // Short, so the test sees the retired version's table go; longer than the old
+        // replicas take to drain.
+        storage_extra: "retired_grace_secs = 3".into(),
         ..cluster.clone()
     };
 
@@ -232,5 +235,23 @@ async fn a_model_change_under_load_loses_nothing_and_fails_nothing() -> anyhow::
         .call(reqwest::Method::GET, "/v1/stats", Some(KEY_A), None)
         .await?;
     assert_eq!(stats["entries"].as_u64(), Some(all.len() as u64), "{stats}");
+
+    // The grace period over, the retired version's table is deleted; the new one stays.
+    let tables = || -> anyhow::Result<Vec<String>> {
+        Ok(std::fs::read_dir(new.data_dir.join("lance"))?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("team-a--"))
+            .collect())
+    };
+    new.eventually(
+        "the retired table is dropped",
+        Duration::from_secs(15),
+        || async { Ok(tables()?.len() == 1) },
+    )
+    .await?;
+    let v = new
+        .lookup(KEY_A, json!({"prompt": reordered(&prompt(3))}))
+        .await?;
+    assert_eq!(v["hit"], true, "{v}");
     Ok(())
 }
