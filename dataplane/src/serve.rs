@@ -391,6 +391,25 @@ fn spawn_maintainers(cache: &Arc<Cache>, cfg: &DataplaneConfig) -> Vec<JoinHandl
             c.purge_expired(10_000).await;
         }
     });
+    let c = cache.clone();
+    let pending = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(Duration::from_secs(1));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            if !c.embedder_healthy() {
+                continue;
+            }
+            match c.embed_pending(64).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    entries = n,
+                    "embedded stores accepted while the embedder was down"
+                ),
+                Err(e) => tracing::warn!(error = %e, "failed to embed deferred stores; will retry"),
+            }
+        }
+    });
     let metadata = cache.metadata().clone();
     let data_dir = PathBuf::from(&cfg.storage.data_dir);
     let grace = Duration::from_secs(cfg.storage.retired_grace_secs);
@@ -408,7 +427,7 @@ fn spawn_maintainers(cache: &Arc<Cache>, cfg: &DataplaneConfig) -> Vec<JoinHandl
             }
         }
     });
-    vec![maintain, expire, retire]
+    vec![maintain, expire, pending, retire]
 }
 
 async fn shutdown_signal() {

@@ -33,6 +33,65 @@ impl Entry {
     }
 }
 
+/// An entry accepted while the embedder was down: everything but the vector, which a
+/// background pass computes later (serialised into the metadata store meanwhile).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PendingEntry {
+    pub id: String,
+    pub scope: String,
+    pub namespace: String,
+    pub exact_key: String,
+    pub prompt: String,
+    /// The response bytes as text (the API only accepts JSON responses).
+    pub response: String,
+    pub model: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_usd: f64,
+    pub metadata: String,
+}
+
+impl PendingEntry {
+    pub fn of(entry: &Entry) -> Self {
+        Self {
+            id: entry.id.clone(),
+            scope: entry.scope.clone(),
+            namespace: entry.namespace.clone(),
+            exact_key: entry.exact_key.clone(),
+            prompt: entry.prompt.clone(),
+            response: String::from_utf8_lossy(&entry.response).into_owned(),
+            model: entry.model.clone(),
+            created_at_ms: entry.created_at_ms,
+            expires_at_ms: entry.expires_at_ms,
+            prompt_tokens: entry.prompt_tokens,
+            completion_tokens: entry.completion_tokens,
+            cost_usd: entry.cost_usd,
+            metadata: entry.metadata.clone(),
+        }
+    }
+
+    pub fn into_entry(self, vector: Vec<f32>) -> Entry {
+        Entry {
+            id: self.id,
+            scope: self.scope,
+            namespace: self.namespace,
+            exact_key: self.exact_key,
+            prompt: self.prompt,
+            vector: Arc::from(vector),
+            response: Arc::from(self.response.into_bytes()),
+            model: self.model,
+            created_at_ms: self.created_at_ms,
+            expires_at_ms: self.expires_at_ms,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            cost_usd: self.cost_usd,
+            metadata: self.metadata,
+        }
+    }
+}
+
 /// A semantic-search result: an entry and its cosine similarity to the query vector.
 #[derive(Debug, Clone)]
 pub struct Candidate {

@@ -19,7 +19,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use self::access::AccessTracker;
-use self::entry::{Entry, EntryFilter, Removed, now_ms};
+use self::entry::{Entry, EntryFilter, PendingEntry, Removed, now_ms};
 use self::scope::{Scope, exact_key, normalize_prompt};
 use self::tenants::{Tenant, TenantRegistry};
 use crate::embed::Embedder;
@@ -145,6 +145,9 @@ pub struct Stored {
     pub id: String,
     pub expires_at_ms: i64,
     pub evicted: usize,
+    /// The embedder was down: the entry answers exact lookups now and semantic ones once a
+    /// background pass has embedded it.
+    pub embedding_pending: bool,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -200,6 +203,16 @@ pub struct Cache {
     usage: Arc<dyn UsageSink>,
     metadata: MetadataStore,
     metrics: Arc<Metrics>,
+}
+
+/// How long a replica owns the pending entries it claimed before another may take them.
+const PENDING_CLAIM_MS: i64 = 30_000;
+
+fn removed_of(p: &PendingEntry) -> Removed {
+    Removed {
+        id: p.id.clone(),
+        exact_key: p.exact_key.clone(),
+    }
 }
 
 /// How many semantic candidates to fetch; only the best decides, the rest feed metrics later.
@@ -532,15 +545,19 @@ impl Cache {
                 "cost_usd must be a finite, non-negative number".into(),
             ));
         }
-        let vector = match cmd.vector {
+        let (vector, embed_error) = match cmd.vector {
             Some(v) => {
                 self.check_vector(&v)?;
-                v
+                (v, None)
             }
-            None => self
-                .embed_one(&cmd.prompt)
-                .await
-                .map_err(CacheError::EmbedderUnavailable)?,
+            None => match self.embed_one(&cmd.prompt).await {
+                Ok(v) => (v, None),
+                // Without an embedder at all there is nothing to wait for.
+                Err(e) if self.embedder.is_none() => {
+                    return Err(CacheError::EmbedderUnavailable(e));
+                }
+                Err(e) => (Vec::new(), Some(e)),
+            },
         };
         let fp = cmd.scope.fingerprint();
         let now = now_ms();
@@ -567,9 +584,27 @@ impl Cache {
                 .metadata
                 .map_or_else(|| "{}".to_owned(), |m| m.to_string()),
         });
-        part.store.insert(entry.clone()).await.inspect_err(|e| {
-            self.store_failed(tenant, "insert", e);
-        })?;
+        let embedding_pending = if let Some(reason) = embed_error {
+            // Accept it anyway: kept durably in the metadata store until the embedder is back.
+            if let Err(e) = self
+                .metadata
+                .defer_entry(&tenant.name, &PendingEntry::of(&entry))
+                .await
+            {
+                self.store_failed(tenant, "defer", &e);
+                return Err(CacheError::EmbedderUnavailable(reason));
+            }
+            self.metrics
+                .stores_deferred
+                .with_label_values(&[&tenant.name])
+                .inc();
+            true
+        } else {
+            part.store.insert(entry.clone()).await.inspect_err(|e| {
+                self.store_failed(tenant, "insert", e);
+            })?;
+            false
+        };
         self.hot.put(&tenant.name, entry.clone()).await;
         part.access.lock().insert(&entry.id);
         self.metrics.stores.with_label_values(&[&tenant.name]).inc();
@@ -579,6 +614,7 @@ impl Cache {
             id: entry.id.clone(),
             expires_at_ms,
             evicted,
+            embedding_pending,
         })
     }
 
@@ -631,7 +667,10 @@ impl Cache {
         if uuid::Uuid::parse_str(id).is_err() {
             return Err(CacheError::EntryNotFound(id.to_owned()));
         }
-        let removed = part.store.delete_ids(&[id.to_owned()]).await?;
+        let mut removed = part.store.delete_ids(&[id.to_owned()]).await?;
+        if removed.is_empty() {
+            removed = self.remove_pending(&tenant.name, &[id.to_owned()]).await?;
+        }
         if removed.is_empty() {
             return Err(CacheError::EntryNotFound(id.to_owned()));
         }
@@ -647,7 +686,14 @@ impl Cache {
         filter: EntryFilter,
     ) -> Result<u64, CacheError> {
         let part = self.partition(tenant)?;
-        let removed = part.store.delete_where(&filter).await?;
+        let mut removed = part.store.delete_where(&filter).await?;
+        removed.extend(
+            self.metadata
+                .remove_pending_where(&tenant.name, &filter)
+                .await?
+                .iter()
+                .map(removed_of),
+        );
         self.purge(part, &removed).await;
         if filter == EntryFilter::All {
             self.hot.clear_tenant(&tenant.name).await;
@@ -710,6 +756,71 @@ impl Cache {
                 Err(e) => self.store_failed(&part.tenant, "delete_expired", &e),
             }
         }
+    }
+
+    async fn remove_pending(
+        &self,
+        tenant: &str,
+        ids: &[String],
+    ) -> Result<Vec<Removed>, CacheError> {
+        Ok(self
+            .metadata
+            .remove_pending(tenant, ids)
+            .await?
+            .iter()
+            .map(removed_of)
+            .collect())
+    }
+
+    /// Embed stores accepted while the embedder was down and move them into the entry store,
+    /// at most `limit` per tenant. Returns how many moved; stops at the first embed failure
+    /// (the claims lapse and a later pass, here or on another replica, retries).
+    pub async fn embed_pending(&self, limit: usize) -> Result<usize, CacheError> {
+        let Some(embedder) = &self.embedder else {
+            return Ok(0);
+        };
+        let mut moved = 0;
+        for part in self.partitions.values() {
+            let now = now_ms();
+            let claimed = self
+                .metadata
+                .claim_pending(&part.tenant.name, limit, now, now + PENDING_CLAIM_MS)
+                .await?;
+            if claimed.is_empty() {
+                continue;
+            }
+            let (live, expired): (Vec<PendingEntry>, Vec<PendingEntry>) =
+                claimed.into_iter().partition(|p| p.expires_at_ms > now);
+            let prompts: Vec<String> = live.iter().map(|p| p.prompt.clone()).collect();
+            let vectors = if prompts.is_empty() {
+                Vec::new()
+            } else {
+                embedder
+                    .embed(&prompts)
+                    .await
+                    .map_err(|e| CacheError::EmbedderUnavailable(e.to_string()))?
+            };
+            let mut done: Vec<String> = expired.iter().map(|p| p.id.clone()).collect();
+            for (pending, vector) in live.into_iter().zip(vectors) {
+                let id = pending.id.clone();
+                part.store
+                    .insert(Arc::new(pending.into_entry(vector)))
+                    .await?;
+                // Tracked since the store was accepted; after a restart, from now on.
+                part.access.lock().insert(&id);
+                done.push(id);
+                moved += 1;
+                self.metrics
+                    .pending_embedded
+                    .with_label_values(&[&part.tenant.name])
+                    .inc();
+            }
+            self.metadata
+                .remove_pending(&part.tenant.name, &done)
+                .await?;
+            self.set_entries_gauge(part);
+        }
+        Ok(moved)
     }
 
     /// Flush due tails and run table maintenance for every tenant.

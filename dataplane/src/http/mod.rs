@@ -140,6 +140,10 @@ pub struct StoreResponse {
     pub expires_at_ms: i64,
     /// Entries evicted to make room.
     pub evicted: usize,
+    /// True when the embedder was down: the entry answers exact lookups at once and semantic
+    /// ones after a background pass embeds it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub embedding_pending: bool,
 }
 
 /// Exactly one of `scope`, `namespace` or `all: true`.
@@ -273,6 +277,7 @@ async fn store(
             id: stored.id,
             expires_at_ms: stored.expires_at_ms,
             evicted: stored.evicted,
+            embedding_pending: stored.embedding_pending,
         }),
     )
         .into_response())

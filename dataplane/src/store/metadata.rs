@@ -15,6 +15,7 @@ use sqlx::{PgPool, Row, SqlitePool};
 use tokio::sync::mpsc;
 
 use super::{StoreError, UsageEvent, UsageSink};
+use crate::cache::entry::{EntryFilter, PendingEntry};
 use crate::metrics::Metrics;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -278,6 +279,118 @@ impl MetadataStore {
         .fetch_all(pool)
         .await)
         .map_err(meta("list retired index versions"))
+    }
+
+    /// Keep a store accepted without a vector until it can be embedded.
+    pub async fn defer_entry(&self, tenant: &str, entry: &PendingEntry) -> Result<(), StoreError> {
+        let json = serde_json::to_string(entry).unwrap_or_default();
+        on_pool!(self, |pool| sqlx::query(
+            "INSERT INTO pending_entries (id, tenant, scope, namespace, entry, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6)"
+        )
+        .bind(&entry.id)
+        .bind(tenant)
+        .bind(&entry.scope)
+        .bind(&entry.namespace)
+        .bind(json)
+        .bind(entry.created_at_ms)
+        .execute(pool)
+        .await
+        .map(|_| ()))
+        .map_err(meta("keep a store for embedding later"))
+    }
+
+    /// Claim up to `limit` of the tenant's pending entries until `until_ms` (another replica
+    /// takes them over after that if this one dies before finishing).
+    pub async fn claim_pending(
+        &self,
+        tenant: &str,
+        limit: usize,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<PendingEntry>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // The outer `claimed_until` check is re-evaluated on a row another replica updated
+        // first (Postgres), so two replicas never claim the same row.
+        let rows: Vec<String> = on_pool!(self, |pool| sqlx::query_scalar(
+            "UPDATE pending_entries SET claimed_until = $1
+             WHERE id IN (SELECT id FROM pending_entries
+                          WHERE tenant = $2 AND claimed_until < $3
+                          ORDER BY created_at LIMIT $4)
+               AND claimed_until < $5
+             RETURNING entry"
+        )
+        .bind(until_ms)
+        .bind(tenant)
+        .bind(now_ms)
+        .bind(limit)
+        .bind(now_ms)
+        .fetch_all(pool)
+        .await)
+        .map_err(meta("claim pending entries"))?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| serde_json::from_str(r).ok())
+            .collect())
+    }
+
+    /// Drop pending entries (embedded and stored, or deleted); returns the ones that existed.
+    pub async fn remove_pending(
+        &self,
+        tenant: &str,
+        ids: &[String],
+    ) -> Result<Vec<PendingEntry>, StoreError> {
+        let mut out = Vec::new();
+        for id in ids {
+            let row: Option<String> = on_pool!(self, |pool| sqlx::query_scalar(
+                "DELETE FROM pending_entries WHERE tenant = $1 AND id = $2 RETURNING entry"
+            )
+            .bind(tenant)
+            .bind(id)
+            .fetch_optional(pool)
+            .await)
+            .map_err(meta("remove a pending entry"))?;
+            out.extend(row.and_then(|r| serde_json::from_str(&r).ok()));
+        }
+        Ok(out)
+    }
+
+    /// Drop the tenant's pending entries that `filter` matches; returns them.
+    pub async fn remove_pending_where(
+        &self,
+        tenant: &str,
+        filter: &EntryFilter,
+    ) -> Result<Vec<PendingEntry>, StoreError> {
+        let (column, value) = match filter {
+            EntryFilter::All => ("'all'", "all"),
+            EntryFilter::Scope(s) => ("scope", s.as_str()),
+            EntryFilter::Namespace(n) => ("namespace", n.as_str()),
+        };
+        let sql = format!(
+            "DELETE FROM pending_entries WHERE tenant = $1 AND {column} = $2 RETURNING entry"
+        );
+        let rows: Vec<String> = on_pool!(self, |pool| sqlx::query_scalar(&sql)
+            .bind(tenant)
+            .bind(value)
+            .fetch_all(pool)
+            .await)
+        .map_err(meta("remove pending entries"))?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| serde_json::from_str(r).ok())
+            .collect())
+    }
+
+    /// How many stores wait for the embedder.
+    pub async fn pending_count(&self, tenant: &str) -> Result<u64, StoreError> {
+        let n: i64 = on_pool!(self, |pool| sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pending_entries WHERE tenant = $1"
+        )
+        .bind(tenant)
+        .fetch_one(pool)
+        .await)
+        .map_err(meta("count pending entries"))?;
+        Ok(to_u64(n))
     }
 
     /// Every row of every table, for a backup.

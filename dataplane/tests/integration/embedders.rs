@@ -18,7 +18,9 @@ use semantis_dataplane::embed::{EmbedError, Embedder};
 use semantis_dataplane::metrics::Metrics;
 use serde_json::{Value, json};
 
-use crate::harness::{KEY_A, Server, Setup, answer};
+use crate::harness::{
+    KEY_A, Server, Setup, answer, fresh_database, private_redis, shared_postgres,
+};
 
 pub const DIM: usize = 16;
 const API_KEY: &str = "sk-test-very-secret-0123456789";
@@ -464,7 +466,7 @@ async fn with_the_provider_down_lookups_fall_back_to_the_exact_path() -> anyhow:
         ),
         1.0
     );
-    // A store that needs an embedding says why it cannot be served.
+    // A store still succeeds; its embedding waits for the provider.
     let (status, v, _) = s
         .call(
             Method::POST,
@@ -474,10 +476,117 @@ async fn with_the_provider_down_lookups_fall_back_to_the_exact_path() -> anyhow:
         )
         .await?;
     assert_eq!(
-        (status, v["error"]["code"].as_str()),
-        (503, Some("embedder_unavailable"))
+        (status, v["embedding_pending"].as_bool()),
+        (201, Some(true)),
+        "{v}"
     );
     assert!(!v.to_string().contains(API_KEY));
+    Ok(())
+}
+
+#[tokio::test]
+async fn stores_while_the_provider_is_down_are_embedded_when_it_returns() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (url, fake) = start_fake().await?;
+    let key = key_file(dir.path())?;
+    let embedded = remote_setup("openai", &url, &key, "");
+    // Cluster mode keeps the pending stores in Postgres and the exact answers in Redis.
+    let cluster = Setup {
+        postgres_url: Some(fresh_database(&shared_postgres()?).await?),
+        redis_url: Some(private_redis("deferred-stores")?),
+        ..embedded.clone()
+    };
+    for (mode, setup) in [("embedded", embedded), ("cluster", cluster)] {
+        let root = dir.path().join(mode);
+        std::fs::create_dir_all(&root)?;
+        deferred_stores_survive_a_crash(&root, &setup, &fake)
+            .await
+            .map_err(|e| e.context(format!("in {mode} mode")))?;
+    }
+    Ok(())
+}
+
+async fn deferred_stores_survive_a_crash(
+    root: &std::path::Path,
+    setup: &Setup,
+    fake: &Fake,
+) -> anyhow::Result<()> {
+    *fake.fault.lock() = Fault::None;
+    let s = Server::start(root, setup).await?;
+    *fake.fault.lock() = Fault::Down;
+    let store = |prompt: &'static str, tag: &'static str| {
+        let s = &s;
+        async move {
+            let (status, v, _) = s
+                .call(
+                    Method::POST,
+                    "/v1/entries",
+                    Some(KEY_A),
+                    Some(&json!({"prompt": prompt, "response": answer(tag)})),
+                )
+                .await?;
+            anyhow::ensure!(
+                status == 201 && v["embedding_pending"] == true,
+                "{status} {v}"
+            );
+            Ok::<String, anyhow::Error>(v["id"].as_str().unwrap_or_default().to_owned())
+        }
+    };
+    let rotate = store("how do I rotate my api key", "rotate").await?;
+    let audit = store("where are the audit logs kept", "audit").await?;
+    let dropped = store("a store deleted before it was embedded", "gone").await?;
+    // The exact path answers at once.
+    let v = s
+        .lookup(KEY_A, json!({"prompt": "how do I rotate my api key"}))
+        .await?;
+    assert_eq!(v["entry_id"].as_str(), Some(rotate.as_str()), "{v}");
+    let (status, _, _) = s
+        .call(
+            Method::DELETE,
+            &format!("/v1/entries/{dropped}"),
+            Some(KEY_A),
+            None,
+        )
+        .await?;
+    assert_eq!(status, 204);
+
+    // A crash while they wait loses none of them (they are in the metadata store).
+    let mut s = s;
+    s.kill_hard();
+    *fake.fault.lock() = Fault::None;
+    let s = s.restart().await?;
+    // The same words in another order: only the semantic path can answer.
+    for (prompt, id) in [
+        ("key api my rotate I do how", &rotate),
+        ("kept logs audit the are where", &audit),
+    ] {
+        s.eventually(
+            "the deferred store answers semantically",
+            Duration::from_secs(10),
+            || async {
+                let v = s.lookup(KEY_A, json!({"prompt": prompt})).await?;
+                Ok(v["path"] == "semantic" && v["entry_id"].as_str() == Some(id.as_str()))
+            },
+        )
+        .await?;
+    }
+    let v = s
+        .lookup(
+            KEY_A,
+            json!({"prompt": "a store deleted before it was embedded"}),
+        )
+        .await?;
+    assert_eq!(
+        v["hit"], false,
+        "a deleted pending store stays deleted: {v}"
+    );
+    let m = s.metrics().await?;
+    assert_eq!(
+        crate::harness::metric_sum(&m, "semantis_cache_pending_embedded_total", &[]),
+        2.0
+    );
+    let (_, stats, _) = s.call(Method::GET, "/v1/stats", Some(KEY_A), None).await?;
+    assert_eq!(stats["entries"], 2, "{stats}");
     Ok(())
 }
 
