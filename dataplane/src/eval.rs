@@ -233,6 +233,22 @@ async fn eval_with(cfg: DataplaneConfig, pairs: Vec<Pair>, args: &EvalArgs) -> a
         .collect()
         .await;
     stored.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+    // Stores whose embedding timed out were accepted for later; embed them now, or the
+    // lookups would be measured against an incomplete index.
+    let mut deferred = 0;
+    loop {
+        let moved = cache
+            .embed_pending(256)
+            .await
+            .context("failed to embed the stores deferred while the embedder was slow")?;
+        if moved == 0 {
+            break;
+        }
+        deferred += moved;
+    }
+    if deferred > 0 {
+        tracing::info!(deferred, "embedded stores that had timed out");
+    }
     let store_secs = started.elapsed().as_secs_f64();
     cache
         .flush_all()

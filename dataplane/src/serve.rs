@@ -16,7 +16,7 @@ use semantis_dataplane::cache::{Cache, CacheParts, Partition};
 use semantis_dataplane::embed::layers::{Batched, Cached};
 use semantis_dataplane::embed::local::LocalEmbedder;
 use semantis_dataplane::embed::remote::RemoteEmbedder;
-use semantis_dataplane::embed::{Embedder, fingerprint};
+use semantis_dataplane::embed::{EmbedError, Embedder, fingerprint};
 use semantis_dataplane::http::{AppState, router};
 use semantis_dataplane::metrics::Metrics;
 use semantis_dataplane::store::dual::DualEntryStore;
@@ -62,16 +62,32 @@ pub async fn load_embedder(
         EmbeddingProvider::Openai | EmbeddingProvider::Ollama | EmbeddingProvider::Tei => {
             let remote = RemoteEmbedder::new(e, metrics.clone())
                 .context("failed to configure the embedding provider")?;
-            // Check what the provider really returns (dimension included) at startup.
-            remote
-                .embed(&["semantis dimension probe".to_owned()])
-                .await
-                .with_context(|| {
-                    format!(
-                        "failed to check the `{}` embedding provider at startup",
-                        e.provider.as_str()
-                    )
-                })?;
+            // Check what the provider really returns (dimension included) at startup. A wrong
+            // answer stops startup; no answer does not: a replica restarting during a provider
+            // outage serves exact hits and defers stores like one that was already running.
+            match remote.embed(&["semantis dimension probe".to_owned()]).await {
+                Ok(_) => {}
+                // Misconfiguration (wrong dimension, key, model or URL) never heals by waiting.
+                Err(
+                    err @ (EmbedError::Dimension { .. }
+                    | EmbedError::Http {
+                        status: 400..=428 | 430..=499,
+                        ..
+                    }),
+                ) => {
+                    return Err(err).with_context(|| {
+                        format!(
+                            "failed to check the `{}` embedding provider at startup",
+                            e.provider.as_str()
+                        )
+                    });
+                }
+                Err(err) => tracing::warn!(
+                    provider = e.provider.as_str(),
+                    error = %err,
+                    "the embedding provider does not answer at startup; serving degraded until it does"
+                ),
+            }
             (Arc::new(remote), 4)
         }
     };

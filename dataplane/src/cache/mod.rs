@@ -795,10 +795,16 @@ impl Cache {
             let vectors = if prompts.is_empty() {
                 Vec::new()
             } else {
-                embedder
-                    .embed(&prompts)
-                    .await
-                    .map_err(|e| CacheError::EmbedderUnavailable(e.to_string()))?
+                match embedder.embed(&prompts).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let ids: Vec<String> = live.iter().map(|p| p.id.clone()).collect();
+                        self.metadata
+                            .release_pending(&part.tenant.name, &ids)
+                            .await?;
+                        return Err(CacheError::EmbedderUnavailable(e.to_string()));
+                    }
+                }
             };
             let mut done: Vec<String> = expired.iter().map(|p| p.id.clone()).collect();
             for (pending, vector) in live.into_iter().zip(vectors) {

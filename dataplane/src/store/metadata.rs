@@ -334,6 +334,22 @@ impl MetadataStore {
             .collect())
     }
 
+    /// Give claimed pending entries back (the embedder failed): any replica may retry them now.
+    pub async fn release_pending(&self, tenant: &str, ids: &[String]) -> Result<(), StoreError> {
+        for id in ids {
+            on_pool!(self, |pool| sqlx::query(
+                "UPDATE pending_entries SET claimed_until = 0 WHERE tenant = $1 AND id = $2"
+            )
+            .bind(tenant)
+            .bind(id)
+            .execute(pool)
+            .await
+            .map(|_| ()))
+            .map_err(meta("release a pending entry"))?;
+        }
+        Ok(())
+    }
+
     /// Drop pending entries (embedded and stored, or deleted); returns the ones that existed.
     pub async fn remove_pending(
         &self,
