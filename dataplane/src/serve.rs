@@ -378,9 +378,9 @@ async fn retire_versions(
             std::fs::remove_dir_all(&wal)
                 .with_context(|| format!("failed to remove {}", wal.display()))?;
         }
-        let dimension = 0;
+        // The row exists, so only its state and time change (the dimension is not rewritten).
         metadata
-            .set_index_version(&tenant, &fp, dimension, "deleted", now_ms())
+            .set_index_version(&tenant, &fp, 0, "deleted", now_ms())
             .await?;
         tracing::info!(tenant, table, "deleted the retired index version");
     }

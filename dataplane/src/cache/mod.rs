@@ -773,8 +773,9 @@ impl Cache {
     }
 
     /// Embed stores accepted while the embedder was down and move them into the entry store,
-    /// at most `limit` per tenant. Returns how many moved; stops at the first embed failure
-    /// (the claims lapse and a later pass, here or on another replica, retries).
+    /// at most `limit` per tenant. Returns how many moved; stops at the first embed failure,
+    /// giving that batch's claims back so the next pass (here or on another replica) retries.
+    /// A replica that dies holding claims loses them after `PENDING_CLAIM_MS`.
     pub async fn embed_pending(&self, limit: usize) -> Result<usize, CacheError> {
         let Some(embedder) = &self.embedder else {
             return Ok(0);
