@@ -59,12 +59,26 @@ storer=$!
 run --duration 20s --scenario exact-hit --seed 10000 --seeded --connections 1
 wait "$storer"; cat /tmp/semantis-bench-store.txt
 
+# The resident index's startup load runs after /readyz; its gauge appears when it is done.
+wait_resident() {
+  local t0; t0=$(date +%s%N)
+  until curl -s "$url/metrics" | grep -q '^semantis_index_resident_entries{tenant="bench"}'; do
+    sleep 0.2
+  done
+  echo "resident index loaded $(( ($(date +%s%N) - t0) / 1000000 )) ms after that" >&2
+}
+
 if [ "$entries" -gt 0 ]; then
+  echo "## the resident index alone, in process, $entries entries, one core"
+  taskset -c 0 "$bin" bench --scenario ann-recall --seed "$entries" --queries 1000
   # Seeding overwrites nothing: entries 0..N get new ids; 0..10k already existed.
   run --scenario semantic-vector --seed "$entries" --seed-connections 16 --connections 1
   echo "## restart with $entries entries"
   stop_server
   start_server
+  # Served by LanceDB while the resident index loads, then from memory.
+  run --duration 10s --warmup 0s --scenario semantic-vector --seed "$entries" --seeded --connections 1
+  wait_resident
   run --duration 10s --scenario semantic-vector --seed "$entries" --seeded --connections 1
 fi
 stop_server

@@ -5,6 +5,8 @@
 //! from its scheduled start, so a stall is charged to every request it delayed (no
 //! coordinated omission, as in wrk2).
 
+mod ann;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -30,6 +32,9 @@ pub enum Scenario {
     Store,
     /// No server: the local model in process, one text per call, then batches of 32.
     EmbedLocal,
+    /// No server: the resident index in process, loaded with `--seed` vectors; the hit
+    /// decision through the HNSW graph against exhaustive search, and search latency.
+    AnnRecall,
 }
 
 #[derive(clap::Args, Debug)]
@@ -69,6 +74,15 @@ pub struct BenchArgs {
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
+    /// `ann-recall`: questions asked.
+    #[arg(long, default_value_t = 1000)]
+    queries: usize,
+    /// `ann-recall`: the similarity threshold of the hit decision.
+    #[arg(long, default_value_t = 0.9)]
+    min_similarity: f32,
+    /// `ann-recall`: the scope size from which the graph is used.
+    #[arg(long, default_value_t = 1024)]
+    ann_min_scope_entries: usize,
     /// `embed-local`: the model directory (default: where scripts/fetch-model.sh puts it).
     #[arg(long)]
     model_dir: Option<std::path::PathBuf>,
@@ -271,7 +285,7 @@ fn request(
                 json!({"vector": normalized(v), "scope": scope(scenario)}),
             )
         }
-        Scenario::Store | Scenario::EmbedLocal => {
+        Scenario::Store | Scenario::EmbedLocal | Scenario::AnnRecall => {
             let v: Vec<f32> = (0..dim).map(|_| rng.random_range(-1.0f32..1.0)).collect();
             (
                 "/v1/entries",
@@ -338,6 +352,11 @@ struct Tally {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.scenario == Scenario::EmbedLocal {
         return embed_local(&args).await;
+    }
+    if args.scenario == Scenario::AnnRecall {
+        return tokio::task::spawn_blocking(move || ann::run(&args))
+            .await
+            .context("failed to join the ann-recall run")?;
     }
     if args.connections == 0 {
         bail!("--connections must be at least 1");

@@ -20,6 +20,7 @@ pub struct Metrics {
     pub stores_deferred: IntCounterVec,
     pub pending_embedded: IntCounterVec,
     pub entries: IntGaugeVec,
+    pub resident_entries: IntGaugeVec,
     pub evictions: IntCounterVec,
     pub embed_duration: HistogramVec,
     pub embed_errors: IntCounterVec,
@@ -70,6 +71,14 @@ impl Metrics {
             &["tenant"],
         )?;
         r.register(Box::new(entries.clone()))?;
+        let resident_entries = IntGaugeVec::new(
+            Opts::new(
+                "semantis_index_resident_entries",
+                "Entries held in the resident index (absent until its startup load finishes).",
+            ),
+            &["tenant"],
+        )?;
+        r.register(Box::new(resident_entries.clone()))?;
         let circuit = IntGaugeVec::new(
             Opts::new(
                 "semantis_embedder_circuit_open",
@@ -141,6 +150,7 @@ impl Metrics {
                 &["tenant"],
             )?,
             entries,
+            resident_entries,
             evictions: counter(
                 &r,
                 "semantis_cache_evictions_total",

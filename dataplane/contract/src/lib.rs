@@ -78,6 +78,12 @@ pub struct StorageConfig {
     /// Delete an index version's table this long after a migration retired it, in seconds
     /// (replicas still rolling over keep serving it until then).
     pub retired_grace_secs: u64,
+    /// Hold every entry of the active index version in memory and search it there (HNSW per
+    /// large scope). About 3.5 KiB per 384-d entry; off, lookups go through LanceDB.
+    pub resident_index: bool,
+    /// A scope with at least this many entries is searched through an HNSW graph; smaller
+    /// ones exhaustively.
+    pub ann_min_scope_entries: usize,
 }
 
 impl Default for StorageConfig {
@@ -92,6 +98,8 @@ impl Default for StorageConfig {
             prune_older_than_secs: 600,
             maintenance_interval_ms: 10_000,
             retired_grace_secs: 3600,
+            resident_index: true,
+            ann_min_scope_entries: 1024,
         }
     }
 }

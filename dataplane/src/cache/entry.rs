@@ -107,6 +107,16 @@ pub enum EntryFilter {
     Namespace(String),
 }
 
+impl EntryFilter {
+    pub fn matches(&self, e: &Entry) -> bool {
+        match self {
+            Self::All => true,
+            Self::Scope(s) => &e.scope == s,
+            Self::Namespace(n) => &e.namespace == n,
+        }
+    }
+}
+
 /// Enough of a deleted entry to purge every layer that may hold it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Removed {

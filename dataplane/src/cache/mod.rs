@@ -159,8 +159,12 @@ pub struct TenantStats {
     pub eviction: String,
     pub min_similarity: f32,
     pub index_version: String,
-    /// Whether the tenant's table has its ANN (IVF-PQ) index; before that, search is exhaustive.
+    /// Whether the tenant's LanceDB table has its ANN (IVF-PQ) index (searched while the
+    /// resident index is not).
     pub vector_index: bool,
+    /// Whether lookups are answered from the in-memory resident index (false while it loads
+    /// after a restart, or when `storage.resident_index` is off).
+    pub resident_index: bool,
     pub lookups: u64,
     pub hits: u64,
     pub hit_ratio: f64,
@@ -717,6 +721,7 @@ impl Cache {
             min_similarity: tenant.min_similarity,
             index_version: self.index_version.clone(),
             vector_index: part.store.has_vector_index(),
+            resident_index: part.store.resident_index(),
             lookups,
             hits,
             hit_ratio: if lookups == 0 {

@@ -101,6 +101,10 @@ impl EntryStore for DualEntryStore {
         self.active.has_vector_index()
     }
 
+    fn resident_index(&self) -> bool {
+        self.active.resident_index()
+    }
+
     async fn flush(&self) -> Result<(), StoreError> {
         self.active.flush().await?;
         self.target.flush().await

@@ -30,6 +30,7 @@ use semantis_contract::StorageConfig;
 use tokio::sync::watch;
 
 use super::redis_log::{Pos, RedisLog, format_stream_id, parse_stream_id};
+use super::resident::ResidentIndex;
 use super::wal::{Wal, WalEntry, WalRecord};
 use super::{EntryStore, StoreError};
 use crate::cache::entry::{Candidate, Entry, EntryFilter, Removed, cosine_similarity};
@@ -91,7 +92,7 @@ impl State {
         self.tail.retain(|(_, e)| {
             let gone = match &op {
                 Pending::Ids(list) => list.contains(&e.id),
-                Pending::Where(f) => filter_matches(f, e),
+                Pending::Where(f) => f.matches(e),
             };
             if gone {
                 ids.remove(&e.id);
@@ -160,6 +161,9 @@ pub struct LanceEntryStore {
     has_vector_index: AtomicBool,
     has_scalar_indexes: AtomicBool,
     last_table_maintenance: Mutex<Option<Instant>>,
+    /// Every live entry in memory, searched instead of LanceDB once loaded
+    /// (`storage.resident_index`).
+    resident: Option<Arc<ResidentIndex>>,
     metrics: Arc<Metrics>,
 }
 
@@ -200,14 +204,6 @@ fn filter_sql(filter: &EntryFilter) -> String {
         EntryFilter::All => "true".to_owned(),
         EntryFilter::Scope(s) => format!("scope = {}", quote(s)),
         EntryFilter::Namespace(n) => format!("namespace = {}", quote(n)),
-    }
-}
-
-fn filter_matches(filter: &EntryFilter, e: &Entry) -> bool {
-    match filter {
-        EntryFilter::All => true,
-        EntryFilter::Scope(s) => &e.scope == s,
-        EntryFilter::Namespace(n) => &e.namespace == n,
     }
 }
 
@@ -272,6 +268,9 @@ impl LanceEntryStore {
             }
         };
         let (cursor, _) = watch::channel(0);
+        let resident = cfg
+            .resident_index
+            .then(|| Arc::new(ResidentIndex::new(dimension, cfg.ann_min_scope_entries)));
         let store = Arc::new(Self {
             tenant: tenant.to_owned(),
             name: table_name.to_owned(),
@@ -290,6 +289,7 @@ impl LanceEntryStore {
             has_vector_index: AtomicBool::new(has_vector_index),
             has_scalar_indexes: AtomicBool::new(has_scalar_indexes),
             last_table_maintenance: Mutex::new(None),
+            resident,
             metrics,
         });
         let count = replay.len();
@@ -302,7 +302,88 @@ impl LanceEntryStore {
         if let Log::Redis(log) = &store.log {
             Self::spawn_follower(Arc::downgrade(&store), log.clone()).await?;
         }
+        if let Some(resident) = &store.resident {
+            Self::spawn_resident_load(Arc::downgrade(&store), resident.clone());
+        }
         Ok(store)
+    }
+
+    /// Fill the resident index from the table in the background. Log records applied
+    /// meanwhile go to it directly; until it is ready, searches go to LanceDB.
+    fn spawn_resident_load(store: Weak<Self>, resident: Arc<ResidentIndex>) {
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = match store.upgrade() {
+                Some(me) => me.load_resident(&resident).await,
+                None => return,
+            };
+            let Some(me) = store.upgrade() else { return };
+            match result {
+                Ok(()) => {
+                    resident.finish_loading();
+                    me.metrics
+                        .resident_entries
+                        .with_label_values(&[&me.tenant])
+                        .set(i64::try_from(resident.len()).unwrap_or(i64::MAX));
+                    tracing::info!(
+                        table = %me.name,
+                        entries = resident.len(),
+                        seconds = started.elapsed().as_secs_f64(),
+                        "resident index loaded; semantic lookups no longer query LanceDB"
+                    );
+                }
+                Err(e) => tracing::warn!(
+                    table = %me.name,
+                    error = %e,
+                    "failed to load the resident index; semantic lookups keep querying LanceDB"
+                ),
+            }
+        });
+    }
+
+    async fn load_resident(&self, resident: &Arc<ResidentIndex>) -> Result<(), StoreError> {
+        let mut stream = self
+            .table
+            .query()
+            .execute()
+            .await
+            .map_err(|e| self.lance("read", e))?;
+        while let Some(batch) = stream.try_next().await.map_err(|e| self.lance("read", e))? {
+            let entries = self.decode(&batch)?;
+            let resident = resident.clone();
+            // Graph inserts are CPU work: keep them off the request workers.
+            tokio::task::spawn_blocking(move || {
+                entries
+                    .into_iter()
+                    .try_for_each(|e| resident.insert_loaded(Arc::new(e)))
+            })
+            .await
+            .map_err(|e| StoreError::Decode {
+                table: self.name.clone(),
+                reason: format!("failed to load the resident index: {e}"),
+            })??;
+        }
+        Ok(())
+    }
+
+    /// The resident index, when it holds everything.
+    fn resident_ready(&self) -> Option<&ResidentIndex> {
+        self.resident.as_deref().filter(|r| r.ready())
+    }
+
+    /// Apply a log record to the resident index. A failure there must not fail a write
+    /// that is already durable: the index is dropped and searches go back to LanceDB.
+    fn apply_resident(
+        &self,
+        f: impl FnOnce(&ResidentIndex) -> Result<(), super::resident::ResidentError>,
+    ) {
+        if let Some(resident) = &self.resident
+            && !resident.disabled()
+            && let Err(e) = f(resident)
+        {
+            resident.disable();
+            tracing::error!(table = %self.name, error = %e, "failed to update the resident index; semantic lookups query LanceDB from now on");
+        }
     }
 
     /// Cluster mode: apply every record other replicas append, in stream order.
@@ -346,12 +427,20 @@ impl LanceEntryStore {
 
     async fn apply(&self, pos: Pos, record: WalRecord) -> Result<(), StoreError> {
         match record {
-            WalRecord::Put(e) => self.state.lock().apply_put(pos, Arc::new(Entry::from(*e))),
-            WalRecord::Delete { ids } => self.state.lock().apply_delete(pos, Pending::Ids(ids)),
-            WalRecord::DeleteWhere { filter } => self
-                .state
-                .lock()
-                .apply_delete(pos, Pending::Where(filter.into())),
+            WalRecord::Put(e) => {
+                let entry = Arc::new(Entry::from(*e));
+                self.apply_resident(|r| r.insert(entry.clone()));
+                self.state.lock().apply_put(pos, entry);
+            }
+            WalRecord::Delete { ids } => {
+                self.apply_resident(|r| r.remove_ids(&ids));
+                self.state.lock().apply_delete(pos, Pending::Ids(ids));
+            }
+            WalRecord::DeleteWhere { filter } => {
+                let filter: EntryFilter = filter.into();
+                self.apply_resident(|r| r.remove_where(&filter));
+                self.state.lock().apply_delete(pos, Pending::Where(filter));
+            }
             WalRecord::Flushed { upto } => {
                 let upto = parse_stream_id(&upto).unwrap_or(0);
                 // See the rows the leader wrote before dropping them from the tail.
@@ -1141,6 +1230,9 @@ impl EntryStore for LanceEntryStore {
         if in_tail.is_some() {
             return Ok(in_tail);
         }
+        if let Some(resident) = self.resident_ready() {
+            return Ok(resident.find_exact(exact_key, now_ms));
+        }
         let found = self
             .query_entries(
                 format!("exact_key = {} AND expires_at > {now_ms}", quote(exact_key)),
@@ -1157,6 +1249,9 @@ impl EntryStore for LanceEntryStore {
         limit: usize,
         now_ms: i64,
     ) -> Result<Vec<Candidate>, StoreError> {
+        if let Some(resident) = self.resident_ready() {
+            return Ok(resident.search(scope, vector, limit, now_ms)?);
+        }
         let mut candidates: Vec<Candidate> = self
             .state
             .lock()
@@ -1247,7 +1342,7 @@ impl EntryStore for LanceEntryStore {
             .lock()
             .tail
             .iter()
-            .filter(|(_, e)| filter_matches(filter, e))
+            .filter(|(_, e)| filter.matches(e))
             .map(|(_, e)| Removed {
                 id: e.id.clone(),
                 exact_key: e.exact_key.clone(),
@@ -1318,6 +1413,10 @@ impl EntryStore for LanceEntryStore {
         self.has_vector_index.load(Ordering::Relaxed)
     }
 
+    fn resident_index(&self) -> bool {
+        self.resident_ready().is_some()
+    }
+
     async fn count_live(&self, now_ms: i64) -> Result<u64, StoreError> {
         let in_tail = self
             .state
@@ -1342,6 +1441,12 @@ impl EntryStore for LanceEntryStore {
     }
 
     async fn maintain(&self) -> Result<(), StoreError> {
+        if let Some(resident) = self.resident_ready() {
+            self.metrics
+                .resident_entries
+                .with_label_values(&[&self.tenant])
+                .set(i64::try_from(resident.len()).unwrap_or(i64::MAX));
+        }
         if !self.leads().await? {
             return Ok(());
         }

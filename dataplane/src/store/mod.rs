@@ -9,6 +9,7 @@ pub mod lance;
 pub mod metadata;
 pub mod redis_hot;
 pub mod redis_log;
+pub mod resident;
 pub mod wal;
 
 use std::sync::Arc;
@@ -50,6 +51,8 @@ pub enum StoreError {
     Decode { table: String, reason: String },
     #[error("failed to embed for the migration target index version: {0}")]
     TargetEmbed(String),
+    #[error(transparent)]
+    Resident(#[from] resident::ResidentError),
     #[error("failed to write: the write-ahead log of `{0}` is closed")]
     Closed(String),
 }
@@ -82,6 +85,10 @@ pub trait EntryStore: Send + Sync {
     async fn count_live(&self, now_ms: i64) -> Result<u64, StoreError>;
     /// Whether searches go through an ANN index (as this replica knows it).
     fn has_vector_index(&self) -> bool {
+        false
+    }
+    /// Whether lookups are answered from the resident index (loaded, enabled).
+    fn resident_index(&self) -> bool {
         false
     }
     /// Move the write-ahead tail into the table now.

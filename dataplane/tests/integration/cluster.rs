@@ -204,7 +204,8 @@ async fn every_replica_learns_of_the_ann_index_at_the_next_flush() -> anyhow::Re
     let mut setup = cluster_setup("ann").await?;
     setup.dimension = 16;
     setup.flush_max_rows = 50;
-    setup.storage_extra = "index_min_rows = 400".into();
+    // Without the resident index, so lookups go through LanceDB and its IVF-PQ index.
+    setup.storage_extra = "index_min_rows = 400\nresident_index = false".into();
     let r1 = Server::start_replica(dir.path(), "r1", &setup).await?;
     let r2 = Server::start_replica(dir.path(), "r2", &setup).await?;
     let vector = |i: u64| scattered(16, i);

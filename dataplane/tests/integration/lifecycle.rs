@@ -221,10 +221,11 @@ async fn graceful_shutdown_flushes_the_tail_into_lancedb() -> anyhow::Result<()>
 #[tokio::test]
 async fn flushed_entries_and_the_ann_index_keep_serving() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
+    // Without the resident index, so lookups go through LanceDB and its IVF-PQ index.
     let setup = Setup {
         dimension: 16,
         flush_max_rows: 50,
-        extra: String::new(),
+        storage_extra: "resident_index = false".into(),
         ..Setup::default()
     };
     // Build the ANN index once 400 rows are in the table.
@@ -364,5 +365,110 @@ async fn stores_racing_flushes_are_never_lost() -> anyhow::Result<()> {
     }
     let (_, v, _) = s.call(Method::GET, "/v1/stats", Some(KEY_A), None).await?;
     assert_eq!(v["entries"], 120, "no entry lost or duplicated: {v}");
+    Ok(())
+}
+
+/// (whether lookups come from the resident index, live entries)
+async fn resident_stats(s: &Server) -> anyhow::Result<(bool, Option<u64>)> {
+    let (_, v, _) = s.call(Method::GET, "/v1/stats", Some(KEY_A), None).await?;
+    Ok((v["resident_index"] == true, v["entries"].as_u64()))
+}
+
+/// Every 7th of the 300 `resident i` entries hits itself unless deleted; the `other`
+/// namespace is gone; the exact path answers.
+async fn check_resident(s: &Server, ids: &[String], deleted: &[usize]) -> anyhow::Result<()> {
+    for i in (0..300usize).step_by(7) {
+        let v = s
+            .lookup(KEY_A, json!({"vector": scattered(16, i as u64)}))
+            .await?;
+        if deleted.contains(&i) {
+            assert_ne!(
+                v["entry_id"],
+                json!(ids[i]),
+                "deleted entry {i} served: {v}"
+            );
+        } else {
+            assert_eq!(v["hit"], true, "entry {i}: {v}");
+            assert_eq!(v["entry_id"], json!(ids[i]), "entry {i}: {v}");
+            assert!(v["similarity"].as_f64().unwrap_or(0.0) > 0.999, "{v}");
+            assert_eq!(v["response"], answer(&i.to_string()));
+        }
+    }
+    for i in 0..5u64 {
+        let v = s
+            .lookup(
+                KEY_A,
+                json!({"vector": scattered(16, i), "scope": {"namespace": "other"}}),
+            )
+            .await?;
+        assert_eq!(v["hit"], false, "invalidated namespace served: {v}");
+    }
+    let v = s.lookup(KEY_A, json!({"prompt": "resident 43"})).await?;
+    assert_eq!(
+        (v["hit"].as_bool(), v["path"].as_str()),
+        (Some(true), Some("exact")),
+        "{v}"
+    );
+    Ok(())
+}
+
+/// Lookups come from the resident index (one scope large enough for its HNSW graph), deletes
+/// and invalidations reach it, and after kill -9 it reloads without what was removed.
+#[tokio::test]
+async fn the_resident_index_serves_lookups_and_reloads_after_kill_9() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let setup = Setup {
+        dimension: 16,
+        flush_max_rows: 50,
+        storage_extra: "ann_min_scope_entries = 64".into(),
+        ..Setup::default()
+    };
+    let s = Server::start(dir.path(), &setup).await?;
+    let mut ids = Vec::new();
+    for i in 0..300u64 {
+        ids.push(
+            s.store(KEY_A, json!({"prompt": format!("resident {i}"), "vector": scattered(16, i), "response": answer(&i.to_string())}))
+                .await?,
+        );
+    }
+    // The same vectors in another namespace: a scope of its own, searched exhaustively.
+    for i in 0..5u64 {
+        s.store(KEY_A, json!({"prompt": format!("other {i}"), "vector": scattered(16, i), "response": answer("other"),
+                              "scope": {"namespace": "other"}}))
+            .await?;
+    }
+    assert!(resident_stats(&s).await?.0, "an empty table loads at once");
+    let deleted: Vec<usize> = (0..300).step_by(7).take(10).collect();
+    for &i in &deleted {
+        let (status, _, _) = s
+            .call(
+                Method::DELETE,
+                &format!("/v1/entries/{}", ids[i]),
+                Some(KEY_A),
+                None,
+            )
+            .await?;
+        assert_eq!(status, 204);
+    }
+    let (status, _, _) = s
+        .call(
+            Method::POST,
+            "/v1/invalidate",
+            Some(KEY_A),
+            Some(&json!({"namespace": "other"})),
+        )
+        .await?;
+    assert_eq!(status, 200);
+    check_resident(&s, &ids, &deleted).await?;
+
+    let s = s.restart().await?; // kill -9: part of it in the table, the rest in the log
+    s.eventually(
+        "the resident index reload",
+        Duration::from_secs(60),
+        || async { Ok(resident_stats(&s).await?.0) },
+    )
+    .await?;
+    assert_eq!(resident_stats(&s).await?.1, Some(290));
+    check_resident(&s, &ids, &deleted).await?;
     Ok(())
 }
