@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces BENCHMARKS.md: starts a release `semantis-dataplane serve` with
 # dataplane/examples/bench.toml on a fresh data directory, seeds it, and runs each scenario of
-# `semantis-dataplane bench`. Usage: scripts/bench.sh [ENTRIES] (default 1000000).
+# `semantis-dataplane bench`. Usage: [BENCH_LARGE_ONLY=1] scripts/bench.sh [ENTRIES] (default
+# 1000000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/semantis/target}"
@@ -42,6 +43,8 @@ run() {
   taskset -c 1 "$bin" bench --url "$url" --duration "$d" --warmup "$w" "$@"
 }
 
+# BENCH_LARGE_ONLY=1 skips to the million-entry part.
+if [ -z "${BENCH_LARGE_ONLY:-}" ]; then
 echo "## local model, in process, one core"
 taskset -c 0 "$bin" bench --scenario embed-local --duration "$duration" --warmup 3s
 
@@ -58,6 +61,7 @@ run --duration 30s --warmup 1s --scenario store --connections 16 --rate 5000 > /
 storer=$!
 run --duration 20s --scenario exact-hit --seed 10000 --seeded --connections 1
 wait "$storer"; cat /tmp/semantis-bench-store.txt
+fi
 
 # The resident index's startup load runs after /readyz; its gauge appears when it is done.
 wait_resident() {
