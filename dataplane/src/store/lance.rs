@@ -332,11 +332,15 @@ impl LanceEntryStore {
                         "resident index loaded; semantic lookups no longer query LanceDB"
                     );
                 }
-                Err(e) => tracing::warn!(
-                    table = %me.name,
-                    error = %e,
-                    "failed to load the resident index; semantic lookups keep querying LanceDB"
-                ),
+                Err(e) => {
+                    // Incomplete, so never searched: free it.
+                    resident.disable();
+                    tracing::warn!(
+                        table = %me.name,
+                        error = %e,
+                        "failed to load the resident index; semantic lookups keep querying LanceDB"
+                    );
+                }
             }
         });
     }
