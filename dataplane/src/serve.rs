@@ -391,48 +391,10 @@ async fn retire_versions(
     Ok(())
 }
 
-/// Flushes, compaction and index builds run on a runtime of their own: one worker thread (and
-/// its blocking threads) at nice 10. On a saturated core the request workers then win, so a
-/// LanceDB flush delays lookups by a time slice instead of by its whole duration.
-fn maintenance_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("semantis-maintenance")
-        .on_thread_start(lower_thread_priority)
-        .enable_all()
-        .build()
-        .context("failed to start the maintenance runtime")
-}
-
-fn lower_thread_priority() {
-    // On Linux the nice value belongs to the thread, so this leaves request workers alone.
-    #[cfg(target_os = "linux")]
-    #[allow(unsafe_code)]
-    // SAFETY: setpriority only reads its integer arguments; gettid cannot fail.
-    let rc = unsafe {
-        libc::setpriority(
-            libc::PRIO_PROCESS,
-            libc::id_t::try_from(libc::gettid()).unwrap_or(0),
-            10,
-        )
-    };
-    #[cfg(target_os = "linux")]
-    if rc != 0 {
-        tracing::warn!(
-            error = %std::io::Error::last_os_error(),
-            "failed to lower the maintenance thread's priority"
-        );
-    }
-}
-
-fn spawn_maintainers(
-    cache: &Arc<Cache>,
-    cfg: &DataplaneConfig,
-    background: &tokio::runtime::Handle,
-) -> Vec<JoinHandle<()>> {
+fn spawn_maintainers(cache: &Arc<Cache>, cfg: &DataplaneConfig) -> Vec<JoinHandle<()>> {
     let tick = Duration::from_millis((cfg.storage.flush_interval_ms / 4).clamp(20, 1000));
     let c = cache.clone();
-    let maintain = background.spawn(async move {
+    let maintain = tokio::spawn(async move {
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -535,8 +497,7 @@ pub async fn run(cfg: DataplaneConfig) -> anyhow::Result<()> {
     let addr = listener
         .local_addr()
         .context("failed to read the bound address")?;
-    let background = maintenance_runtime()?;
-    let maintainers = spawn_maintainers(&cache, &cfg, background.handle());
+    let maintainers = spawn_maintainers(&cache, &cfg);
     tracing::info!(%addr, index_version = cache.index_version(), "serving");
 
     let draining = state.clone();
@@ -564,8 +525,6 @@ pub async fn run(cfg: DataplaneConfig) -> anyhow::Result<()> {
     for m in maintainers {
         m.abort();
     }
-    // Not dropped in place: dropping a runtime inside another one's task panics.
-    background.shutdown_background();
     cache
         .flush_all()
         .await
