@@ -58,12 +58,13 @@ pub struct RedisLog {
     replica: String,
 }
 
-/// Connection settings shared by the log and the hot layer: short deadlines so an outage
-/// turns into fast errors, never into hung requests.
+/// Connection settings shared by the log and the hot layer: deadlines so an outage turns
+/// into errors, never into hung requests. A down Redis refuses at once; the reply deadline
+/// leaves room for an `appendfsync always` fsync on a busy disk (500 ms was seen to trip).
 pub async fn connect(client: &Client) -> Result<ConnectionManager, StoreError> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_millis(500)))
-        .set_response_timeout(Some(Duration::from_millis(500)))
+        .set_response_timeout(Some(Duration::from_millis(2000)))
         .set_number_of_retries(1);
     client
         .get_connection_manager_with_config(config)
