@@ -91,8 +91,14 @@ redis_start() {
     redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --daemonize yes \
       --appendonly yes --appendfsync always --save "" \
       --logfile "$dir/redis.log" --pidfile "$dir/redis.pid" >/dev/null
-    for _ in $(seq 1 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.05; done
   fi
+  # Wait for PONG, not just an answer: while Redis replays its AOF it answers every command
+  # with a LOADING error, and a FLUSHALL sent then would be refused.
+  for _ in $(seq 1 600); do
+    [ "$(redis-cli -p "$port" ping 2>/dev/null)" = PONG ] && break
+    sleep 0.05
+  done
+  [ "$(redis-cli -p "$port" ping 2>/dev/null)" = PONG ] || { echo "Redis \`$name\` did not start: see $dir/redis.log" >&2; return 1; }
   echo "redis://127.0.0.1:$port"
 }
 

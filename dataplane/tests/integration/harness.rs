@@ -171,7 +171,14 @@ pub fn private_redis(name: &str) -> anyhow::Result<String> {
     let flushed = Command::new("redis-cli")
         .args(["-u", &url, "FLUSHALL"])
         .output()?;
-    anyhow::ensure!(flushed.status.success(), "failed to empty Redis `{name}`");
+    // redis-cli exits 0 on an error reply, so check the reply itself: a refused FLUSHALL
+    // would leave an earlier run's log for this test to replay.
+    let reply = String::from_utf8_lossy(&flushed.stdout);
+    anyhow::ensure!(
+        flushed.status.success() && reply.trim() == "OK",
+        "failed to empty Redis `{name}`: {}",
+        reply.trim()
+    );
     Ok(url)
 }
 
