@@ -798,6 +798,26 @@ impl LanceEntryStore {
     }
 }
 
+/// Append the `(id, created_at)` pairs of `batches` (selected with those two columns) to `out`.
+fn push_ids_and_creation_times(
+    table: &str,
+    batches: &[RecordBatch],
+    out: &mut Vec<(String, i64)>,
+) -> Result<(), StoreError> {
+    for b in batches {
+        let err = |reason| StoreError::Decode {
+            table: table.to_owned(),
+            reason,
+        };
+        let ids = string_column(b, "id").map_err(err)?;
+        let created = column::<Int64Array>(b, "created_at").map_err(err)?;
+        for i in 0..b.num_rows() {
+            out.push((ids.value(i).to_owned(), created.value(i)));
+        }
+    }
+    Ok(())
+}
+
 fn string_column<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a StringArray, String> {
     b.column_by_name(name)
         .and_then(|c| c.as_any().downcast_ref::<StringArray>())
@@ -1020,17 +1040,7 @@ impl TableAccess {
             .await
             .map_err(lance_error(&self.name, "read"))?;
         let mut out = Vec::new();
-        for b in &batches {
-            let err = |reason| StoreError::Decode {
-                table: self.name.clone(),
-                reason,
-            };
-            let ids = string_column(b, "id").map_err(err)?;
-            let created = column::<Int64Array>(b, "created_at").map_err(err)?;
-            for i in 0..b.num_rows() {
-                out.push((ids.value(i).to_owned(), created.value(i)));
-            }
-        }
+        push_ids_and_creation_times(&self.name, &batches, &mut out)?;
         Ok(out)
     }
 
@@ -1399,17 +1409,7 @@ impl EntryStore for LanceEntryStore {
             .iter()
             .map(|(_, e)| (e.id.clone(), e.created_at_ms))
             .collect();
-        for b in &batches {
-            let err = |reason| StoreError::Decode {
-                table: self.name.clone(),
-                reason,
-            };
-            let ids = string_column(b, "id").map_err(err)?;
-            let created = column::<Int64Array>(b, "created_at").map_err(err)?;
-            for i in 0..b.num_rows() {
-                out.push((ids.value(i).to_owned(), created.value(i)));
-            }
-        }
+        push_ids_and_creation_times(&self.name, &batches, &mut out)?;
         Ok(out)
     }
 
