@@ -82,6 +82,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .insert(entry(i, dim))
             .context("failed to insert into the resident index")?;
     }
+    index
+        .index_all_pending()
+        .context("failed to build the resident index's graph")?;
     let load_secs = started.elapsed().as_secs_f64();
     let bytes_per_entry = resident_bytes().saturating_sub(before) as f64 / n as f64;
 

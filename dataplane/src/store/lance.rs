@@ -303,6 +303,10 @@ impl LanceEntryStore {
             Self::spawn_follower(Arc::downgrade(&store), log.clone()).await?;
         }
         if let Some(resident) = &store.resident {
+            if let Err(e) = resident.spawn_indexer() {
+                tracing::warn!(table = %store.name, error = %e, "failed to start the resident index's indexer thread; semantic lookups keep querying LanceDB");
+                resident.disable();
+            }
             Self::spawn_resident_load(Arc::downgrade(&store), resident.clone());
         }
         Ok(store)
@@ -367,6 +371,15 @@ impl LanceEntryStore {
                 reason: format!("failed to load the resident index: {e}"),
             })??;
         }
+        // Ready means every graph is built: until then LanceDB answers, not a scan of
+        // everything pending.
+        let resident = resident.clone();
+        tokio::task::spawn_blocking(move || resident.index_all_pending())
+            .await
+            .map_err(|e| StoreError::Decode {
+                table: self.name.clone(),
+                reason: format!("failed to load the resident index: {e}"),
+            })??;
         Ok(())
     }
 

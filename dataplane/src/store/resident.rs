@@ -7,6 +7,11 @@
 //! (usearch) whose candidates are re-ranked on the exact cosine, so the similarity a lookup
 //! reports is the same whichever way the candidate was found.
 //!
+//! A store never waits for the graph: new members of a graph-searched scope are *pending*,
+//! searched exhaustively next to the graph until the indexer thread (`spawn_indexer`) adds
+//! them. The graph add (1–2 ms at 100k entries) runs outside the index's lock, which usearch
+//! allows beside searches and removals; only growing a graph needs the write lock.
+//!
 //! It is fed by the same log records as the write-ahead tail (so every replica sees every
 //! store and delete) and loaded from the table once, in the background, at startup. Until the
 //! load finishes `ready()` is false and the store searches LanceDB as before; deletes applied
@@ -14,8 +19,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
-use parking_lot::RwLock;
+use parking_lot::{Condvar, Mutex, RwLock};
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
 use crate::cache::entry::{Candidate, Entry, EntryFilter, cosine_similarity};
@@ -28,6 +35,8 @@ const EXPANSION_SEARCH: usize = 96;
 /// usearch needs a search context per concurrent caller; with none free a search fails. More
 /// than any runtime here runs at once (tokio workers plus the startup load).
 const CONCURRENT_CALLERS: usize = 32;
+/// Pending entries the indexer adds per round; the write lock is taken twice per round.
+const INDEX_BATCH: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResidentError {
@@ -59,6 +68,11 @@ pub struct ResidentIndex {
     inner: RwLock<Inner>,
     ready: AtomicBool,
     disabled: AtomicBool,
+    /// Set when an insert leaves work for the indexer thread.
+    work: Mutex<bool>,
+    work_signal: Condvar,
+    /// One indexing round at a time: two would add the same pending key twice.
+    indexing: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -86,7 +100,9 @@ struct ScopeSet {
     members: Vec<u64>,
     /// key → position in `members`, for O(1) removal.
     slot: HashMap<u64, usize>,
-    ann: Option<Index>,
+    ann: Option<Arc<Index>>,
+    /// Members not yet in `ann` (searched exhaustively beside it).
+    pending: HashSet<u64>,
 }
 
 impl ScopeSet {
@@ -102,11 +118,20 @@ impl ScopeSet {
                 self.slot.insert(moved, at);
             }
         }
+        self.pending.remove(&key);
         if let Some(ann) = &self.ann {
             ann.remove(key).map_err(ann_error("remove from"))?;
         }
         Ok(())
     }
+}
+
+/// One pending entry the indexer is adding, outside the lock.
+struct GraphAdd {
+    graph: Arc<Index>,
+    scope: String,
+    key: u64,
+    entry: Arc<Entry>,
 }
 
 fn new_graph(dimension: usize, capacity: usize) -> Result<Index, ResidentError> {
@@ -126,18 +151,6 @@ fn new_graph(dimension: usize, capacity: usize) -> Result<Index, ResidentError> 
     Ok(graph)
 }
 
-fn add_to_graph(graph: &Index, key: u64, vector: &[f32]) -> Result<(), ResidentError> {
-    if graph.size() >= graph.capacity() {
-        graph
-            .reserve_capacity_and_threads(
-                graph.capacity().saturating_mul(2).max(1024),
-                CONCURRENT_CALLERS,
-            )
-            .map_err(ann_error("grow"))?;
-    }
-    graph.add(key, vector).map_err(ann_error("add to"))
-}
-
 impl ResidentIndex {
     /// An empty index that is still loading (`finish_loading` makes it ready).
     pub fn new(dimension: usize, ann_min_scope_entries: usize) -> Self {
@@ -150,7 +163,113 @@ impl ResidentIndex {
             }),
             ready: AtomicBool::new(false),
             disabled: AtomicBool::new(false),
+            work: Mutex::new(false),
+            work_signal: Condvar::new(),
+            indexing: Mutex::new(()),
         }
+    }
+
+    /// Start the thread that adds pending entries to their scope's graph. It stops when the
+    /// index is dropped; a failed add disables the index (lookups go back to LanceDB).
+    pub fn spawn_indexer(self: &Arc<Self>) -> std::io::Result<()> {
+        let index: Weak<Self> = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("resident-indexer".into())
+            .spawn(move || {
+                loop {
+                    let Some(this) = index.upgrade() else { return };
+                    if this.disabled() {
+                        return;
+                    }
+                    match this.index_pending(INDEX_BATCH) {
+                        Ok(0) => {
+                            let mut work = this.work.lock();
+                            if !*work {
+                                // Bounded, so a dropped index ends the thread.
+                                this.work_signal
+                                    .wait_for(&mut work, Duration::from_secs(1));
+                            }
+                            *work = false;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "failed to index pending entries; the resident index is disabled");
+                            this.disable();
+                            return;
+                        }
+                    }
+                }
+            })
+            .map(|_| ())
+    }
+
+    /// Add up to `max` pending entries to their graphs; returns how many it took.
+    pub fn index_pending(&self, max: usize) -> Result<usize, ResidentError> {
+        let _one_round = self.indexing.lock();
+        let batch: Vec<GraphAdd> = {
+            let mut inner = self.inner.write();
+            let inner = &mut *inner;
+            let mut batch = Vec::new();
+            for (scope, set) in &inner.scopes {
+                let Some(graph) = &set.ann else { continue };
+                if batch.len() >= max {
+                    break;
+                }
+                let taken = set.pending.iter().take(max - batch.len()).copied();
+                let before = batch.len();
+                batch.extend(taken.filter_map(|key| {
+                    Some(GraphAdd {
+                        graph: graph.clone(),
+                        scope: scope.clone(),
+                        key,
+                        entry: inner.entries.get(&key)?.clone(),
+                    })
+                }));
+                // Growing is not safe beside searches: only here, under the write lock.
+                let needed = graph.size() + (batch.len() - before);
+                if needed > graph.capacity() {
+                    graph
+                        .reserve_capacity_and_threads(
+                            needed.max(graph.capacity().saturating_mul(2)),
+                            CONCURRENT_CALLERS,
+                        )
+                        .map_err(ann_error("grow"))?;
+                }
+            }
+            batch
+        };
+        for add in &batch {
+            add.graph
+                .add(add.key, &add.entry.vector)
+                .map_err(ann_error("add to"))?;
+        }
+        let mut inner = self.inner.write();
+        for add in &batch {
+            let set = inner.scopes.get_mut(&add.scope);
+            match set {
+                Some(set) if set.slot.contains_key(&add.key) => {
+                    set.pending.remove(&add.key);
+                }
+                // Removed while it was being added: take it out of the graph again.
+                _ => {
+                    add.graph
+                        .remove(add.key)
+                        .map_err(ann_error("remove from"))?;
+                }
+            }
+        }
+        Ok(batch.len())
+    }
+
+    /// Add every pending entry now (the startup load, benchmarks and tests).
+    pub fn index_all_pending(&self) -> Result<(), ResidentError> {
+        while self.index_pending(INDEX_BATCH)? > 0 {}
+        Ok(())
+    }
+
+    fn signal_work(&self) {
+        *self.work.lock() = true;
+        self.work_signal.notify_one();
     }
 
     /// Whether the startup load finished: searches may rely on this index alone.
@@ -187,7 +306,11 @@ impl ResidentIndex {
 
     /// An entry from the log. A repeated id (a replayed record) is ignored.
     pub fn insert(&self, entry: std::sync::Arc<Entry>) -> Result<(), ResidentError> {
-        self.inner.write().insert(entry, self)
+        let pending = self.inner.write().insert(entry, self)?;
+        if pending {
+            self.signal_work();
+        }
+        Ok(())
     }
 
     /// An entry read by the startup load: skipped when a delete since the load began
@@ -199,7 +322,8 @@ impl ResidentIndex {
         {
             return Ok(());
         }
-        inner.insert(entry, self)
+        // The load indexes what it inserted itself (`index_all_pending`) before it finishes.
+        inner.insert(entry, self).map(|_| ())
     }
 
     pub fn remove_ids(&self, ids: &[String]) -> Result<(), ResidentError> {
@@ -293,14 +417,22 @@ impl ResidentIndex {
                 // Ask for more than `limit`: expired entries wait for the sweeper in the
                 // graph, and the exact re-rank may reorder the approximate top.
                 let mut count = (limit * 4).max(16);
-                loop {
+                let mut live = loop {
                     let matches = graph.search(vector, count).map_err(ann_error("search"))?;
-                    let live: Vec<Candidate> = matches.keys.iter().filter_map(&candidate).collect();
+                    // A key the indexer is adding is in the graph and still pending.
+                    let live: Vec<Candidate> = matches
+                        .keys
+                        .iter()
+                        .filter(|k| !set.pending.contains(k))
+                        .filter_map(&candidate)
+                        .collect();
                     if live.len() >= limit || matches.keys.len() < count {
                         break live;
                     }
                     count *= 4;
-                }
+                };
+                live.extend(set.pending.iter().filter_map(&candidate));
+                live
             }
         };
         found.sort_by(|a, b| b.similarity.total_cmp(&a.similarity));
@@ -310,35 +442,33 @@ impl ResidentIndex {
 }
 
 impl Inner {
+    /// Returns whether the entry waits for the indexer.
     fn insert(
         &mut self,
         entry: std::sync::Arc<Entry>,
         index: &ResidentIndex,
-    ) -> Result<(), ResidentError> {
+    ) -> Result<bool, ResidentError> {
         if self.keys.contains_key(&entry.id) || entry.vector.len() != index.dimension {
-            return Ok(());
+            return Ok(false);
         }
         let key = self.next_key;
         self.next_key += 1;
         let set = self.scopes.entry(entry.scope.clone()).or_default();
-        if let Some(graph) = &set.ann {
-            add_to_graph(graph, key, &entry.vector)?;
-        } else if set.members.len() + 1 >= index.ann_min_scope_entries {
-            // The scope outgrew exhaustive search: one graph build, under the lock, once.
+        if set.ann.is_none() && set.members.len() + 1 >= index.ann_min_scope_entries {
+            // The scope outgrew exhaustive search: an empty graph, and every member pending.
             let graph = new_graph(index.dimension, (set.members.len() + 1) * 2)?;
-            for k in &set.members {
-                if let Some(member) = self.entries.get(k) {
-                    add_to_graph(&graph, *k, &member.vector)?;
-                }
-            }
-            add_to_graph(&graph, key, &entry.vector)?;
-            set.ann = Some(graph);
+            set.pending.extend(set.members.iter().copied());
+            set.ann = Some(Arc::new(graph));
+        }
+        let pending = set.ann.is_some();
+        if pending {
+            set.pending.insert(key);
         }
         set.push(key);
         self.keys.insert(entry.id.clone(), key);
         self.exact.insert(entry.exact_key.clone(), key);
         self.entries.insert(key, entry);
-        Ok(())
+        Ok(pending)
     }
 
     fn remove(&mut self, id: &str) -> Result<(), ResidentError> {
@@ -407,8 +537,32 @@ mod tests {
         index.insert(entry("other", "t", vectors[3].clone(), i64::MAX))?;
         assert!(index.inner.read().scopes["s"].ann.is_some());
         assert!(index.inner.read().scopes["t"].ann.is_none());
+        // Before the indexer ran, every member is pending and still found.
+        assert_eq!(index.inner.read().scopes["s"].pending.len(), 500);
+        assert_eq!(index.search("s", &vectors[7], 1, 0)?[0].entry.id, "e7");
+        // A member removed while pending never reaches the graph.
+        index.remove_ids(&["e9".into()])?;
+        index.index_all_pending()?;
+        {
+            let inner = index.inner.read();
+            let set = &inner.scopes["s"];
+            assert!(set.pending.is_empty());
+            let graph = set.ann.as_ref().map_or(0, |g| g.size());
+            assert_eq!(graph, 499);
+        }
+        assert!(
+            index
+                .search("s", &vectors[9], 4, 0)?
+                .iter()
+                .all(|c| c.entry.id != "e9")
+        );
 
-        for (i, v) in vectors.iter().enumerate().take(100) {
+        for (i, v) in vectors
+            .iter()
+            .enumerate()
+            .take(100)
+            .filter(|(i, _)| *i != 9)
+        {
             let best = index.search("s", v, 1, 0)?;
             assert_eq!(best[0].entry.id, format!("e{i}"));
             assert!((best[0].similarity - 1.0).abs() < 1e-5);
@@ -423,6 +577,37 @@ mod tests {
         index.remove_where(&EntryFilter::Scope("s".into()))?;
         assert!(index.search("s", &vectors[5], 1, 0)?.is_empty());
         assert_eq!(index.len(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn the_indexer_thread_adds_new_members_while_searches_run() -> Result<(), ResidentError> {
+        let mut rng = StdRng::seed_from_u64(11);
+        let dim = 16;
+        let index = Arc::new(ResidentIndex::new(dim, 8));
+        index.finish_loading();
+        index.spawn_indexer().map_err(|e| ResidentError::Ann {
+            action: "start",
+            reason: e.to_string(),
+        })?;
+        let vectors: Vec<Vec<f32>> = (0..300).map(|_| random_vector(&mut rng, dim)).collect();
+        for (i, v) in vectors.iter().enumerate() {
+            index.insert(entry(&format!("e{i}"), "s", v.clone(), i64::MAX))?;
+            // Every stored entry answers at once, pending or not.
+            assert_eq!(index.search("s", v, 1, 0)?[0].entry.id, format!("e{i}"));
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !index.inner.read().scopes["s"].pending.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the indexer never caught up"
+            );
+            std::thread::yield_now();
+        }
+        assert!(!index.disabled());
+        for (i, v) in vectors.iter().enumerate() {
+            assert_eq!(index.search("s", v, 1, 0)?[0].entry.id, format!("e{i}"));
+        }
         Ok(())
     }
 
