@@ -21,6 +21,7 @@ pub struct Metrics {
     pub pending_embedded: IntCounterVec,
     pub entries: IntGaugeVec,
     pub resident_entries: IntGaugeVec,
+    pub resident_pending: IntGaugeVec,
     pub evictions: IntCounterVec,
     pub embed_duration: HistogramVec,
     pub embed_errors: IntCounterVec,
@@ -79,6 +80,14 @@ impl Metrics {
             &["tenant"],
         )?;
         r.register(Box::new(resident_entries.clone()))?;
+        let resident_pending = IntGaugeVec::new(
+            Opts::new(
+                "semantis_index_resident_pending_entries",
+                "Resident entries waiting for the indexer thread to add them to their scope's graph (searched exhaustively meanwhile).",
+            ),
+            &["tenant"],
+        )?;
+        r.register(Box::new(resident_pending.clone()))?;
         let circuit = IntGaugeVec::new(
             Opts::new(
                 "semantis_embedder_circuit_open",
@@ -151,6 +160,7 @@ impl Metrics {
             )?,
             entries,
             resident_entries,
+            resident_pending,
             evictions: counter(
                 &r,
                 "semantis_cache_evictions_total",

@@ -1463,6 +1463,10 @@ impl EntryStore for LanceEntryStore {
                 .resident_entries
                 .with_label_values(&[&self.tenant])
                 .set(i64::try_from(resident.len()).unwrap_or(i64::MAX));
+            self.metrics
+                .resident_pending
+                .with_label_values(&[&self.tenant])
+                .set(i64::try_from(resident.pending_len()).unwrap_or(i64::MAX));
         }
         if !self.leads().await? {
             return Ok(());

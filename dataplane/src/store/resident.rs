@@ -300,6 +300,16 @@ impl ResidentIndex {
         self.inner.read().entries.len()
     }
 
+    /// Entries waiting for the indexer.
+    pub fn pending_len(&self) -> usize {
+        self.inner
+            .read()
+            .scopes
+            .values()
+            .map(|s| s.pending.len())
+            .sum()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -470,5 +470,13 @@ async fn the_resident_index_serves_lookups_and_reloads_after_kill_9() -> anyhow:
     .await?;
     assert_eq!(resident_stats(&s).await?.1, Some(290));
     check_resident(&s, &ids, &deleted).await?;
+    // The load built every graph before it declared itself ready: no backlog to report.
+    s.eventually("the resident gauges", Duration::from_secs(10), || async {
+        let m = s.metrics().await?;
+        Ok(m.contains("semantis_index_resident_pending_entries{")
+            && metric_sum(&m, "semantis_index_resident_pending_entries", &[]) == 0.0
+            && metric_sum(&m, "semantis_index_resident_entries", &[]) == 290.0)
+    })
+    .await?;
     Ok(())
 }
