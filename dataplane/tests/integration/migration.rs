@@ -4,7 +4,7 @@
 
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -28,7 +28,13 @@ fn prompt(i: usize) -> String {
 #[derive(Default)]
 struct Load {
     /// Replicas the "Service" routes to; the test swaps them as a rolling update would.
-    targets: Mutex<Vec<String>>,
+    /// With a generation, bumped at every swap.
+    targets: Mutex<(u64, Vec<String>)>,
+    /// The generation of the targets the driver's last finished request was sent to. The
+    /// driver sends one request at a time, so once this reaches a swap's generation nothing is
+    /// in flight to the replaced replicas and they may stop (what endpoint removal before
+    /// SIGTERM gives a real rollout).
+    settled: AtomicU64,
     failures: Mutex<Vec<String>>,
     /// (prompt, response tag) of every acknowledged store.
     stored: Mutex<Vec<(String, String)>>,
@@ -40,7 +46,7 @@ async fn drive(load: Arc<Load>, stop: Arc<AtomicBool>, seeded: usize) {
     let mut i = 0usize;
     while !stop.load(Ordering::Relaxed) {
         i += 1;
-        let targets = load.targets.lock().clone();
+        let (generation, targets) = load.targets.lock().clone();
         let url = &targets[i % targets.len()];
         if i.is_multiple_of(3) {
             let p = prompt(10_000 + i);
@@ -90,6 +96,27 @@ async fn drive(load: Arc<Load>, stop: Arc<AtomicBool>, seeded: usize) {
                 Err(e) => load.failures.lock().push(format!("lookup: {e}")),
             }
         }
+        load.settled.store(generation, Ordering::SeqCst);
+    }
+}
+
+impl Load {
+    /// Route the load to `urls` and wait until no request to the previous targets is in flight.
+    async fn route_to(&self, via: &Server, urls: Vec<String>) -> anyhow::Result<()> {
+        let generation = {
+            let mut t = self.targets.lock();
+            *t = (t.0 + 1, urls);
+            t.0
+        };
+        via.eventually(
+            "the load driver to leave the old targets",
+            Duration::from_secs(10),
+            || {
+                let settled = self.settled.load(Ordering::SeqCst);
+                async move { Ok(settled >= generation) }
+            },
+        )
+        .await
     }
 }
 
@@ -152,14 +179,15 @@ async fn a_model_change_under_load_loses_nothing_and_fails_nothing() -> anyhow::
         .await?;
     }
     let load = Arc::new(Load::default());
-    load.targets.lock().push(old.url.clone());
+    load.targets.lock().1.push(old.url.clone());
     let stop = Arc::new(AtomicBool::new(false));
     let driver = tokio::spawn(drive(load.clone(), stop.clone(), seeded));
 
     // Roll to dual writes.
     let mut old = old;
     let dual_replica = Server::start_replica(dir.path(), "dual", &dual).await?;
-    *load.targets.lock() = vec![dual_replica.url.clone()];
+    load.route_to(&dual_replica, vec![dual_replica.url.clone()])
+        .await?;
     assert!(old.stop_gracefully()?, "{}", old.log());
 
     // The new embedder alone is refused until the target is ready.
@@ -185,7 +213,7 @@ async fn a_model_change_under_load_loses_nothing_and_fails_nothing() -> anyhow::
     // Roll to the new embedder.
     let mut dual_replica = dual_replica;
     let new = Server::start_replica(dir.path(), "new", &migrated).await?;
-    *load.targets.lock() = vec![new.url.clone()];
+    load.route_to(&new, vec![new.url.clone()]).await?;
     assert!(dual_replica.stop_gracefully()?, "{}", dual_replica.log());
     // Let the load run on the new version for a moment of its own.
     let before = load.lookups.lock().0;
