@@ -19,6 +19,13 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GraphScalarArg {
+    F32,
+    F16,
+    I8,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
     /// Lookups of stored prompts, answered by the exact path.
     ExactHit,
@@ -83,6 +90,18 @@ pub struct BenchArgs {
     /// `ann-recall`: the scope size from which the graph is used.
     #[arg(long, default_value_t = 1024)]
     ann_min_scope_entries: usize,
+    /// `ann-recall`: how the graph stores its vectors (default f32, as served).
+    #[arg(long, value_enum)]
+    graph_scalar: Option<GraphScalarArg>,
+    /// `ann-recall`: graph links per node (default as served).
+    #[arg(long)]
+    graph_connectivity: Option<usize>,
+    /// `ann-recall`: beam width while adding (default as served).
+    #[arg(long)]
+    graph_expansion_add: Option<usize>,
+    /// `ann-recall`: beam width while searching (default as served).
+    #[arg(long)]
+    graph_expansion_search: Option<usize>,
     /// `embed-local`: the model directory (default: where scripts/fetch-model.sh puts it).
     #[arg(long)]
     model_dir: Option<std::path::PathBuf>,
@@ -92,7 +111,12 @@ pub struct BenchArgs {
 async fn embed_local(args: &BenchArgs) -> anyhow::Result<()> {
     use semantis_dataplane::embed::Embedder;
     use semantis_dataplane::embed::local::LocalEmbedder;
-    let cfg = semantis_contract::EmbedderConfig::default();
+    // The serving deadline (2 s) would turn a slow moment into a failed benchmark: this
+    // measures how long the model takes, however long that is.
+    let cfg = semantis_contract::EmbedderConfig {
+        timeout_ms: 600_000,
+        ..semantis_contract::EmbedderConfig::default()
+    };
     let dir = match &args.model_dir {
         Some(d) => d.clone(),
         None => {

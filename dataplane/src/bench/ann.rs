@@ -11,10 +11,10 @@ use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use semantis_dataplane::cache::entry::{Candidate, Entry};
-use semantis_dataplane::store::resident::{ResidentIndex, SearchMode};
+use semantis_dataplane::store::resident::{GraphParams, GraphScalar, ResidentIndex, SearchMode};
 use serde_json::json;
 
-use super::{BenchArgs, normalized, seeded_vector};
+use super::{BenchArgs, GraphScalarArg, normalized, seeded_vector};
 
 /// As many candidates as a lookup asks the store for.
 const CANDIDATES: usize = 4;
@@ -74,7 +74,21 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         bail!("the ann-recall scenario needs entries: pass --seed N");
     }
     let before = resident_bytes();
-    let index = ResidentIndex::new(dim, args.ann_min_scope_entries);
+    let served = GraphParams::default();
+    let params = GraphParams {
+        connectivity: args.graph_connectivity.unwrap_or(served.connectivity),
+        expansion_add: args.graph_expansion_add.unwrap_or(served.expansion_add),
+        expansion_search: args
+            .graph_expansion_search
+            .unwrap_or(served.expansion_search),
+        scalar: match args.graph_scalar {
+            None => served.scalar,
+            Some(GraphScalarArg::F32) => GraphScalar::F32,
+            Some(GraphScalarArg::F16) => GraphScalar::F16,
+            Some(GraphScalarArg::I8) => GraphScalar::I8,
+        },
+    };
+    let index = ResidentIndex::with_graph(dim, args.ann_min_scope_entries, params);
     index.finish_loading();
     let started = Instant::now();
     for i in 0..n {
@@ -146,6 +160,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let report = json!({
         "scenario": "AnnRecall",
         "entries": n,
+        "graph": format!("{params:?}"),
         "load_entries_per_s": n as f64 / load_secs.max(1e-9),
         "bytes_per_entry": bytes_per_entry,
         "queries": queries.len(),
@@ -160,7 +175,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         println!("{report}");
     } else {
         println!(
-            "AnnRecall  {n} entries loaded at {:.0}/s, {:.0} B/entry resident; {} queries at {threshold}: \
+            "AnnRecall  {params:?}\n  {n} entries loaded at {:.0}/s, {:.0} B/entry resident; {} queries at {threshold}: \
              decision agrees with exhaustive search {:.2}% (recall@1 {:.2}%, {:.1}% hits); \
              search p50 {:.3} ms  p95 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms",
             report["load_entries_per_s"].as_f64().unwrap_or(0.0),

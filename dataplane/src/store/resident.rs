@@ -27,11 +27,40 @@ use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
 use crate::cache::entry::{Candidate, Entry, EntryFilter, cosine_similarity};
 
-/// HNSW graph degree and build/search beam widths: usearch's usual starting values, a little
-/// wider for search. `bench --scenario ann-recall` measures what they give.
-const CONNECTIVITY: usize = 16;
-const EXPANSION_ADD: usize = 128;
-const EXPANSION_SEARCH: usize = 96;
+/// How a scope's HNSW graph is built and searched. The defaults are usearch's usual starting
+/// values, a little wider for search; `bench --scenario ann-recall` measures what they give
+/// and takes each as a flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GraphParams {
+    /// Links per node (M).
+    pub connectivity: usize,
+    /// Beam width while adding.
+    pub expansion_add: usize,
+    /// Beam width while searching.
+    pub expansion_search: usize,
+    /// How the graph keeps its own copy of each vector. Candidates are re-ranked on the
+    /// entry's f32 vector whatever this is, so it changes which are found, not their scores.
+    pub scalar: GraphScalar,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GraphScalar {
+    F32,
+    F16,
+    I8,
+}
+
+impl Default for GraphParams {
+    fn default() -> Self {
+        Self {
+            connectivity: 16,
+            expansion_add: 128,
+            expansion_search: 96,
+            scalar: GraphScalar::F32,
+        }
+    }
+}
+
 /// usearch needs a search context per concurrent caller; with none free a search fails. More
 /// than any runtime here runs at once (tokio workers plus the startup load).
 const CONCURRENT_CALLERS: usize = 32;
@@ -64,6 +93,7 @@ pub enum SearchMode {
 
 pub struct ResidentIndex {
     dimension: usize,
+    graph: GraphParams,
     ann_min_scope_entries: usize,
     inner: RwLock<Inner>,
     ready: AtomicBool,
@@ -134,14 +164,22 @@ struct GraphAdd {
     entry: Arc<Entry>,
 }
 
-fn new_graph(dimension: usize, capacity: usize) -> Result<Index, ResidentError> {
+fn new_graph(
+    dimension: usize,
+    capacity: usize,
+    params: GraphParams,
+) -> Result<Index, ResidentError> {
     let options = IndexOptions {
         dimensions: dimension,
         metric: MetricKind::Cos,
-        quantization: ScalarKind::F32,
-        connectivity: CONNECTIVITY,
-        expansion_add: EXPANSION_ADD,
-        expansion_search: EXPANSION_SEARCH,
+        quantization: match params.scalar {
+            GraphScalar::F32 => ScalarKind::F32,
+            GraphScalar::F16 => ScalarKind::F16,
+            GraphScalar::I8 => ScalarKind::I8,
+        },
+        connectivity: params.connectivity,
+        expansion_add: params.expansion_add,
+        expansion_search: params.expansion_search,
         multi: false,
     };
     let graph = Index::new(&options).map_err(ann_error("create"))?;
@@ -154,8 +192,13 @@ fn new_graph(dimension: usize, capacity: usize) -> Result<Index, ResidentError> 
 impl ResidentIndex {
     /// An empty index that is still loading (`finish_loading` makes it ready).
     pub fn new(dimension: usize, ann_min_scope_entries: usize) -> Self {
+        Self::with_graph(dimension, ann_min_scope_entries, GraphParams::default())
+    }
+
+    pub fn with_graph(dimension: usize, ann_min_scope_entries: usize, graph: GraphParams) -> Self {
         Self {
             dimension,
+            graph,
             ann_min_scope_entries: ann_min_scope_entries.max(1),
             inner: RwLock::new(Inner {
                 loading: Some(Tombstones::default()),
@@ -203,7 +246,9 @@ impl ResidentIndex {
             .map(|_| ())
     }
 
-    /// Add up to `max` pending entries to their graphs; returns how many it took.
+    /// Add up to `max` pending entries to their graphs; returns how many it took. One thread
+    /// adds: usearch's concurrent adds can leave nodes no search reaches (unum-cloud/USearch
+    /// #735; a unit test here saw it with two threads on 500 entries).
     pub fn index_pending(&self, max: usize) -> Result<usize, ResidentError> {
         let _one_round = self.indexing.lock();
         let batch: Vec<GraphAdd> = {
@@ -409,19 +454,18 @@ impl ResidentIndex {
         let Some(set) = inner.scopes.get(scope) else {
             return Ok(Vec::new());
         };
-        let candidate = |key: &u64| {
+        // Score first, build candidates for the best few only: cloning an Arc and sorting
+        // every member dominated an exhaustive scan.
+        let score = |key: &u64| {
             inner
                 .entries
                 .get(key)
                 .filter(|e| e.is_live(now_ms))
-                .map(|e| Candidate {
-                    similarity: cosine_similarity(vector, &e.vector),
-                    entry: e.clone(),
-                })
+                .map(|e| (cosine_similarity(vector, &e.vector), *key))
         };
         let exhaustive = set.ann.is_none() || mode == SearchMode::Exhaustive;
-        let mut found: Vec<Candidate> = match &set.ann {
-            _ if exhaustive => set.members.iter().filter_map(&candidate).collect(),
+        let mut scored: Vec<(f32, u64)> = match &set.ann {
+            _ if exhaustive => set.members.iter().filter_map(&score).collect(),
             None => Vec::new(),
             Some(graph) => {
                 // Ask for more than `limit`: expired entries wait for the sweeper in the
@@ -430,23 +474,39 @@ impl ResidentIndex {
                 let mut live = loop {
                     let matches = graph.search(vector, count).map_err(ann_error("search"))?;
                     // A key the indexer is adding is in the graph and still pending.
-                    let live: Vec<Candidate> = matches
+                    let live: Vec<(f32, u64)> = matches
                         .keys
                         .iter()
                         .filter(|k| !set.pending.contains(k))
-                        .filter_map(&candidate)
+                        .filter_map(&score)
                         .collect();
                     if live.len() >= limit || matches.keys.len() < count {
                         break live;
                     }
                     count *= 4;
                 };
-                live.extend(set.pending.iter().filter_map(&candidate));
+                live.extend(set.pending.iter().filter_map(&score));
                 live
             }
         };
-        found.sort_by(|a, b| b.similarity.total_cmp(&a.similarity));
-        found.truncate(limit);
+        // Best first; among equals the older entry, as a stable sort of members would.
+        let best_first = |a: &(f32, u64), b: &(f32, u64)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        if limit == 0 {
+            scored.clear();
+        } else if scored.len() > limit {
+            scored.select_nth_unstable_by(limit - 1, best_first);
+            scored.truncate(limit);
+        }
+        scored.sort_by(best_first);
+        let found = scored
+            .into_iter()
+            .filter_map(|(similarity, key)| {
+                inner.entries.get(&key).map(|e| Candidate {
+                    similarity,
+                    entry: e.clone(),
+                })
+            })
+            .collect();
         Ok(found)
     }
 }
@@ -466,7 +526,7 @@ impl Inner {
         let set = self.scopes.entry(entry.scope.clone()).or_default();
         if set.ann.is_none() && set.members.len() + 1 >= index.ann_min_scope_entries {
             // The scope outgrew exhaustive search: an empty graph, and every member pending.
-            let graph = new_graph(index.dimension, (set.members.len() + 1) * 2)?;
+            let graph = new_graph(index.dimension, (set.members.len() + 1) * 2, index.graph)?;
             set.pending.extend(set.members.iter().copied());
             set.ann = Some(Arc::new(graph));
         }
@@ -617,6 +677,45 @@ mod tests {
         assert!(!index.disabled());
         for (i, v) in vectors.iter().enumerate() {
             assert_eq!(index.search("s", v, 1, 0)?[0].entry.id, format!("e{i}"));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn graph_adds_beside_removals_keep_exactly_the_live_entries() -> Result<(), ResidentError> {
+        let mut rng = StdRng::seed_from_u64(23);
+        let dim = 16;
+        let index = Arc::new(ResidentIndex::new(dim, 8));
+        index.finish_loading();
+        let vectors: Vec<Vec<f32>> = (0..2000).map(|_| random_vector(&mut rng, dim)).collect();
+        for (i, v) in vectors.iter().enumerate() {
+            index.insert(entry(&format!("e{i}"), "s", v.clone(), i64::MAX))?;
+        }
+        // Every third entry goes while the pending ones are added to the graph: removals land
+        // before, during and after each entry's add.
+        let remover = {
+            let index = index.clone();
+            std::thread::spawn(move || -> Result<(), ResidentError> {
+                for i in (0..2000).step_by(3) {
+                    index.remove_ids(&[format!("e{i}")])?;
+                }
+                Ok(())
+            })
+        };
+        while index.index_pending(64)? > 0 {}
+        remover.join().expect("the remover thread panicked")?;
+        assert_eq!(index.pending_len(), 0);
+        assert_eq!(index.len(), 2000 - 667);
+        for (i, v) in vectors.iter().enumerate() {
+            let best = index.search("s", v, 1, 0)?;
+            if i % 3 == 0 {
+                assert!(
+                    best.iter().all(|c| c.entry.id != format!("e{i}")),
+                    "e{i} came back"
+                );
+            } else {
+                assert_eq!(best[0].entry.id, format!("e{i}"));
+            }
         }
         Ok(())
     }
