@@ -450,28 +450,49 @@ fn spawn_maintainers(cache: &Arc<Cache>, cfg: &DataplaneConfig) -> Vec<JoinHandl
     vec![maintain, expire, pending, retire]
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
+/// SIGTERM and Ctrl-C, listened for from startup on, so a second signal during the shutdown
+/// delay is seen however soon it follows the first.
+struct ShutdownSignals {
+    #[cfg(unix)]
+    listeners: Vec<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignals {
+    fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let listeners = [SignalKind::terminate(), SignalKind::interrupt()]
+                .into_iter()
+                .filter_map(|kind| match signal(kind) {
+                    Ok(listener) => Some(listener),
+                    Err(e) => {
+                        tracing::error!(error = %e, ?kind, "failed to listen for a shutdown signal");
+                        None
+                    }
+                })
+                .collect();
+            Self { listeners }
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            if self.listeners.is_empty() {
+                return std::future::pending().await;
+            }
+            let any = self.listeners.iter_mut().map(|s| Box::pin(s.recv()));
+            let _ = futures::future::select_all(any).await;
+        }
+        #[cfg(not(unix))]
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!(error = %e, "failed to listen for Ctrl-C");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "failed to listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { () = ctrl_c => {}, () = term => {} }
+    }
 }
 
 pub async fn run(cfg: DataplaneConfig) -> anyhow::Result<()> {
@@ -501,12 +522,24 @@ pub async fn run(cfg: DataplaneConfig) -> anyhow::Result<()> {
     tracing::info!(%addr, index_version = cache.index_version(), "serving");
 
     let draining = state.clone();
+    let delay = Duration::from_millis(cfg.server.shutdown_delay_ms);
     let grace = Duration::from_millis(cfg.server.shutdown_grace_ms);
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut signals = ShutdownSignals::listen();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down: draining in-flight requests");
+        signals.next().await;
         draining.accepting.store(false, Ordering::Relaxed);
+        if !delay.is_zero() {
+            tracing::info!(
+                delay_ms = delay.as_millis(),
+                "shutting down: /readyz fails from now on; still serving while clients stop routing here"
+            );
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = signals.next() => tracing::info!("second signal: skipping the rest of the shutdown delay"),
+            }
+        }
+        tracing::info!("shutting down: draining in-flight requests");
         let _ = drained_tx.send(());
     });
     // Serve until the signal, then give in-flight requests up to the grace period. The block

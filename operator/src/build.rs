@@ -494,6 +494,9 @@ pub fn dataplane_config(c: &ValidatedCache, o: &Observed, n: &ChildNames) -> Dat
     DataplaneConfig {
         server: ServerConfig {
             listen: format!("0.0.0.0:{DATAPLANE_PORT}"),
+            // Endpoint removal races SIGTERM: keep serving until kube-proxies have caught up.
+            // With the 10 s drain this stays inside the default 30 s termination grace.
+            shutdown_delay_ms: 5_000,
             ..ServerConfig::default()
         },
         storage: StorageConfig {

@@ -37,6 +37,11 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Whole-request deadline, in milliseconds.
     pub request_timeout_ms: u64,
+    /// On SIGTERM, keep serving this long with `/readyz` failing before closing the listener,
+    /// in milliseconds, so load balancers stop routing here first (Kubernetes removes a
+    /// terminating pod's endpoints at the same time as it signals it). A second signal ends
+    /// the wait. 0 closes at once.
+    pub shutdown_delay_ms: u64,
     /// Graceful shutdown: how long in-flight requests may take to drain, in milliseconds.
     pub shutdown_grace_ms: u64,
     /// SHA-256 (hex) of admin API keys. An admin key acts for any tenant named in the
@@ -50,6 +55,7 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8080".to_owned(),
             max_body_bytes: 1024 * 1024,
             request_timeout_ms: 10_000,
+            shutdown_delay_ms: 0,
             shutdown_grace_ms: 10_000,
             admin_key_sha256: Vec::new(),
         }

@@ -25,6 +25,8 @@ pub struct Setup {
     pub extra: String,
     /// Extra `[storage]` lines.
     pub storage_extra: String,
+    /// Extra `[server]` lines.
+    pub server_extra: String,
     pub tenant_a_extra: String,
     pub flush_max_rows: usize,
     pub max_body_bytes: usize,
@@ -44,6 +46,7 @@ impl Default for Setup {
             local_model: false,
             extra: String::new(),
             storage_extra: String::new(),
+            server_extra: String::new(),
             tenant_a_extra: String::new(),
             flush_max_rows: 64,
             max_body_bytes: 64 * 1024,
@@ -86,6 +89,7 @@ listen = "127.0.0.1:{port}"
 max_body_bytes = {body}
 shutdown_grace_ms = 5000
 admin_key_sha256 = ["{admin}"]
+{server_extra}
 
 [storage]
 data_dir = "{dir}"
@@ -117,6 +121,7 @@ api_key_sha256 = ["{b}"]
             flush = self.flush_max_rows,
             extra = self.extra,
             storage_extra = self.storage_extra,
+            server_extra = self.server_extra,
             a = sha(KEY_A),
             b = sha(KEY_B),
             a_extra = self.tenant_a_extra,
@@ -310,14 +315,28 @@ impl Server {
 
     /// SIGTERM and wait for a clean exit; returns whether it exited successfully.
     pub fn stop_gracefully(&mut self) -> anyhow::Result<bool> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(false);
+        self.signal_term()?;
+        self.wait_exit()
+    }
+
+    /// Send SIGTERM without waiting.
+    pub fn signal_term(&self) -> anyhow::Result<()> {
+        let Some(child) = self.child.as_ref() else {
+            bail!("the server is not running");
         };
         let status = Command::new("kill")
             .arg("-TERM")
             .arg(child.id().to_string())
             .status()?;
         anyhow::ensure!(status.success(), "failed to send SIGTERM");
+        Ok(())
+    }
+
+    /// Wait for the process to exit; returns whether it exited successfully.
+    pub fn wait_exit(&mut self) -> anyhow::Result<bool> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(false);
+        };
         Ok(child.wait()?.success())
     }
 

@@ -177,6 +177,60 @@ async fn acknowledged_stores_survive_kill_9() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_stopping_replica_fails_readiness_but_keeps_answering_through_its_shutdown_delay()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let setup = Setup {
+        // Far longer than the test: the second signal below has to end it.
+        server_extra: "shutdown_delay_ms = 600000".into(),
+        ..Setup::default()
+    };
+    let mut s = Server::start(dir.path(), &setup).await?;
+    s.store(
+        KEY_A,
+        json!({"prompt": "late", "vector": axis(8, 1, 0.0), "response": answer("still here")}),
+    )
+    .await?;
+    s.signal_term()?;
+    s.eventually(
+        "/readyz failing after SIGTERM",
+        Duration::from_secs(10),
+        || async {
+            let (status, _, _) = s.call(Method::GET, "/readyz", None, None).await?;
+            Ok(status == 503)
+        },
+    )
+    .await?;
+    let (_, ready, _) = s.call(Method::GET, "/readyz", None, None).await?;
+    let server_check = ready["checks"]
+        .as_array()
+        .and_then(|checks| checks.iter().find(|c| c["name"] == "server"))
+        .cloned();
+    assert_eq!(
+        server_check.map(|c| c["ok"].clone()),
+        Some(json!(false)),
+        "{ready}"
+    );
+    // Clients that still route here are answered, hits included.
+    let v = s.lookup(KEY_A, json!({"prompt": "late"})).await?;
+    assert_eq!(v["hit"], true, "{v}");
+    assert_eq!(v["response"], answer("still here"));
+
+    s.signal_term()?;
+    assert!(
+        s.wait_exit()?,
+        "the server did not exit cleanly:\n{}",
+        s.log()
+    );
+    assert!(
+        s.log().contains("skipping the rest of the shutdown delay"),
+        "the second signal did not end the delay:\n{}",
+        s.log()
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn graceful_shutdown_flushes_the_tail_into_lancedb() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let setup = Setup {
