@@ -85,7 +85,7 @@ pub struct StorageConfig {
     /// (replicas still rolling over keep serving it until then).
     pub retired_grace_secs: u64,
     /// Hold every entry of the active index version in memory and search it there (HNSW per
-    /// large scope). About 4.2 KB per 384-d entry; off, lookups go through LanceDB.
+    /// large scope). About 3.1 KB per 384-d entry; off, lookups go through LanceDB.
     pub resident_index: bool,
     /// A scope with at least this many entries is searched through an HNSW graph; smaller
     /// ones exhaustively.

@@ -56,7 +56,10 @@ impl Default for GraphParams {
             connectivity: 16,
             expansion_add: 128,
             expansion_search: 96,
-            scalar: GraphScalar::F32,
+            // Against f32 at 100k uniform random entries: the same agreement with exhaustive
+            // search (96.9% vs 97.0%), p99 1.6 vs 3.1 ms, 2× the insert rate, 1.1 KB less
+            // per entry (BENCHMARKS.md).
+            scalar: GraphScalar::I8,
         }
     }
 }
@@ -162,6 +165,17 @@ struct GraphAdd {
     scope: String,
     key: u64,
     entry: Arc<Entry>,
+}
+
+/// The graph is given unit vectors: usearch's i8 maps each coordinate of a unit vector onto
+/// -127..=127, and client vectors need not be unit (cosine ignores length).
+fn unit(vector: &[f32]) -> Vec<f32> {
+    let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        vector.iter().map(|x| x / norm).collect()
+    } else {
+        vector.to_vec()
+    }
 }
 
 fn new_graph(
@@ -285,7 +299,7 @@ impl ResidentIndex {
         };
         for add in &batch {
             add.graph
-                .add(add.key, &add.entry.vector)
+                .add(add.key, &unit(&add.entry.vector))
                 .map_err(ann_error("add to"))?;
         }
         let mut inner = self.inner.write();
@@ -454,8 +468,9 @@ impl ResidentIndex {
         let Some(set) = inner.scopes.get(scope) else {
             return Ok(Vec::new());
         };
-        // Score first, build candidates for the best few only: cloning an Arc and sorting
-        // every member dominated an exhaustive scan.
+        // Score first and build candidates for the best few only (no Arc clone or full sort
+        // per member). An exhaustive scan is still bound by reaching each entry's vector
+        // through the map: about 0.65 µs per entry.
         let score = |key: &u64| {
             inner
                 .entries
@@ -471,8 +486,9 @@ impl ResidentIndex {
                 // Ask for more than `limit`: expired entries wait for the sweeper in the
                 // graph, and the exact re-rank may reorder the approximate top.
                 let mut count = (limit * 4).max(16);
+                let query = unit(vector);
                 let mut live = loop {
-                    let matches = graph.search(vector, count).map_err(ann_error("search"))?;
+                    let matches = graph.search(&query, count).map_err(ann_error("search"))?;
                     // A key the indexer is adding is in the graph and still pending.
                     let live: Vec<(f32, u64)> = matches
                         .keys
