@@ -16,6 +16,7 @@ use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use semantis_dataplane::cache::entry::normalized;
 use serde_json::{Value, json};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -181,17 +182,6 @@ async fn embed_local(args: &BenchArgs) -> anyhow::Result<()> {
 fn seeded_vector(i: u64, dim: usize) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(i);
     normalized((0..dim).map(|_| rng.random_range(-1.0f32..1.0)).collect())
-}
-
-fn normalized(mut v: Vec<f32>) -> Vec<f32> {
-    let n = v
-        .iter()
-        .map(|x| x * x)
-        .sum::<f32>()
-        .sqrt()
-        .max(f32::MIN_POSITIVE);
-    v.iter_mut().for_each(|x| *x /= n);
-    v
 }
 
 const WORDS: [&str; 16] = [

@@ -17,6 +17,7 @@ use semantis_contract::{EmbedderConfig, EmbeddingProvider};
 use serde_json::{Value, json};
 
 use super::{EmbedError, Embedder};
+use crate::cache::entry::normalized;
 use crate::metrics::Metrics;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -349,14 +350,6 @@ fn without_url(e: &reqwest::Error) -> String {
         s = s.replace(url.as_str(), redacted.as_str());
     }
     s
-}
-
-fn normalized(mut v: Vec<f32>) -> Vec<f32> {
-    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if n > 0.0 {
-        v.iter_mut().for_each(|x| *x /= n);
-    }
-    v
 }
 
 #[async_trait]

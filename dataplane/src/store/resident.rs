@@ -25,7 +25,7 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex, RwLock};
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
-use crate::cache::entry::{Candidate, Entry, EntryFilter, cosine_similarity};
+use crate::cache::entry::{Candidate, Entry, EntryFilter, cosine_similarity, normalized};
 
 /// How a scope's HNSW graph is built and searched. The defaults are usearch's usual starting
 /// values, a little wider for search; `bench --scenario ann-recall` measures what they give
@@ -167,17 +167,6 @@ struct GraphAdd {
     entry: Arc<Entry>,
 }
 
-/// The graph is given unit vectors: usearch's i8 maps each coordinate of a unit vector onto
-/// -127..=127, and client vectors need not be unit (cosine ignores length).
-fn unit(vector: &[f32]) -> Vec<f32> {
-    let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if norm > 0.0 {
-        vector.iter().map(|x| x / norm).collect()
-    } else {
-        vector.to_vec()
-    }
-}
-
 fn new_graph(
     dimension: usize,
     capacity: usize,
@@ -299,7 +288,7 @@ impl ResidentIndex {
         };
         for add in &batch {
             add.graph
-                .add(add.key, &unit(&add.entry.vector))
+                .add(add.key, &normalized(add.entry.vector.to_vec()))
                 .map_err(ann_error("add to"))?;
         }
         let mut inner = self.inner.write();
@@ -486,7 +475,9 @@ impl ResidentIndex {
                 // Ask for more than `limit`: expired entries wait for the sweeper in the
                 // graph, and the exact re-rank may reorder the approximate top.
                 let mut count = (limit * 4).max(16);
-                let query = unit(vector);
+                // The graph gets unit vectors: usearch's i8 maps each coordinate of a unit vector onto
+                // -127..=127, and client vectors need not be unit (cosine ignores length).
+                let query = normalized(vector.to_vec());
                 let mut live = loop {
                     let matches = graph.search(&query, count).map_err(ann_error("search"))?;
                     // A key the indexer is adding is in the graph and still pending.
