@@ -13,6 +13,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+// Many small, short-lived allocations per request (JSON, strings, headers): mimalloc serves
+// them from thread-local pages where glibc's malloc kept consolidating its free lists.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "semantis-dataplane",

@@ -97,6 +97,17 @@ const INSERT_AUDIT: &str = "INSERT INTO hit_audit
        (at_ms, tenant, request_id, entry_id, path, similarity)
      VALUES ($1, $2, $3, $4, $5, $6)";
 
+const INSERT_AUDIT_ROWS: &str =
+    "INSERT INTO hit_audit (at_ms, tenant, request_id, entry_id, path, similarity) ";
+
+/// Six binds a row: 6,000 binds stay below SQLite's and Postgres's limits on bind parameters.
+const AUDIT_ROWS_PER_STATEMENT: usize = 1000;
+
+/// How long the usage writer gathers events before it writes them. Under load this turns
+/// thousands of lookups a second into a few transactions a second; the totals lag by as much.
+const USAGE_BATCH_WINDOW: Duration = Duration::from_millis(200);
+const USAGE_BATCH_MAX: usize = 16_384;
+
 fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -581,17 +592,24 @@ impl MetadataStore {
                     .await
                     .map_err(meta("record usage"))?;
             }
-            for e in events.iter().filter(|e| e.hit) {
-                sqlx::query(INSERT_AUDIT)
-                    .bind(e.at_ms)
-                    .bind(&e.tenant)
-                    .bind(&e.request_id)
-                    .bind(e.entry_id.as_deref().unwrap_or(""))
-                    .bind(e.path.unwrap_or(""))
-                    .bind(f64::from(e.similarity.unwrap_or(0.0)))
+            // One multi-row INSERT per chunk: a statement per hit would cost a round trip to
+            // the database (for SQLite, a hop to its worker thread) on every audited hit.
+            let hits: Vec<&UsageEvent> = events.iter().filter(|e| e.hit).collect();
+            for chunk in hits.chunks(AUDIT_ROWS_PER_STATEMENT) {
+                let mut insert = sqlx::QueryBuilder::new(INSERT_AUDIT_ROWS);
+                insert.push_values(chunk, |mut row, e| {
+                    row.push_bind(e.at_ms)
+                        .push_bind(e.tenant.as_str())
+                        .push_bind(e.request_id.as_str())
+                        .push_bind(e.entry_id.as_deref().unwrap_or(""))
+                        .push_bind(e.path.unwrap_or(""))
+                        .push_bind(f64::from(e.similarity.unwrap_or(0.0)));
+                });
+                insert
+                    .build()
                     .execute(&mut *tx)
                     .await
-                    .map_err(meta("record a hit in the audit trail"))?;
+                    .map_err(meta("record hits in the audit trail"))?;
             }
             tx.commit().await.map_err(meta("commit usage"))
         })?;
@@ -629,8 +647,24 @@ impl QueuedUsage {
         let (tx, mut rx) = mpsc::channel::<UsageEvent>(65_536);
         let writer_metrics = metrics.clone();
         let handle = tokio::spawn(async move {
-            let mut batch = Vec::with_capacity(1024);
-            while rx.recv_many(&mut batch, 1024).await > 0 {
+            let mut batch = Vec::with_capacity(4096);
+            let mut window = tokio::time::interval(USAGE_BATCH_WINDOW);
+            window.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                // Wait for the first event, then for the rest of the window (unless the queue
+                // closed: shutdown drains what is left without waiting).
+                if rx.recv_many(&mut batch, 4096).await == 0 {
+                    break;
+                }
+                if !rx.is_closed() {
+                    window.tick().await;
+                }
+                while batch.len() < USAGE_BATCH_MAX {
+                    match rx.try_recv() {
+                        Ok(event) => batch.push(event),
+                        Err(_) => break,
+                    }
+                }
                 if let Err(e) = store.write_batch(&batch).await {
                     writer_metrics
                         .usage_events_dropped
