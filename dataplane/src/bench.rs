@@ -91,7 +91,7 @@ pub struct BenchArgs {
     /// `ann-recall`: the scope size from which the graph is used.
     #[arg(long, default_value_t = 1024)]
     ann_min_scope_entries: usize,
-    /// `ann-recall`: how the graph stores its vectors (default f32, as served).
+    /// `ann-recall`: how the graph stores its vectors (default i8, as served).
     #[arg(long, value_enum)]
     graph_scalar: Option<GraphScalarArg>,
     /// `ann-recall`: graph links per node (default as served).
@@ -103,6 +103,10 @@ pub struct BenchArgs {
     /// `ann-recall`: beam width while searching (default as served).
     #[arg(long)]
     graph_expansion_search: Option<usize>,
+    /// `ann-recall`: take the graph's first answer as final, as lookups did before a miss
+    /// was confirmed with a wider search.
+    #[arg(long)]
+    no_miss_confirmation: bool,
     /// `embed-local`: the model directory (default: where scripts/fetch-model.sh puts it).
     #[arg(long)]
     model_dir: Option<std::path::PathBuf>,
@@ -176,6 +180,51 @@ async fn embed_local(args: &BenchArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A latency histogram (microseconds) summarised in milliseconds, as every timed scenario
+/// reports it.
+struct Latency {
+    p50: f64,
+    p95: f64,
+    p99: f64,
+    p999: f64,
+    max: f64,
+}
+
+impl Latency {
+    fn of(h: &Histogram<u64>) -> Self {
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        Self {
+            p50: ms(0.5),
+            p95: ms(0.95),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: h.max() as f64 / 1000.0,
+        }
+    }
+
+    /// Adds `p50_ms`, `p95_ms`, `p99_ms`, `p999_ms` and `max_ms` to a JSON report.
+    fn add_to(&self, report: &mut Value) {
+        if let Some(fields) = report.as_object_mut() {
+            for (name, value) in [
+                ("p50_ms", self.p50),
+                ("p95_ms", self.p95),
+                ("p99_ms", self.p99),
+                ("p999_ms", self.p999),
+                ("max_ms", self.max),
+            ] {
+                fields.insert(name.to_owned(), json!(value));
+            }
+        }
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "p50 {:>7.3} ms  p95 {:>7.3} ms  p99 {:>7.3} ms  p99.9 {:>7.3} ms",
+            self.p50, self.p95, self.p99, self.p999
+        )
+    }
 }
 
 /// The i-th seeded entry's vector, reproducible from `i` alone.
@@ -446,8 +495,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let h = hist.lock();
     let t = tally.lock();
     let secs = args.duration.as_secs_f64();
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    let report = json!({
+    let latency = Latency::of(&h);
+    let mut report = json!({
         "scenario": format!("{:?}", args.scenario),
         "mode": if args.rate.is_some() { "open" } else { "closed" },
         "connections": args.connections,
@@ -455,24 +504,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "errors": t.errors,
         "hit_ratio": if t.ok == 0 { 0.0 } else { t.hits as f64 / t.ok as f64 },
         "throughput_rps": (t.ok + t.errors) as f64 / secs,
-        "p50_ms": ms(0.5), "p95_ms": ms(0.95), "p99_ms": ms(0.99), "p999_ms": ms(0.999),
-        "max_ms": h.max() as f64 / 1000.0,
     });
+    latency.add_to(&mut report);
     if args.json {
         println!("{report}");
     } else {
         println!(
-            "{:<16} {:>6} conn {:>9} req {:>6} err  hit {:>5.1}%  {:>9.0} req/s  p50 {:>7.3} ms  p95 {:>7.3} ms  p99 {:>7.3} ms  p99.9 {:>7.3} ms",
+            "{:<16} {:>6} conn {:>9} req {:>6} err  hit {:>5.1}%  {:>9.0} req/s  {}",
             format!("{:?}", args.scenario),
             args.connections,
             t.ok + t.errors,
             t.errors,
             report["hit_ratio"].as_f64().unwrap_or(0.0) * 100.0,
             report["throughput_rps"].as_f64().unwrap_or(0.0),
-            ms(0.5),
-            ms(0.95),
-            ms(0.99),
-            ms(0.999)
+            latency.line(),
         );
     }
     if t.ok == 0 {

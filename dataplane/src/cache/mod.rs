@@ -434,7 +434,11 @@ impl Cache {
         let Some(vector) = vector else {
             return Ok(self.finish(part, &q, None, None, threshold, degraded, started));
         };
-        let candidates = match part.store.search(&fp.0, &vector, CANDIDATES, now).await {
+        let candidates = match part
+            .store
+            .search(&fp.0, &vector, CANDIDATES, threshold, now)
+            .await
+        {
             Ok(c) => c,
             Err(e) => {
                 self.store_failed(tenant, "search", &e);

@@ -68,9 +68,12 @@ impl EntryStore for DualEntryStore {
         scope: &str,
         vector: &[f32],
         limit: usize,
+        hit_threshold: f32,
         now_ms: i64,
     ) -> Result<Vec<Candidate>, StoreError> {
-        self.active.search(scope, vector, limit, now_ms).await
+        self.active
+            .search(scope, vector, limit, hit_threshold, now_ms)
+            .await
     }
 
     async fn delete_ids(&self, ids: &[String]) -> Result<Vec<Removed>, StoreError> {

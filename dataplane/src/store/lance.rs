@@ -30,7 +30,7 @@ use semantis_contract::StorageConfig;
 use tokio::sync::watch;
 
 use super::redis_log::{Pos, RedisLog, format_stream_id, parse_stream_id};
-use super::resident::ResidentIndex;
+use super::resident::{ResidentIndex, SearchMode};
 use super::wal::{Wal, WalEntry, WalRecord};
 use super::{EntryStore, StoreError};
 use crate::cache::entry::{Candidate, Entry, EntryFilter, Removed, cosine_similarity};
@@ -1274,10 +1274,14 @@ impl EntryStore for LanceEntryStore {
         scope: &str,
         vector: &[f32],
         limit: usize,
+        hit_threshold: f32,
         now_ms: i64,
     ) -> Result<Vec<Candidate>, StoreError> {
         if let Some(resident) = self.resident_ready() {
-            return Ok(resident.search(scope, vector, limit, now_ms)?);
+            let mode = SearchMode::Graph {
+                confirm_below: Some(hit_threshold),
+            };
+            return Ok(resident.search_with(scope, vector, limit, now_ms, mode)?);
         }
         let mut candidates: Vec<Candidate> = self
             .state

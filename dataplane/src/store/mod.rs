@@ -68,12 +68,15 @@ pub trait EntryStore: Send + Sync {
         now_ms: i64,
     ) -> Result<Option<Arc<Entry>>, StoreError>;
     /// The `limit` live entries of `scope` nearest to `vector`, best first. The scope filter
-    /// is applied before the nearest-neighbour search.
+    /// is applied before the nearest-neighbour search. `hit_threshold` is the similarity the
+    /// caller counts as a hit: an approximate search that finds nothing that close searches
+    /// harder before it answers.
     async fn search(
         &self,
         scope: &str,
         vector: &[f32],
         limit: usize,
+        hit_threshold: f32,
         now_ms: i64,
     ) -> Result<Vec<Candidate>, StoreError>;
     async fn delete_ids(&self, ids: &[String]) -> Result<Vec<Removed>, StoreError>;

@@ -88,11 +88,20 @@ fn ann_error<E: std::fmt::Display>(action: &'static str) -> impl FnOnce(E) -> Re
 
 /// How a large scope is searched: through its graph (serving), or by comparing every entry
 /// (the reference `bench --scenario ann-recall` measures the graph against).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum SearchMode {
-    Graph,
+    /// Through the graph. When nothing it finds reaches `confirm_below` (the lookup's
+    /// threshold), it searches again with a beam [`CONFIRM_WIDENING`] times as wide before
+    /// the miss stands: a graph search that misses a close entry usually misses it because
+    /// its beam was too narrow, and a miss costs an LLM call.
+    Graph {
+        confirm_below: Option<f32>,
+    },
     Exhaustive,
 }
+
+/// How much wider the beam of a search that confirms a miss is.
+pub const CONFIRM_WIDENING: usize = 4;
 
 pub struct ResidentIndex {
     dimension: usize,
@@ -442,7 +451,15 @@ impl ResidentIndex {
         limit: usize,
         now_ms: i64,
     ) -> Result<Vec<Candidate>, ResidentError> {
-        self.search_with(scope, vector, limit, now_ms, SearchMode::Graph)
+        self.search_with(
+            scope,
+            vector,
+            limit,
+            now_ms,
+            SearchMode::Graph {
+                confirm_below: None,
+            },
+        )
     }
 
     pub fn search_with(
@@ -472,27 +489,41 @@ impl ResidentIndex {
             _ if exhaustive => set.members.iter().filter_map(&score).collect(),
             None => Vec::new(),
             Some(graph) => {
-                // Ask for more than `limit`: expired entries wait for the sweeper in the
-                // graph, and the exact re-rank may reorder the approximate top.
-                let mut count = (limit * 4).max(16);
                 // The graph gets unit vectors: usearch's i8 maps each coordinate of a unit vector onto
                 // -127..=127, and client vectors need not be unit (cosine ignores length).
                 let query = normalized(vector.to_vec());
-                let mut live = loop {
-                    let matches = graph.search(&query, count).map_err(ann_error("search"))?;
-                    // A key the indexer is adding is in the graph and still pending.
-                    let live: Vec<(f32, u64)> = matches
-                        .keys
-                        .iter()
-                        .filter(|k| !set.pending.contains(k))
-                        .filter_map(&score)
-                        .collect();
-                    if live.len() >= limit || matches.keys.len() < count {
-                        break live;
+                // Ask for more than `limit`: expired entries wait for the sweeper in the
+                // graph, and the exact re-rank may reorder the approximate top. usearch's beam
+                // is the larger of its expansion and the count asked for.
+                let from_graph = |mut count: usize| -> Result<Vec<(f32, u64)>, ResidentError> {
+                    loop {
+                        let matches = graph.search(&query, count).map_err(ann_error("search"))?;
+                        // A key the indexer is adding is in the graph and still pending.
+                        let live: Vec<(f32, u64)> = matches
+                            .keys
+                            .iter()
+                            .filter(|k| !set.pending.contains(k))
+                            .filter_map(&score)
+                            .collect();
+                        if live.len() >= limit || matches.keys.len() < count {
+                            return Ok(live);
+                        }
+                        count *= 4;
                     }
-                    count *= 4;
                 };
-                live.extend(set.pending.iter().filter_map(&score));
+                let pending: Vec<(f32, u64)> = set.pending.iter().filter_map(&score).collect();
+                let mut live = from_graph((limit * 4).max(16))?;
+                let best = |found: &[(f32, u64)]| {
+                    found.iter().map(|c| c.0).fold(f32::NEG_INFINITY, f32::max)
+                };
+                if let SearchMode::Graph {
+                    confirm_below: Some(threshold),
+                } = mode
+                    && best(&live).max(best(&pending)) < threshold
+                {
+                    live = from_graph(self.graph.expansion_search * CONFIRM_WIDENING)?;
+                }
+                live.extend(pending);
                 live
             }
         };
@@ -598,6 +629,70 @@ mod tests {
 
     fn random_vector(rng: &mut StdRng, dim: usize) -> Vec<f32> {
         (0..dim).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    #[test]
+    fn a_miss_is_confirmed_by_a_wider_search_before_it_stands() -> Result<(), ResidentError> {
+        // A deliberately weak graph (few links, a narrow beam) over uniform random vectors,
+        // HNSW's hardest case: its first answer misses entries a wider beam finds.
+        let mut rng = StdRng::seed_from_u64(11);
+        let dim = 64;
+        let weak = GraphParams {
+            connectivity: 4,
+            expansion_add: 8,
+            expansion_search: 16,
+            scalar: GraphScalar::I8,
+        };
+        let index = ResidentIndex::with_graph(dim, 64, weak);
+        index.finish_loading();
+        let vectors: Vec<Vec<f32>> = (0..3000).map(|_| random_vector(&mut rng, dim)).collect();
+        for (i, v) in vectors.iter().enumerate() {
+            index.insert(entry(&format!("e{i}"), "s", v.clone(), i64::MAX))?;
+        }
+        index.index_all_pending()?;
+        let threshold = 0.9;
+        let hit = |found: &[Candidate]| {
+            found
+                .first()
+                .filter(|c| c.similarity >= threshold)
+                .map(|c| c.entry.id.clone())
+        };
+        let (mut first_answer_misses, mut confirmed_misses) = (0, 0);
+        for v in &vectors {
+            let first = index.search_with(
+                "s",
+                v,
+                4,
+                0,
+                SearchMode::Graph {
+                    confirm_below: None,
+                },
+            )?;
+            let confirmed = index.search_with(
+                "s",
+                v,
+                4,
+                0,
+                SearchMode::Graph {
+                    confirm_below: Some(threshold),
+                },
+            )?;
+            match hit(&first) {
+                // A hit is final: confirming only ever searches again after a miss.
+                Some(id) => assert_eq!(hit(&confirmed), Some(id)),
+                None => first_answer_misses += 1,
+            }
+            confirmed_misses += usize::from(hit(&confirmed).is_none());
+        }
+        assert!(
+            first_answer_misses > 0,
+            "the weak graph found every entry: the test needs a weaker one"
+        );
+        assert!(
+            confirmed_misses < first_answer_misses,
+            "confirming misses found nothing more: {confirmed_misses} of {first_answer_misses} misses remain"
+        );
+        Ok(())
     }
 
     #[test]
