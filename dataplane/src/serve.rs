@@ -205,6 +205,7 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
         );
 
     let mut partitions = Vec::new();
+    let mut resident_loads = Vec::new();
     for tenant in registry.all() {
         // One table per (tenant, index version).
         let table = table_name(&tenant.name, &index_version);
@@ -234,6 +235,7 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
             .all_ids()
             .await
             .with_context(|| format!("failed to scan the entries of tenant `{}`", tenant.name))?;
+        resident_loads.push(active.clone());
         let mut store: Arc<dyn EntryStore> = active;
         if let Some((t, target_fp, target_embedder)) = &target {
             let target_table = table_name(&tenant.name, target_fp);
@@ -316,6 +318,10 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
         metadata,
         metrics,
     }));
+    // Only now: the loads read every table in full and would compete with the reads above.
+    for store in &resident_loads {
+        store.start_resident_load();
+    }
     Ok(Built {
         cache,
         probes,

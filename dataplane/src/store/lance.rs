@@ -307,9 +307,17 @@ impl LanceEntryStore {
                 tracing::warn!(table = %store.name, error = %e, "failed to start the resident index's indexer thread; semantic lookups keep querying LanceDB");
                 resident.disable();
             }
-            Self::spawn_resident_load(Arc::downgrade(&store), resident.clone());
         }
         Ok(store)
+    }
+
+    /// Start filling the resident index from the table, in the background. The caller starts
+    /// it once startup's own reads are done: on one core the load (which reads every vector
+    /// and builds the graphs) would otherwise slow readiness down threefold.
+    pub fn start_resident_load(self: &Arc<Self>) {
+        if let Some(resident) = &self.resident {
+            Self::spawn_resident_load(Arc::downgrade(self), resident.clone());
+        }
     }
 
     /// Fill the resident index from the table in the background. Log records applied
