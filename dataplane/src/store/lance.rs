@@ -302,11 +302,11 @@ impl LanceEntryStore {
         if let Log::Redis(log) = &store.log {
             Self::spawn_follower(Arc::downgrade(&store), log.clone()).await?;
         }
-        if let Some(resident) = &store.resident {
-            if let Err(e) = resident.spawn_indexer() {
-                tracing::warn!(table = %store.name, error = %e, "failed to start the resident index's indexer thread; semantic lookups keep querying LanceDB");
-                resident.disable();
-            }
+        if let Some(resident) = &store.resident
+            && let Err(e) = resident.spawn_indexer()
+        {
+            tracing::warn!(table = %store.name, error = %e, "failed to start the resident index's indexer thread; semantic lookups keep querying LanceDB");
+            resident.disable();
         }
         Ok(store)
     }
