@@ -397,10 +397,26 @@ async fn retire_versions(
     Ok(())
 }
 
-fn spawn_maintainers(cache: &Arc<Cache>, cfg: &DataplaneConfig) -> Vec<JoinHandle<()>> {
+/// The runtime LanceDB's maintenance (flushes, compaction, vector index builds) runs on. An
+/// IVF-PQ build computes for minutes with few yields; on the serving runtime, which has one
+/// worker on a one-core pod, it stopped every request for as long (82 s at 40k rows).
+fn maintenance_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("semantis-maintenance")
+        .enable_all()
+        .build()
+        .context("failed to start the maintenance runtime")
+}
+
+fn spawn_maintainers(
+    cache: &Arc<Cache>,
+    cfg: &DataplaneConfig,
+    maintenance: &tokio::runtime::Handle,
+) -> Vec<JoinHandle<()>> {
     let tick = Duration::from_millis((cfg.storage.flush_interval_ms / 4).clamp(20, 1000));
     let c = cache.clone();
-    let maintain = tokio::spawn(async move {
+    let maintain = maintenance.spawn(async move {
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -524,7 +540,8 @@ pub async fn run(cfg: DataplaneConfig) -> anyhow::Result<()> {
     let addr = listener
         .local_addr()
         .context("failed to read the bound address")?;
-    let maintainers = spawn_maintainers(&cache, &cfg);
+    let maintenance = maintenance_runtime()?;
+    let maintainers = spawn_maintainers(&cache, &cfg, maintenance.handle());
     tracing::info!(%addr, index_version = cache.index_version(), "serving");
 
     let draining = state.clone();
@@ -564,10 +581,18 @@ pub async fn run(cfg: DataplaneConfig) -> anyhow::Result<()> {
     for m in maintainers {
         m.abort();
     }
-    cache
-        .flush_all()
-        .await
-        .context("failed to flush the write-ahead tail on shutdown")?;
+    // A flush waits for maintenance in progress, and a vector index build can take minutes:
+    // past the grace period the tail stays in the write-ahead log, durable, and is replayed at
+    // the next start.
+    match tokio::time::timeout(grace, cache.flush_all()).await {
+        Ok(flushed) => flushed.context("failed to flush the write-ahead tail on shutdown")?,
+        Err(_) => tracing::warn!(
+            grace_ms = grace.as_millis(),
+            "maintenance kept the final flush waiting past the grace period; the tail stays in the write-ahead log and is replayed at the next start"
+        ),
+    }
+    // Not dropped here: dropping a runtime would block this one's worker.
+    maintenance.shutdown_background();
     drop(state);
     drop(cache);
     // Every usage sender is gone now; the writer drains its queue and ends.
