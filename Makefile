@@ -6,7 +6,7 @@ DEV_BIN := $(CARGO_TARGET_DIR)/debug/semantis-dataplane
 E2E_DIR ?= /tmp/semantis-e2e
 export SEMANTIS_E2E_DIR := $(E2E_DIR)
 
-.PHONY: run test e2e e2e-up e2e-down crds manifests lint fmt setup build release release-dataplane release-operator bench
+.PHONY: run test e2e e2e-up e2e-down crds manifests lint fmt setup build release release-dataplane release-serve release-operator bench
 
 ## Start the embedded default (LanceDB + SQLite + local model) on 127.0.0.1:8080. Builds
 ## exactly what `make test` builds (same packages, same features: `cargo build -p` would
@@ -70,9 +70,15 @@ build: setup
 
 release: setup release-dataplane
 
-## The images' build commands (Dockerfile.dataplane, Dockerfile.operator run exactly these).
+## The optimised dataplane with its developer tools (`bench`, `eval`): what scripts/bench.sh
+## measures.
 release-dataplane:
 	$(CARGO) build --release --locked -p semantis-dataplane
+## The images' build commands (Dockerfile.dataplane, Dockerfile.operator run exactly these):
+## the serving binary without `bench` and `eval`, so it links neither plotters nor the load
+## generator.
+release-serve:
+	$(CARGO) build --release --locked -p semantis-dataplane --no-default-features
 release-operator:
 	$(CARGO) build --release --locked -p semantis-operator
 

@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use semantis_dataplane::cache::entry::now_ms;
-use semantis_dataplane::cache::tenants::TenantRegistry;
+use semantis_cache::tenants::TenantRegistry;
+use semantis_cache::vector::now_ms;
 use semantis_dataplane::store::lance::table_name;
 use semantis_dataplane::store::metadata::MetadataSnapshot;
 

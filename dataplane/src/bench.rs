@@ -16,7 +16,7 @@ use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use semantis_dataplane::cache::entry::normalized;
+use semantis_cache::vector::normalized;
 use serde_json::{Value, json};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

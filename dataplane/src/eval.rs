@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use futures::StreamExt;
+use semantis_cache::scope::Scope;
+use semantis_cache::{LookupQuery, StoreCommand};
 use semantis_contract::{DataplaneConfig, TenantConfig};
-use semantis_dataplane::cache::scope::Scope;
-use semantis_dataplane::cache::{LookupQuery, StoreCommand};
 use semantis_dataplane::metrics::Metrics;
 use serde::Deserialize;
 

@@ -1,9 +1,9 @@
-//! Semantis dataplane: the semantic cache service.
+//! Semantis dataplane: the semantic cache service, as adapters around the cache domain.
 //!
-//! Layering (see ARCHITECTURE.md): `http` (axum handlers) → `cache` (the domain, no HTTP) →
-//! `store` and `embed` (behind traits). `metrics` is shared by all.
+//! Layering (see ARCHITECTURE.md): `http` (axum handlers) → `semantis_cache` (the domain, its
+//! own crate, no HTTP or storage dependency) → its ports, implemented here by `store` and
+//! `embed`. `metrics` is the process's registry, the domain's metrics included.
 
-pub mod cache;
 pub mod config;
 pub mod embed;
 pub mod http;

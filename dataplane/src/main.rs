@@ -1,7 +1,9 @@
 //! `semantis-dataplane`: the semantic-cache service and its tools.
 
 mod backup;
+#[cfg(feature = "tools")]
 mod bench;
+#[cfg(feature = "tools")]
 mod eval;
 mod reindex;
 mod serve;
@@ -60,8 +62,10 @@ enum Command {
     /// Rebuild a cache from a backup into empty stores, verifying every checksum first.
     Restore(backup::RestoreArgs),
     /// Load-test a running server and report latency percentiles and throughput.
+    #[cfg(feature = "tools")]
     Bench(bench::BenchArgs),
     /// Measure hit quality on a dataset of question pairs (store `a`, look up `b`).
+    #[cfg(feature = "tools")]
     Eval(eval::EvalArgs),
     /// Print the SHA-256 of an API key (read from stdin), for `api_key_sha256` in the config.
     HashKey,
@@ -104,14 +108,16 @@ async fn run() -> anyhow::Result<()> {
         Command::Reindex(args) => reindex::run(args).await,
         Command::Backup(args) => backup::backup(args).await,
         Command::Restore(args) => backup::restore(args).await,
+        #[cfg(feature = "tools")]
         Command::Bench(args) => bench::run(args).await,
+        #[cfg(feature = "tools")]
         Command::Eval(args) => eval::run(args).await,
         Command::HashKey => {
             let mut key = String::new();
             std::io::stdin()
                 .read_line(&mut key)
                 .context("failed to read the key from stdin")?;
-            println!("{}", semantis_dataplane::cache::tenants::hash_key(&key));
+            println!("{}", semantis_cache::tenants::hash_key(&key));
             Ok(())
         }
     }

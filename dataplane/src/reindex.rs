@@ -20,13 +20,16 @@ use anyhow::{Context, bail};
 use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
 use prometheus::{IntGaugeVec, Opts};
+use semantis_cache::entry::Entry;
+use semantis_cache::index_version::IndexVersionState;
+use semantis_cache::tenants::TenantRegistry;
+use semantis_cache::vector::now_ms;
 use semantis_contract::DataplaneConfig;
-use semantis_dataplane::cache::entry::{Entry, now_ms};
-use semantis_dataplane::cache::tenants::TenantRegistry;
 use semantis_dataplane::embed::Embedder;
 use semantis_dataplane::metrics::Metrics;
 use semantis_dataplane::store::lance::{TableAccess, table_name};
 use semantis_dataplane::store::metadata::MetadataStore;
+use semantis_dataplane::store::versions::prepare_target;
 
 use crate::serve::{load_embedder, open_metadata};
 
@@ -204,48 +207,19 @@ struct TenantJob<'a> {
 impl TenantJob<'_> {
     async fn run(&self, progress: &mut Progress) -> anyhow::Result<()> {
         let target_dim = self.cfg.target_embedder.as_ref().map_or(0, |t| t.dimension);
-        match self
-            .metadata
-            .version_state(self.tenant, self.target_fp)
-            .await?
-            .as_deref()
-        {
-            Some("ready" | "active") => {
-                tracing::info!(tenant = self.tenant, "the target version is already ready");
-                return Ok(());
-            }
-            // Retired earlier (a migration back): the old table holds entries since deleted.
-            Some("retired" | "deleted") => {
-                let stale = table_name(self.tenant, self.target_fp);
-                match self.db.drop_table(&stale, &[]).await {
-                    Ok(()) | Err(lancedb::Error::TableNotFound { .. }) => {}
-                    Err(e) => {
-                        return Err(e)
-                            .with_context(|| format!("failed to drop the stale table {stale}"));
-                    }
-                }
-                self.metadata
-                    .set_index_version(
-                        self.tenant,
-                        self.target_fp,
-                        target_dim,
-                        "building",
-                        now_ms(),
-                    )
-                    .await?;
-            }
-            Some(_) => {}
-            None => {
-                self.metadata
-                    .set_index_version(
-                        self.tenant,
-                        self.target_fp,
-                        target_dim,
-                        "building",
-                        now_ms(),
-                    )
-                    .await?;
-            }
+        let state = prepare_target(
+            self.db,
+            self.metadata,
+            self.tenant,
+            self.target_fp,
+            target_dim,
+            now_ms(),
+        )
+        .await
+        .context("failed to prepare the migration target")?;
+        if state.is_complete() {
+            tracing::info!(tenant = self.tenant, "the target version is already ready");
+            return Ok(());
         }
         let source_name = table_name(self.tenant, self.active_fp);
         let source = TableAccess::open(self.db, &source_name, self.cfg.embedder.dimension).await?;
@@ -307,7 +281,13 @@ impl TenantJob<'_> {
             .notify(|e, wait| tracing::info!(error = %e, ?wait, "retrying the index build"))
             .await?;
         self.metadata
-            .set_index_version(self.tenant, self.target_fp, target_dim, "ready", now_ms())
+            .set_index_version(
+                self.tenant,
+                self.target_fp,
+                target_dim,
+                IndexVersionState::Ready,
+                now_ms(),
+            )
             .await?;
         tracing::info!(
             tenant = self.tenant,

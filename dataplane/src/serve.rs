@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use redis::IntoConnectionInfo;
+use semantis_cache::index_version::IndexVersionState;
+use semantis_cache::tenants::TenantRegistry;
+use semantis_cache::vector::now_ms;
+use semantis_cache::{Cache, CacheParts, Partition};
 use semantis_contract::{DataplaneConfig, EmbedderConfig, EmbeddingProvider};
-use semantis_dataplane::cache::entry::now_ms;
-use semantis_dataplane::cache::tenants::TenantRegistry;
-use semantis_dataplane::cache::{Cache, CacheParts, Partition};
 use semantis_dataplane::embed::layers::{Batched, Cached};
 use semantis_dataplane::embed::local::LocalEmbedder;
 use semantis_dataplane::embed::remote::RemoteEmbedder;
@@ -25,6 +26,7 @@ use semantis_dataplane::store::lance::{LanceEntryStore, LogConfig, table_name};
 use semantis_dataplane::store::metadata::{MetadataStore, QueuedUsage};
 use semantis_dataplane::store::redis_hot::RedisHotLayer;
 use semantis_dataplane::store::redis_log::connect;
+use semantis_dataplane::store::versions::prepare_target;
 use semantis_dataplane::store::{EntryStore, HotLayer, Probe, RedisProbe, UsageSink};
 use tokio::task::JoinHandle;
 
@@ -33,6 +35,9 @@ const HOT_LAYER_ENTRIES: u64 = 200_000;
 
 pub struct Built {
     pub cache: Arc<Cache>,
+    /// The metadata store the cache's pending and usage ports are backed by (index versions,
+    /// retirement and the usage writer use it directly).
+    pub metadata: MetadataStore,
     pub probes: Vec<Arc<dyn Probe>>,
     pub usage_writer: JoinHandle<()>,
 }
@@ -239,33 +244,14 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
         let mut store: Arc<dyn EntryStore> = active;
         if let Some((t, target_fp, target_embedder)) = &target {
             let target_table = table_name(&tenant.name, target_fp);
-            match metadata
-                .version_state(&tenant.name, target_fp)
-                .await?
-                .as_deref()
-            {
-                None => {
-                    metadata
-                        .set_index_version(&tenant.name, target_fp, t.dimension, "building", now)
-                        .await?;
-                }
-                // Migrating back to a version retired earlier: its table holds entries since
-                // deleted, so it starts over empty.
-                Some("retired" | "deleted") => {
-                    match db.drop_table(&target_table, &[]).await {
-                        Ok(()) | Err(lancedb::Error::TableNotFound { .. }) => {}
-                        Err(e) => {
-                            return Err(e).with_context(|| {
-                                format!("failed to drop the stale table {target_table}")
-                            });
-                        }
-                    }
-                    metadata
-                        .set_index_version(&tenant.name, target_fp, t.dimension, "building", now)
-                        .await?;
-                }
-                Some(_) => {}
-            }
+            prepare_target(&db, &metadata, &tenant.name, target_fp, t.dimension, now)
+                .await
+                .with_context(|| {
+                    format!(
+                        "failed to prepare the migration target of tenant `{}`",
+                        tenant.name
+                    )
+                })?;
             let target_store = LanceEntryStore::open(
                 &db,
                 log(),
@@ -315,8 +301,9 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
         embedder,
         hot,
         usage,
-        metadata,
-        metrics,
+        usage_report: Arc::new(metadata.clone()),
+        pending: Arc::new(metadata.clone()),
+        metrics: metrics.cache.clone(),
     }));
     // Only now: the loads read every table in full and would compete with the reads above.
     for store in &resident_loads {
@@ -324,6 +311,7 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
     }
     Ok(Built {
         cache,
+        metadata,
         probes,
         usage_writer,
     })
@@ -344,7 +332,7 @@ async fn check_index_version(
         None => {}
         Some((active, dim)) => {
             let state = metadata.version_state(tenant, index_version).await?;
-            if state.as_deref() != Some("ready") {
+            if state != Some(IndexVersionState::Ready) {
                 bail!(
                     "failed to start: tenant `{tenant}` is served by index version {active} ({dim} dimensions), \
                      but the configured embedder has fingerprint {index_version} ({dimension} dimensions, {}); \
@@ -390,7 +378,7 @@ async fn retire_versions(
         }
         // The row exists, so only its state and time change (the dimension is not rewritten).
         metadata
-            .set_index_version(&tenant, &fp, 0, "deleted", now_ms())
+            .set_index_version(&tenant, &fp, 0, IndexVersionState::Deleted, now_ms())
             .await?;
         tracing::info!(tenant, table, "deleted the retired index version");
     }
@@ -411,6 +399,7 @@ fn maintenance_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn spawn_maintainers(
     cache: &Arc<Cache>,
+    metadata: &MetadataStore,
     cfg: &DataplaneConfig,
     maintenance: &tokio::runtime::Handle,
 ) -> Vec<JoinHandle<()>> {
@@ -452,7 +441,7 @@ fn spawn_maintainers(
             }
         }
     });
-    let metadata = cache.metadata().clone();
+    let metadata = metadata.clone();
     let data_dir = PathBuf::from(&cfg.storage.data_dir);
     let grace = Duration::from_secs(cfg.storage.retired_grace_secs);
     let retire = tokio::spawn(async move {
@@ -521,11 +510,13 @@ pub async fn run(cfg: DataplaneConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new().context("failed to register metrics")?);
     let Built {
         cache,
+        metadata,
         probes,
         usage_writer,
-    } = build(&cfg, metrics).await?;
+    } = build(&cfg, metrics.clone()).await?;
     let state = Arc::new(AppState {
         cache: cache.clone(),
+        metrics,
         probes,
         accepting: AtomicBool::new(true),
     });
@@ -541,7 +532,7 @@ pub async fn run(cfg: DataplaneConfig) -> anyhow::Result<()> {
         .local_addr()
         .context("failed to read the bound address")?;
     let maintenance = maintenance_runtime()?;
-    let maintainers = spawn_maintainers(&cache, &cfg, maintenance.handle());
+    let maintainers = spawn_maintainers(&cache, &metadata, &cfg, maintenance.handle());
     tracing::info!(%addr, index_version = cache.index_version(), "serving");
 
     let draining = state.clone();

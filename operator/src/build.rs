@@ -84,19 +84,36 @@ impl Child {
     }
 }
 
-fn child<K>(obj: K) -> Child
+/// Why build could not render the children: a bug in a builder, never the spec's fault
+/// (validate refused what the builders cannot take).
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("failed to encode the {kind} as a dynamic object: {source}")]
+    Object {
+        kind: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("failed to render the dataplane configuration as TOML: {0}")]
+    Config(#[from] toml::ser::Error),
+}
+
+fn child<K>(obj: K) -> Result<Child, BuildError>
 where
     K: Resource<DynamicType = ()> + Serialize,
 {
     let resource = ApiResource::erase::<K>(&());
-    let mut value = serde_json::to_value(&obj).unwrap_or_default();
+    let failed = |source| BuildError::Object {
+        kind: resource.kind.clone(),
+        source,
+    };
+    let mut value = serde_json::to_value(&obj).map_err(failed)?;
     if let Some(map) = value.as_object_mut() {
         map.insert("apiVersion".into(), resource.api_version.clone().into());
         map.insert("kind".into(), resource.kind.clone().into());
     }
-    let object =
-        serde_json::from_value(value).unwrap_or_else(|_| DynamicObject::new("", &resource));
-    Child { resource, object }
+    let object = serde_json::from_value(value).map_err(failed)?;
+    Ok(Child { resource, object })
 }
 
 pub fn service_monitor_resource() -> ApiResource {
@@ -213,21 +230,21 @@ fn hash(bytes: &[u8]) -> String {
 /// The hash on the dataplane's pod template. Pods restart whenever the rendered config changes,
 /// the migration target included: serving replicas must write to the target (dual writes)
 /// before the reindex Job copies, or stores made during the copy would miss the new version.
-pub fn config_hash(c: &ValidatedCache, o: &Observed) -> String {
+pub fn config_hash(c: &ValidatedCache, o: &Observed) -> Result<String, BuildError> {
     let config = dataplane_config(c, o, &child_names(&c.name));
-    hash(toml::to_string(&config).unwrap_or_default().as_bytes())
+    Ok(hash(toml::to_string(&config)?.as_bytes()))
 }
 
-pub fn build(c: &ValidatedCache, o: &Observed) -> Vec<Child> {
+pub fn build(c: &ValidatedCache, o: &Observed) -> Result<Vec<Child>, BuildError> {
     let names = child_names(&c.name);
     let config = dataplane_config(c, o, &names);
-    let config_toml = toml::to_string(&config).unwrap_or_default();
+    let config_toml = toml::to_string(&config)?;
     let serving_hash = hash(config_toml.as_bytes());
     let mut out = vec![
-        child(redis_secret(c, o, &names)),
-        child(redis_config(c, &names)),
-        child(redis_service(c, &names)),
-        child(redis_statefulset(c, &names)),
+        child(redis_secret(c, o, &names))?,
+        child(redis_config(c, &names))?,
+        child(redis_service(c, &names))?,
+        child(redis_statefulset(c, &names))?,
     ];
     if let (Some(pg), Some(login)) = (&c.postgres, &o.postgres)
         && let (PostgresSource::Admin(_), Some(password)) = (&pg.source, &login.managed_password)
@@ -238,22 +255,22 @@ pub fn build(c: &ValidatedCache, o: &Observed) -> Vec<Child> {
             &login.username,
             password,
             &names,
-        )));
+        ))?);
     }
-    out.push(child(dataplane_configmap(c, &names, &config_toml)));
-    out.push(child(dataplane_pvc(c, &names)));
-    out.push(child(dataplane_service(c, &names)));
-    out.push(child(dataplane_deployment(c, &names, &serving_hash)));
+    out.push(child(dataplane_configmap(c, &names, &config_toml))?);
+    out.push(child(dataplane_pvc(c, &names))?);
+    out.push(child(dataplane_service(c, &names))?);
+    out.push(child(dataplane_deployment(c, &names, &serving_hash))?);
     if let Some(b) = &c.backup {
-        out.push(child(backup_cronjob(c, b, &names)));
+        out.push(child(backup_cronjob(c, b, &names))?);
     }
     if let Some(target) = o.target.as_ref().filter(|_| o.start_reindex) {
-        out.push(child(reindex_job(c, target, &names)));
+        out.push(child(reindex_job(c, target, &names))?);
     }
     if c.service_monitor && o.service_monitor_crd {
         out.push(service_monitor(c, &names));
     }
-    out
+    Ok(out)
 }
 
 fn redis_secret(c: &ValidatedCache, o: &Observed, n: &ChildNames) -> Secret {
@@ -964,7 +981,7 @@ mod tests {
             &defaults(),
         )
         .expect("valid");
-        insta::assert_snapshot!(render(&build(&c, &observed(&c))));
+        insta::assert_snapshot!(render(&build(&c, &observed(&c)).expect("builds")));
     }
 
     #[test]
@@ -974,7 +991,7 @@ mod tests {
             &defaults(),
         )
         .expect("valid");
-        insta::assert_snapshot!(render(&build(&c, &observed(&c))));
+        insta::assert_snapshot!(render(&build(&c, &observed(&c)).expect("builds")));
     }
 
     #[test]
@@ -987,13 +1004,18 @@ mod tests {
         let mut o = observed(&c);
         let mut target = c.embedder.clone();
         target.revision = "v2".into();
-        let before = config_hash(&c, &o);
+        let before = config_hash(&c, &o).expect("hashes");
         o.target = Some(target.clone());
         // The replicas roll to dual writes first; no Job until they run with the target.
-        assert_ne!(config_hash(&c, &o), before);
-        assert!(!build(&c, &o).iter().any(|ch| ch.kind() == "Job"));
+        assert_ne!(config_hash(&c, &o).expect("hashes"), before);
+        assert!(
+            !build(&c, &o)
+                .expect("builds")
+                .iter()
+                .any(|ch| ch.kind() == "Job")
+        );
         o.start_reindex = true;
-        let children = build(&c, &o);
+        let children = build(&c, &o).expect("builds");
         let job = children
             .iter()
             .find(|ch| ch.kind() == "Job")
@@ -1043,7 +1065,12 @@ mod tests {
         .expect("valid");
         let mut o = observed(&c);
         o.service_monitor_crd = false;
-        assert!(!build(&c, &o).iter().any(|ch| ch.kind() == "ServiceMonitor"));
+        assert!(
+            !build(&c, &o)
+                .expect("builds")
+                .iter()
+                .any(|ch| ch.kind() == "ServiceMonitor")
+        );
     }
 
     #[test]
@@ -1053,8 +1080,8 @@ mod tests {
         cache.spec.tenants.reverse();
         let c2 = validate(&cache, &defaults()).expect("valid");
         assert_eq!(
-            render(&build(&c1, &observed(&c1))),
-            render(&build(&c2, &observed(&c2)))
+            render(&build(&c1, &observed(&c1)).expect("builds")),
+            render(&build(&c2, &observed(&c2)).expect("builds"))
         );
     }
 }

@@ -25,12 +25,23 @@ pub enum PostgresError {
 
 /// A login allowed to create roles and databases. Owned, so calls can run on their own task
 /// (sqlx's connection futures trip the compiler's Send inference inside kube's controller).
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct Admin {
     pub host: String,
     pub port: u16,
     pub username: String,
     pub password: String,
+}
+
+// Never the password, in logs or test output.
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
 }
 
 async fn connect(admin: &Admin) -> Result<PgPool, PostgresError> {

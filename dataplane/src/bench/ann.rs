@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use semantis_dataplane::cache::entry::{Candidate, Entry};
+use semantis_cache::entry::{Candidate, Entry};
 use semantis_dataplane::store::resident::{GraphParams, GraphScalar, ResidentIndex, SearchMode};
 use serde_json::json;
 

@@ -9,8 +9,8 @@ use moka::future::Cache;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{EmbedError, Embedder};
-use crate::cache::scope::short_hash;
 use crate::metrics::Metrics;
+use semantis_cache::vector::short_hash;
 
 type Job = (String, oneshot::Sender<Result<Vec<f32>, EmbedError>>);
 

@@ -17,8 +17,8 @@ use semantis_contract::{EmbedderConfig, EmbeddingProvider};
 use serde_json::{Value, json};
 
 use super::{EmbedError, Embedder};
-use crate::cache::entry::normalized;
 use crate::metrics::Metrics;
+use semantis_cache::vector::normalized;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {

@@ -1,5 +1,5 @@
-//! The one table from errors to HTTP statuses, and the error body every failure uses:
-//! `{"error": {"code": "...", "message": "..."}}`. Codes are stable; messages are for people.
+//! The error body every failure uses: `{"error": {"code": "...", "message": "..."}}`. Codes
+//! and their statuses come from the one table in [`super::codes`]; messages are for people.
 
 use std::any::Any;
 
@@ -11,7 +11,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::cache::CacheError;
+use semantis_cache::CacheError;
+
+use super::codes::{Code, TABLE, code_of};
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
@@ -20,59 +22,60 @@ pub struct ErrorBody {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorDetail {
-    /// Stable machine-readable code, e.g. `dimension_mismatch`.
+    /// Stable machine-readable code, e.g. `dimension_mismatch`; the OpenAPI document lists
+    /// every one (from [`super::codes::TABLE`]).
+    #[schema(schema_with = code_schema)]
     pub code: String,
     pub message: String,
 }
 
+/// The `code` field's schema: an enum of every name in the table, each with its status and
+/// meaning in the description.
+fn code_schema() -> utoipa::openapi::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    let mut description =
+        String::from("Stable machine-readable error code (HTTP status: meaning):\n");
+    for info in TABLE {
+        description.push_str(&format!(
+            "- `{}` ({}): {}\n",
+            info.name,
+            info.status.as_u16(),
+            info.meaning
+        ));
+    }
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(TABLE.iter().map(|i| i.name)))
+        .description(Some(description))
+        .build()
+}
+
 #[derive(Debug)]
 pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
+    code: Code,
     message: String,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
         Self {
-            status,
             code,
             message: message.into(),
         }
     }
 
     pub fn not_found() -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", "no such route")
-    }
-}
-
-fn status_of(e: &CacheError) -> StatusCode {
-    match e {
-        CacheError::MissingKey | CacheError::InvalidKey => StatusCode::UNAUTHORIZED,
-        CacheError::TenantForbidden(_) => StatusCode::FORBIDDEN,
-        CacheError::UnknownTenant(_) | CacheError::EntryNotFound(_) => StatusCode::NOT_FOUND,
-        CacheError::TenantRequired | CacheError::NoQuery | CacheError::InvalidRequest(_) => {
-            StatusCode::BAD_REQUEST
-        }
-        CacheError::EmptyPrompt
-        | CacheError::DimensionMismatch { .. }
-        | CacheError::NonFiniteVector(_)
-        | CacheError::ZeroVector
-        | CacheError::SimilarityOutOfRange(_)
-        | CacheError::InvalidTtl => StatusCode::UNPROCESSABLE_ENTITY,
-        CacheError::EmbedderUnavailable(_) | CacheError::StoreUnavailable(_) => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        Self::new(Code::NotFound, "no such route")
     }
 }
 
 impl From<CacheError> for ApiError {
     fn from(e: CacheError) -> Self {
-        let status = status_of(&e);
-        if status.is_server_error() {
-            tracing::warn!(error = %e, code = e.code(), "request failed");
+        let code = code_of(&e);
+        if code.status().is_server_error() {
+            tracing::warn!(error = %e, code = code.name(), "request failed");
         }
-        Self::new(status, e.code(), e.to_string())
+        Self::new(code, e.to_string())
     }
 }
 
@@ -80,28 +83,22 @@ impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         match r {
             JsonRejection::MissingJsonContentType(_) => Self::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
+                Code::UnsupportedMediaType,
                 "send `Content-Type: application/json`",
             ),
-            JsonRejection::JsonSyntaxError(e) => {
-                Self::new(StatusCode::BAD_REQUEST, "malformed_json", e.body_text())
-            }
-            JsonRejection::JsonDataError(e) => {
-                Self::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text())
-            }
+            JsonRejection::JsonSyntaxError(e) => Self::new(Code::MalformedJson, e.body_text()),
+            JsonRejection::JsonDataError(e) => Self::new(Code::InvalidRequest, e.body_text()),
             JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 payload_too_large()
             }
-            other => Self::new(other.status(), "invalid_request", other.body_text()),
+            other => Self::new(Code::InvalidRequest, other.body_text()),
         }
     }
 }
 
 fn payload_too_large() -> ApiError {
     ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "payload_too_large",
+        Code::PayloadTooLarge,
         "the request body is larger than the server accepts",
     )
 }
@@ -110,11 +107,11 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
             error: ErrorDetail {
-                code: self.code.to_owned(),
+                code: self.code.name().to_owned(),
                 message: self.message,
             },
         };
-        (self.status, Json(body)).into_response()
+        (self.code.status(), Json(body)).into_response()
     }
 }
 
@@ -149,14 +146,12 @@ fn rewrite_plain_error_body(res: Response) -> Response {
     match status {
         StatusCode::PAYLOAD_TOO_LARGE => payload_too_large().into_response(),
         StatusCode::METHOD_NOT_ALLOWED => ApiError::new(
-            status,
-            "method_not_allowed",
+            Code::MethodNotAllowed,
             "this route does not take that method",
         )
         .into_response(),
         StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
+            Code::Timeout,
             "the request did not finish within the server's deadline",
         )
         .into_response(),
@@ -166,10 +161,5 @@ fn rewrite_plain_error_body(res: Response) -> Response {
 
 pub fn panic_response(_: Box<dyn Any + Send + 'static>) -> Response<Body> {
     tracing::error!("a request handler panicked");
-    ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal",
-        "internal error",
-    )
-    .into_response()
+    ApiError::new(Code::Internal, "internal error").into_response()
 }

@@ -1,7 +1,9 @@
 //! The versioned JSON HTTP API. Handlers only extract, call the cache domain and map the
 //! result; [`ApiError`] is the one place that turns domain errors into HTTP statuses.
 
+pub mod codes;
 mod error;
+mod wire;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,10 +23,13 @@ use tower_http::timeout::TimeoutLayer;
 use utoipa::{OpenApi, ToSchema};
 
 pub use self::error::{ApiError, ErrorBody};
-use crate::cache::entry::EntryFilter;
-use crate::cache::scope::Scope;
-use crate::cache::tenants::Tenant;
-use crate::cache::{Cache, CacheError, HitPath, LookupQuery, StoreCommand, TenantStats};
+use semantis_cache::entry::EntryFilter;
+use semantis_cache::scope::Scope;
+use semantis_cache::tenants::Tenant;
+use semantis_cache::{Cache, CacheError, LookupQuery, StoreCommand};
+
+pub use self::wire::{HitPathBody, ModelUsageBody, ScopeBody, StatsBody};
+use crate::metrics::Metrics;
 use crate::store::Probe;
 
 pub const CACHE_HEADER: &str = "x-semantis-cache";
@@ -32,6 +37,8 @@ pub const TENANT_HEADER: &str = "x-semantis-tenant";
 
 pub struct AppState {
     pub cache: Arc<Cache>,
+    /// The process's registry, rendered at `/metrics`.
+    pub metrics: Arc<Metrics>,
     /// Dependencies `/readyz` reports on (metadata database, Redis).
     pub probes: Vec<Arc<dyn Probe>>,
     /// False while starting and once shutdown begins, so load balancers stop routing here.
@@ -84,7 +91,7 @@ pub struct LookupRequest {
     /// A precomputed embedding of the prompt, of the index's dimension.
     pub vector: Option<Vec<f32>>,
     #[serde(default)]
-    pub scope: Scope,
+    pub scope: ScopeBody,
     /// Raise (never lower) the tenant's cosine-similarity floor for this lookup.
     pub min_similarity: Option<f32>,
 }
@@ -93,7 +100,7 @@ pub struct LookupRequest {
 pub struct LookupResponse {
     pub hit: bool,
     /// Which path answered: `exact` or `semantic`; absent on a miss.
-    pub path: Option<HitPath>,
+    pub path: Option<HitPathBody>,
     /// Cosine similarity of the returned entry (1 on the exact path).
     pub similarity: Option<f32>,
     /// Similarity of the best semantic candidate, hit or not.
@@ -119,7 +126,7 @@ pub struct StoreRequest {
     #[schema(value_type = Object)]
     pub response: Value,
     #[serde(default)]
-    pub scope: Scope,
+    pub scope: ScopeBody,
     /// Time to live; the tenant's default when absent. A hit never extends it.
     pub ttl_seconds: Option<u64>,
     #[serde(default)]
@@ -150,7 +157,7 @@ pub struct StoreResponse {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InvalidateRequest {
-    pub scope: Option<Scope>,
+    pub scope: Option<ScopeBody>,
     pub namespace: Option<String>,
     #[serde(default)]
     pub all: bool,
@@ -204,7 +211,7 @@ async fn lookup(
             LookupQuery {
                 prompt: req.prompt,
                 vector: req.vector,
-                scope: req.scope,
+                scope: req.scope.into(),
                 min_similarity: req.min_similarity,
                 request_id: request_id(&headers),
             },
@@ -214,7 +221,7 @@ async fn lookup(
     let body = match outcome.hit {
         Some(h) => LookupResponse {
             hit: true,
-            path: Some(h.path),
+            path: Some(h.path.into()),
             similarity: Some(h.similarity),
             best_similarity: outcome.best_similarity.or(Some(h.similarity)),
             threshold: outcome.threshold,
@@ -262,7 +269,7 @@ async fn store(
                 prompt: req.prompt,
                 vector: req.vector,
                 response,
-                scope: req.scope,
+                scope: req.scope.into(),
                 ttl_secs: req.ttl_seconds,
                 prompt_tokens: req.prompt_tokens,
                 completion_tokens: req.completion_tokens,
@@ -309,7 +316,7 @@ async fn invalidate(
 ) -> Result<Json<InvalidateResponse>, ApiError> {
     let tenant = authenticate(&state, &headers)?;
     let filter = match (req.scope, req.namespace, req.all) {
-        (Some(scope), None, false) => EntryFilter::Scope(scope.fingerprint().0),
+        (Some(scope), None, false) => EntryFilter::Scope(Scope::from(scope).fingerprint().0),
         (None, Some(ns), false) => EntryFilter::Namespace(ns),
         (None, None, true) => EntryFilter::All,
         _ => {
@@ -325,14 +332,14 @@ async fn invalidate(
 
 /// The calling tenant's entries, usage and savings.
 #[utoipa::path(get, path = "/v1/stats",
-    responses((status = 200, body = TenantStats), (status = "4XX", body = ErrorBody)),
+    responses((status = 200, body = StatsBody), (status = "4XX", body = ErrorBody)),
     security(("bearer" = [])))]
 async fn stats(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-) -> Result<Json<TenantStats>, ApiError> {
+) -> Result<Json<StatsBody>, ApiError> {
     let tenant = authenticate(&state, &headers)?;
-    Ok(Json(state.cache.stats(&tenant).await?))
+    Ok(Json(state.cache.stats(&tenant).await?.into()))
 }
 
 async fn healthz() -> &'static str {
@@ -417,7 +424,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4"),
         )],
-        state.cache.metrics().render(),
+        state.metrics.render(),
     )
 }
 
@@ -425,7 +432,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 #[openapi(
     info(title = "Semantis dataplane", description = "Semantic cache for LLM applications."),
     paths(lookup, store, delete_entry, invalidate, stats, readyz),
-    components(schemas(ErrorBody, Scope, TenantStats, crate::store::metadata::ModelUsage)),
+    components(schemas(ErrorBody, ScopeBody, StatsBody, ModelUsageBody)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::lance::LanceEntryStore;
-use super::{EntryStore, StoreError};
-use crate::cache::entry::{Candidate, Entry, EntryFilter, Removed};
+use super::{BackendError, EntryStore};
 use crate::embed::Embedder;
+use semantis_cache::StoreError;
+use semantis_cache::entry::{Candidate, Entry, EntryFilter, Removed};
 
 pub struct DualEntryStore {
     active: Arc<dyn EntryStore>,
@@ -43,10 +44,10 @@ impl EntryStore for DualEntryStore {
             .target_embedder
             .embed(std::slice::from_ref(&entry.prompt))
             .await
-            .map_err(|e| StoreError::TargetEmbed(e.to_string()))?;
+            .map_err(|e| BackendError::TargetEmbed(e.to_string()))?;
         let vector = vectors
             .pop()
-            .ok_or_else(|| StoreError::TargetEmbed("the embedder returned no vector".into()))?;
+            .ok_or_else(|| BackendError::TargetEmbed("the embedder returned no vector".into()))?;
         let target_entry = Arc::new(Entry {
             vector: Arc::from(vector),
             ..(*entry).clone()

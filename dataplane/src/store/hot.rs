@@ -7,7 +7,8 @@ use async_trait::async_trait;
 use moka::sync::Cache;
 
 use super::HotLayer;
-use crate::cache::entry::{Entry, now_ms};
+use semantis_cache::entry::Entry;
+use semantis_cache::vector::now_ms;
 
 type Key = (Arc<str>, String);
 

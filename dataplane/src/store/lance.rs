@@ -32,9 +32,11 @@ use tokio::sync::watch;
 use super::redis_log::{Pos, RedisLog, format_stream_id, parse_stream_id};
 use super::resident::{ResidentIndex, SearchMode};
 use super::wal::{Wal, WalEntry, WalRecord};
-use super::{EntryStore, StoreError};
-use crate::cache::entry::{Candidate, Entry, EntryFilter, Removed, cosine_similarity};
+use super::{BackendError, EntryStore};
 use crate::metrics::Metrics;
+use semantis_cache::StoreError;
+use semantis_cache::entry::{Candidate, Entry, EntryFilter, Removed};
+use semantis_cache::vector::cosine_similarity;
 
 const VECTOR_INDEX: &str = "vector_idx";
 
@@ -218,9 +220,9 @@ impl LanceEntryStore {
         dimension: usize,
         cfg: StorageConfig,
         metrics: Arc<Metrics>,
-    ) -> Result<Arc<Self>, StoreError> {
+    ) -> Result<Arc<Self>, BackendError> {
         let schema = entry_schema(dimension);
-        let lance = |action, source| StoreError::Lance {
+        let lance = |action, source| BackendError::Lance {
             action,
             table: table_name.to_owned(),
             source: Box::new(source),
@@ -357,7 +359,7 @@ impl LanceEntryStore {
         });
     }
 
-    async fn load_resident(&self, resident: &Arc<ResidentIndex>) -> Result<(), StoreError> {
+    async fn load_resident(&self, resident: &Arc<ResidentIndex>) -> Result<(), BackendError> {
         let mut stream = self
             .table
             .query()
@@ -374,7 +376,7 @@ impl LanceEntryStore {
                     .try_for_each(|e| resident.insert_loaded(Arc::new(e)))
             })
             .await
-            .map_err(|e| StoreError::Decode {
+            .map_err(|e| BackendError::Decode {
                 table: self.name.clone(),
                 reason: format!("failed to load the resident index: {e}"),
             })??;
@@ -384,7 +386,7 @@ impl LanceEntryStore {
         let resident = resident.clone();
         tokio::task::spawn_blocking(move || resident.index_all_pending())
             .await
-            .map_err(|e| StoreError::Decode {
+            .map_err(|e| BackendError::Decode {
                 table: self.name.clone(),
                 reason: format!("failed to load the resident index: {e}"),
             })??;
@@ -412,7 +414,7 @@ impl LanceEntryStore {
     }
 
     /// Cluster mode: apply every record other replicas append, in stream order.
-    async fn spawn_follower(store: Weak<Self>, log: Arc<RedisLog>) -> Result<(), StoreError> {
+    async fn spawn_follower(store: Weak<Self>, log: Arc<RedisLog>) -> Result<(), BackendError> {
         let mut conn = log.follower_connection().await?;
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(50);
@@ -450,7 +452,7 @@ impl LanceEntryStore {
         Ok(())
     }
 
-    async fn apply(&self, pos: Pos, record: WalRecord) -> Result<(), StoreError> {
+    async fn apply(&self, pos: Pos, record: WalRecord) -> Result<(), BackendError> {
         match record {
             WalRecord::Put(e) => {
                 let entry = Arc::new(Entry::from(*e));
@@ -491,7 +493,7 @@ impl LanceEntryStore {
     }
 
     /// Append a record and apply it here at once (the follower skips it later).
-    async fn append(&self, record: WalRecord) -> Result<Pos, StoreError> {
+    async fn append(&self, record: WalRecord) -> Result<Pos, BackendError> {
         let _gate = self.append_gate.read().await;
         match &self.log {
             Log::File(wal) => {
@@ -514,7 +516,7 @@ impl LanceEntryStore {
 
     /// Cluster mode: wait until this replica has applied everything appended so far, so a
     /// delete or invalidation sees every store acknowledged before it.
-    async fn catch_up(&self) -> Result<(), StoreError> {
+    async fn catch_up(&self) -> Result<(), BackendError> {
         let Log::Redis(log) = &self.log else {
             return Ok(());
         };
@@ -525,15 +527,15 @@ impl LanceEntryStore {
         let wait = rx.wait_for(|c| *c >= last);
         match tokio::time::timeout(Duration::from_secs(2), wait).await {
             Ok(Ok(_)) => Ok(()),
-            _ => Err(StoreError::Decode {
+            _ => Err(BackendError::Decode {
                 table: self.name.clone(),
                 reason: "failed to catch up with the log within 2 s".into(),
             }),
         }
     }
 
-    fn lance(&self, action: &'static str, source: lancedb::Error) -> StoreError {
-        StoreError::Lance {
+    fn lance(&self, action: &'static str, source: lancedb::Error) -> BackendError {
+        BackendError::Lance {
             action,
             table: self.name.clone(),
             source: Box::new(source),
@@ -557,12 +559,12 @@ impl LanceEntryStore {
         }
     }
 
-    fn to_batch(&self, entries: &[Arc<Entry>]) -> Result<RecordBatch, StoreError> {
+    fn to_batch(&self, entries: &[Arc<Entry>]) -> Result<RecordBatch, BackendError> {
         entries_to_batch(&self.schema, &self.name, entries)
     }
 
-    fn decode(&self, batch: &RecordBatch) -> Result<Vec<Entry>, StoreError> {
-        decode_batch(batch).map_err(|reason| StoreError::Decode {
+    fn decode(&self, batch: &RecordBatch) -> Result<Vec<Entry>, BackendError> {
+        decode_batch(batch).map_err(|reason| BackendError::Decode {
             table: self.name.clone(),
             reason,
         })
@@ -571,7 +573,7 @@ impl LanceEntryStore {
     async fn collect(
         &self,
         stream: Result<lancedb::arrow::SendableRecordBatchStream, lancedb::Error>,
-    ) -> Result<Vec<RecordBatch>, StoreError> {
+    ) -> Result<Vec<RecordBatch>, BackendError> {
         stream
             .map_err(|e| self.lance("query", e))?
             .try_collect()
@@ -579,7 +581,11 @@ impl LanceEntryStore {
             .map_err(|e| self.lance("read", e))
     }
 
-    async fn query_entries(&self, filter: String, limit: usize) -> Result<Vec<Entry>, StoreError> {
+    async fn query_entries(
+        &self,
+        filter: String,
+        limit: usize,
+    ) -> Result<Vec<Entry>, BackendError> {
         let q = self
             .table
             .query()
@@ -597,7 +603,7 @@ impl LanceEntryStore {
         &self,
         filter: String,
         limit: Option<usize>,
-    ) -> Result<Vec<Removed>, StoreError> {
+    ) -> Result<Vec<Removed>, BackendError> {
         let mut q = self
             .table
             .query()
@@ -609,7 +615,7 @@ impl LanceEntryStore {
         let batches = self.collect(q.execute().await).await?;
         let mut out = Vec::new();
         for b in &batches {
-            let err = |reason| StoreError::Decode {
+            let err = |reason| BackendError::Decode {
                 table: self.name.clone(),
                 reason,
             };
@@ -628,7 +634,7 @@ impl LanceEntryStore {
     /// Apply the log up to the newest applied position to the table: pending deletes first
     /// (they only concern older entries), then the tail's entries, merged on id so a flush
     /// repeated after a crash never duplicates a row. Only the lease holder calls this.
-    async fn flush_now(&self) -> Result<(), StoreError> {
+    async fn flush_now(&self) -> Result<(), BackendError> {
         let _guard = self.flush_lock.lock().await;
         let gate = self.append_gate.write().await;
         let upto = match &self.log {
@@ -710,7 +716,7 @@ impl LanceEntryStore {
     }
 
     /// Everything up to `upto` is in the table: drop it here and tell the log.
-    async fn record_flushed(&self, upto: Pos) -> Result<(), StoreError> {
+    async fn record_flushed(&self, upto: Pos) -> Result<(), BackendError> {
         match &self.log {
             Log::File(wal) => {
                 self.state.lock().apply_flushed(upto);
@@ -739,7 +745,7 @@ impl LanceEntryStore {
 
     /// True when this replica may mutate the table: always in embedded mode; in cluster
     /// mode while it holds the flush lease.
-    async fn leads(&self) -> Result<bool, StoreError> {
+    async fn leads(&self) -> Result<bool, BackendError> {
         let leads = match &self.log {
             Log::File(_) => true,
             Log::Redis(log) => log.lead(LEASE).await?,
@@ -754,7 +760,7 @@ impl LanceEntryStore {
         Ok(leads)
     }
 
-    async fn maintain_table(&self) -> Result<(), StoreError> {
+    async fn maintain_table(&self) -> Result<(), BackendError> {
         let rows = self
             .table
             .count_rows(None)
@@ -824,9 +830,9 @@ fn push_ids_and_creation_times(
     table: &str,
     batches: &[RecordBatch],
     out: &mut Vec<(String, i64)>,
-) -> Result<(), StoreError> {
+) -> Result<(), BackendError> {
     for b in batches {
-        let err = |reason| StoreError::Decode {
+        let err = |reason| BackendError::Decode {
             table: table.to_owned(),
             reason,
         };
@@ -856,7 +862,7 @@ fn entries_to_batch(
     schema: &SchemaRef,
     table: &str,
     entries: &[Arc<Entry>],
-) -> Result<RecordBatch, StoreError> {
+) -> Result<RecordBatch, BackendError> {
     let strings = |f: fn(&Entry) -> &str| -> ArrayRef {
         Arc::new(StringArray::from_iter_values(entries.iter().map(|e| f(e))))
     };
@@ -898,7 +904,7 @@ fn entries_to_batch(
         )),
         strings(|e| &e.metadata),
     ];
-    RecordBatch::try_new(schema.clone(), columns).map_err(|e| StoreError::Decode {
+    RecordBatch::try_new(schema.clone(), columns).map_err(|e| BackendError::Decode {
         table: table.to_owned(),
         reason: format!("failed to build a record batch: {e}"),
     })
@@ -909,9 +915,9 @@ pub fn table_name(tenant: &str, fingerprint: &str) -> String {
     format!("{tenant}--{}", &fingerprint[..fingerprint.len().min(16)])
 }
 
-fn lance_error(table: &str, action: &'static str) -> impl FnOnce(lancedb::Error) -> StoreError {
+fn lance_error(table: &str, action: &'static str) -> impl FnOnce(lancedb::Error) -> BackendError {
     let table = table.to_owned();
-    move |source| StoreError::Lance {
+    move |source| BackendError::Lance {
         action,
         table,
         source: Box::new(source),
@@ -923,7 +929,7 @@ pub async fn open_or_create_table(
     db: &lancedb::Connection,
     name: &str,
     dimension: usize,
-) -> Result<lancedb::Table, StoreError> {
+) -> Result<lancedb::Table, BackendError> {
     let schema = entry_schema(dimension);
     let table = match db.open_table(name).execute().await {
         Ok(t) => t,
@@ -951,7 +957,7 @@ pub async fn open_or_create_table(
         .ok()
         != Some(schema.field(5).data_type().clone())
     {
-        return Err(StoreError::Decode {
+        return Err(BackendError::Decode {
             table: name.to_owned(),
             reason: format!(
                 "the table's vector column does not hold {dimension}-dimensional vectors"
@@ -961,7 +967,7 @@ pub async fn open_or_create_table(
     Ok(table)
 }
 
-async fn create_scalar_indexes(table: &lancedb::Table, name: &str) -> Result<(), StoreError> {
+async fn create_scalar_indexes(table: &lancedb::Table, name: &str) -> Result<(), BackendError> {
     for column in ["exact_key", "id", "scope"] {
         table
             .create_index(&[column], Index::BTree(BTreeIndexBuilder::default()))
@@ -978,7 +984,7 @@ async fn create_vector_index(
     name: &str,
     schema: &SchemaRef,
     rows: usize,
-) -> Result<(), StoreError> {
+) -> Result<(), BackendError> {
     // About sqrt(rows) partitions, as LanceDB recommends; PQ with 8-dim sub-vectors.
     let partitions = ((rows as f64).sqrt() as u32).clamp(1, 4096);
     let dim = match schema.field(5).data_type() {
@@ -1018,7 +1024,7 @@ impl TableAccess {
         db: &lancedb::Connection,
         name: &str,
         dimension: usize,
-    ) -> Result<Self, StoreError> {
+    ) -> Result<Self, BackendError> {
         Ok(Self {
             name: name.to_owned(),
             table: open_or_create_table(db, name, dimension).await?,
@@ -1032,14 +1038,14 @@ impl TableAccess {
 
     /// Move to the table's latest version: a serving replica may have committed since, and a
     /// commit on a stale version is refused as a conflict.
-    async fn refresh(&self) -> Result<(), StoreError> {
+    async fn refresh(&self) -> Result<(), BackendError> {
         self.table
             .checkout_latest()
             .await
             .map_err(lance_error(&self.name, "check out the latest version of"))
     }
 
-    pub async fn count_live(&self, now_ms: i64) -> Result<u64, StoreError> {
+    pub async fn count_live(&self, now_ms: i64) -> Result<u64, BackendError> {
         let n = self
             .table
             .count_rows(Some(format!("expires_at > {now_ms}")))
@@ -1049,7 +1055,7 @@ impl TableAccess {
     }
 
     /// Ids of every row, with their creation times.
-    pub async fn ids(&self) -> Result<Vec<(String, i64)>, StoreError> {
+    pub async fn ids(&self) -> Result<Vec<(String, i64)>, BackendError> {
         let batches: Vec<RecordBatch> = self
             .table
             .query()
@@ -1070,7 +1076,7 @@ impl TableAccess {
     pub async fn live_entries(
         &self,
         now_ms: i64,
-    ) -> Result<impl futures::Stream<Item = Result<Vec<Entry>, StoreError>> + use<>, StoreError>
+    ) -> Result<impl futures::Stream<Item = Result<Vec<Entry>, BackendError>> + use<>, BackendError>
     {
         let name = self.name.clone();
         let stream = self
@@ -1082,7 +1088,7 @@ impl TableAccess {
             .map_err(lance_error(&self.name, "query"))?;
         Ok(futures::StreamExt::map(stream, move |batch| {
             let batch = batch.map_err(lance_error(&name, "read"))?;
-            decode_batch(&batch).map_err(|reason| StoreError::Decode {
+            decode_batch(&batch).map_err(|reason| BackendError::Decode {
                 table: name.clone(),
                 reason,
             })
@@ -1090,7 +1096,7 @@ impl TableAccess {
     }
 
     /// Insert entries whose id is not in the table yet.
-    pub async fn merge(&self, entries: &[Arc<Entry>]) -> Result<(), StoreError> {
+    pub async fn merge(&self, entries: &[Arc<Entry>]) -> Result<(), BackendError> {
         if entries.is_empty() {
             return Ok(());
         }
@@ -1108,7 +1114,7 @@ impl TableAccess {
 
     /// Make every id appear once. A merge racing another merge of the same new id (a serving
     /// replica's flush and `reindex`) can commit both rows; keep one of them.
-    pub async fn dedupe(&self) -> Result<usize, StoreError> {
+    pub async fn dedupe(&self) -> Result<usize, BackendError> {
         self.refresh().await?;
         let mut seen = HashSet::new();
         let dupes: Vec<String> = self
@@ -1140,7 +1146,7 @@ impl TableAccess {
                 .map_err(lance_error(&self.name, "read"))?;
             let mut once = HashSet::new();
             for b in &batches {
-                let rows = decode_batch(b).map_err(|reason| StoreError::Decode {
+                let rows = decode_batch(b).map_err(|reason| BackendError::Decode {
                     table: self.name.clone(),
                     reason,
                 })?;
@@ -1156,7 +1162,7 @@ impl TableAccess {
         Ok(dupes.len())
     }
 
-    pub async fn delete_ids(&self, ids: &[String]) -> Result<(), StoreError> {
+    pub async fn delete_ids(&self, ids: &[String]) -> Result<(), BackendError> {
         for chunk in ids.chunks(512) {
             let predicate = format!(
                 "id IN ({})",
@@ -1172,7 +1178,7 @@ impl TableAccess {
 
     /// Scalar indexes always, the ANN index once the table holds `index_min_rows`.
     /// Returns whether the ANN index exists afterwards.
-    pub async fn build_indexes(&self, cfg: &StorageConfig) -> Result<bool, StoreError> {
+    pub async fn build_indexes(&self, cfg: &StorageConfig) -> Result<bool, BackendError> {
         self.refresh().await?;
         let rows = self
             .table
@@ -1289,7 +1295,9 @@ impl EntryStore for LanceEntryStore {
             let mode = SearchMode::Graph {
                 confirm_below: Some(hit_threshold),
             };
-            return Ok(resident.search_with(scope, vector, limit, now_ms, mode)?);
+            return Ok(resident
+                .search_with(scope, vector, limit, now_ms, mode)
+                .map_err(BackendError::from)?);
         }
         let mut candidates: Vec<Candidate> = self
             .state
@@ -1496,7 +1504,7 @@ impl EntryStore for LanceEntryStore {
         }
         *self.last_table_maintenance.lock() = Some(Instant::now());
         let _guard = self.flush_lock.lock().await;
-        self.maintain_table().await
+        Ok(self.maintain_table().await?)
     }
 
     async fn shutdown(&self) -> Result<(), StoreError> {

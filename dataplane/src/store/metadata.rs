@@ -14,22 +14,16 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{PgPool, Row, SqlitePool};
 use tokio::sync::mpsc;
 
-use super::{StoreError, UsageEvent, UsageSink};
-use crate::cache::entry::{EntryFilter, PendingEntry};
+use super::{BackendError, UsageEvent, UsageSink};
 use crate::metrics::Metrics;
+use semantis_cache::StoreError;
+use semantis_cache::entry::{EntryFilter, PendingEntry};
+use semantis_cache::index_version::{IndexVersionState, UnknownState};
+pub use semantis_cache::ports::ModelUsage;
+use semantis_cache::ports::{PendingStore, UsageReport};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
-
-/// Usage totals for one tenant and model.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, utoipa::ToSchema)]
-pub struct ModelUsage {
-    pub model: String,
-    pub lookups: u64,
-    pub hits: u64,
-    pub tokens_saved: u64,
-    pub usd_saved: f64,
-}
 
 /// Every metadata row, in a form both backends read and write (a backup's `metadata.json`).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -63,8 +57,8 @@ macro_rules! on_pool {
     };
 }
 
-fn meta(action: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
-    move |source| StoreError::Metadata {
+fn meta(action: &'static str) -> impl FnOnce(sqlx::Error) -> BackendError {
+    move |source| BackendError::Metadata {
         action,
         source: Box::new(source),
     }
@@ -118,7 +112,7 @@ fn to_u64(n: i64) -> u64 {
 
 impl MetadataStore {
     /// Embedded mode: a SQLite file in the data directory, migrated on open.
-    pub async fn open_sqlite(path: &Path) -> Result<Self, StoreError> {
+    pub async fn open_sqlite(path: &Path) -> Result<Self, BackendError> {
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -135,7 +129,7 @@ impl MetadataStore {
     }
 
     /// Cluster mode: Postgres at `url`, with the password from a mounted Secret when given.
-    pub async fn open_postgres(url: &str, password: Option<&str>) -> Result<Self, StoreError> {
+    pub async fn open_postgres(url: &str, password: Option<&str>) -> Result<Self, BackendError> {
         let mut options: PgConnectOptions = url.parse().map_err(meta("parse the Postgres URL"))?;
         if let Some(p) = password {
             options = options.password(p);
@@ -150,12 +144,12 @@ impl MetadataStore {
     }
 
     /// Apply pending migrations; concurrent replicas are serialised by sqlx's migration lock.
-    pub async fn migrate(&self) -> Result<(), StoreError> {
+    pub async fn migrate(&self) -> Result<(), BackendError> {
         let result = match self {
             Self::Sqlite(pool) => SQLITE_MIGRATIONS.run(pool).await,
             Self::Postgres(pool) => POSTGRES_MIGRATIONS.run(pool).await,
         };
-        result.map_err(|e| StoreError::Metadata {
+        result.map_err(|e| BackendError::Metadata {
             action: "migrate",
             source: Box::new(e.into()),
         })
@@ -168,7 +162,7 @@ impl MetadataStore {
         }
     }
 
-    pub async fn ping(&self) -> Result<(), StoreError> {
+    pub async fn ping(&self) -> Result<(), BackendError> {
         on_pool!(self, |pool| sqlx::query("SELECT 1")
             .execute(pool)
             .await
@@ -177,7 +171,7 @@ impl MetadataStore {
         Ok(())
     }
 
-    pub async fn register_tenant(&self, name: &str, now_ms: i64) -> Result<(), StoreError> {
+    pub async fn register_tenant(&self, name: &str, now_ms: i64) -> Result<(), BackendError> {
         on_pool!(self, |pool| sqlx::query(REGISTER_TENANT)
             .bind(name)
             .bind(now_ms)
@@ -194,15 +188,15 @@ impl MetadataStore {
         tenant: &str,
         fingerprint: &str,
         dimension: usize,
-        state: &str,
+        state: IndexVersionState,
         now_ms: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), BackendError> {
         let dimension = i64::try_from(dimension).unwrap_or(i64::MAX);
         on_pool!(self, |pool| sqlx::query(SET_INDEX_VERSION)
             .bind(tenant)
             .bind(fingerprint)
             .bind(dimension)
-            .bind(state)
+            .bind(state.as_str())
             .bind(now_ms)
             .bind(now_ms)
             .execute(pool)
@@ -213,12 +207,16 @@ impl MetadataStore {
     }
 
     /// The tenant's active index version (fingerprint, dimension), if one is recorded.
-    pub async fn active_version(&self, tenant: &str) -> Result<Option<(String, i64)>, StoreError> {
+    pub async fn active_version(
+        &self,
+        tenant: &str,
+    ) -> Result<Option<(String, i64)>, BackendError> {
         on_pool!(self, |pool| sqlx::query_as::<_, (String, i64)>(
             "SELECT fingerprint, dimension FROM index_versions
-             WHERE tenant = $1 AND state = 'active' ORDER BY updated_at DESC LIMIT 1"
+             WHERE tenant = $1 AND state = $2 ORDER BY updated_at DESC LIMIT 1"
         )
         .bind(tenant)
+        .bind(IndexVersionState::Active.as_str())
         .fetch_optional(pool)
         .await)
         .map_err(meta("read the active index version"))
@@ -229,15 +227,22 @@ impl MetadataStore {
         &self,
         tenant: &str,
         fingerprint: &str,
-    ) -> Result<Option<String>, StoreError> {
-        on_pool!(self, |pool| sqlx::query_scalar::<_, String>(
+    ) -> Result<Option<IndexVersionState>, BackendError> {
+        let state = on_pool!(self, |pool| sqlx::query_scalar::<_, String>(
             "SELECT state FROM index_versions WHERE tenant = $1 AND fingerprint = $2"
         )
         .bind(tenant)
         .bind(fingerprint)
         .fetch_optional(pool)
         .await)
-        .map_err(meta("read an index version"))
+        .map_err(meta("read an index version"))?;
+        state
+            .map(|s| s.parse())
+            .transpose()
+            .map_err(|e: UnknownState| BackendError::Decode {
+                table: "index_versions".into(),
+                reason: e.to_string(),
+            })
     }
 
     /// Make `fingerprint` the tenant's active version and retire the one it replaces, in one
@@ -248,17 +253,19 @@ impl MetadataStore {
         fingerprint: &str,
         dimension: usize,
         now_ms: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), BackendError> {
         let dimension = i64::try_from(dimension).unwrap_or(i64::MAX);
         on_pool!(self, |pool| {
             let mut tx = pool.begin().await.map_err(meta("begin a transaction"))?;
             sqlx::query(
-                "UPDATE index_versions SET state = 'retired', updated_at = $1
-                 WHERE tenant = $2 AND state = 'active' AND fingerprint <> $3",
+                "UPDATE index_versions SET state = $4, updated_at = $1
+                 WHERE tenant = $2 AND state = $5 AND fingerprint <> $3",
             )
             .bind(now_ms)
             .bind(tenant)
             .bind(fingerprint)
+            .bind(IndexVersionState::Retired.as_str())
+            .bind(IndexVersionState::Active.as_str())
             .execute(&mut *tx)
             .await
             .map_err(meta("retire the previous index version"))?;
@@ -266,7 +273,7 @@ impl MetadataStore {
                 .bind(tenant)
                 .bind(fingerprint)
                 .bind(dimension)
-                .bind("active")
+                .bind(IndexVersionState::Active.as_str())
                 .bind(now_ms)
                 .bind(now_ms)
                 .execute(&mut *tx)
@@ -281,19 +288,24 @@ impl MetadataStore {
     pub async fn retired_before(
         &self,
         cutoff_ms: i64,
-    ) -> Result<Vec<(String, String)>, StoreError> {
+    ) -> Result<Vec<(String, String)>, BackendError> {
         on_pool!(self, |pool| sqlx::query_as::<_, (String, String)>(
             "SELECT tenant, fingerprint FROM index_versions
-             WHERE state = 'retired' AND updated_at < $1 ORDER BY tenant, fingerprint"
+             WHERE state = $2 AND updated_at < $1 ORDER BY tenant, fingerprint"
         )
         .bind(cutoff_ms)
+        .bind(IndexVersionState::Retired.as_str())
         .fetch_all(pool)
         .await)
         .map_err(meta("list retired index versions"))
     }
 
     /// Keep a store accepted without a vector until it can be embedded.
-    pub async fn defer_entry(&self, tenant: &str, entry: &PendingEntry) -> Result<(), StoreError> {
+    pub async fn defer_entry(
+        &self,
+        tenant: &str,
+        entry: &PendingEntry,
+    ) -> Result<(), BackendError> {
         let json = serde_json::to_string(entry).unwrap_or_default();
         on_pool!(self, |pool| sqlx::query(
             "INSERT INTO pending_entries (id, tenant, scope, namespace, entry, created_at)
@@ -319,7 +331,7 @@ impl MetadataStore {
         limit: usize,
         now_ms: i64,
         until_ms: i64,
-    ) -> Result<Vec<PendingEntry>, StoreError> {
+    ) -> Result<Vec<PendingEntry>, BackendError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         // The outer `claimed_until` check is re-evaluated on a row another replica updated
         // first (Postgres), so two replicas never claim the same row.
@@ -346,7 +358,7 @@ impl MetadataStore {
     }
 
     /// Give claimed pending entries back (the embedder failed): any replica may retry them now.
-    pub async fn release_pending(&self, tenant: &str, ids: &[String]) -> Result<(), StoreError> {
+    pub async fn release_pending(&self, tenant: &str, ids: &[String]) -> Result<(), BackendError> {
         for id in ids {
             on_pool!(self, |pool| sqlx::query(
                 "UPDATE pending_entries SET claimed_until = 0 WHERE tenant = $1 AND id = $2"
@@ -366,7 +378,7 @@ impl MetadataStore {
         &self,
         tenant: &str,
         ids: &[String],
-    ) -> Result<Vec<PendingEntry>, StoreError> {
+    ) -> Result<Vec<PendingEntry>, BackendError> {
         let mut out = Vec::new();
         for id in ids {
             let row: Option<String> = on_pool!(self, |pool| sqlx::query_scalar(
@@ -387,7 +399,7 @@ impl MetadataStore {
         &self,
         tenant: &str,
         filter: &EntryFilter,
-    ) -> Result<Vec<PendingEntry>, StoreError> {
+    ) -> Result<Vec<PendingEntry>, BackendError> {
         let (column, value) = match filter {
             EntryFilter::All => ("'all'", "all"),
             EntryFilter::Scope(s) => ("scope", s.as_str()),
@@ -409,7 +421,7 @@ impl MetadataStore {
     }
 
     /// How many stores wait for the embedder.
-    pub async fn pending_count(&self, tenant: &str) -> Result<u64, StoreError> {
+    pub async fn pending_count(&self, tenant: &str) -> Result<u64, BackendError> {
         let n: i64 = on_pool!(self, |pool| sqlx::query_scalar(
             "SELECT COUNT(*) FROM pending_entries WHERE tenant = $1"
         )
@@ -421,7 +433,7 @@ impl MetadataStore {
     }
 
     /// Every row of every table, for a backup.
-    pub async fn export(&self) -> Result<MetadataSnapshot, StoreError> {
+    pub async fn export(&self) -> Result<MetadataSnapshot, BackendError> {
         on_pool!(self, |pool| {
             let tenants = sqlx::query_as::<_, (String, i64)>(
                 "SELECT name, created_at FROM tenants ORDER BY name",
@@ -460,7 +472,7 @@ impl MetadataStore {
     }
 
     /// True when no tenant and no index version is recorded (a restore target).
-    pub async fn is_empty(&self) -> Result<bool, StoreError> {
+    pub async fn is_empty(&self) -> Result<bool, BackendError> {
         let n: i64 = on_pool!(self, |pool| sqlx::query_scalar(
             "SELECT (SELECT COUNT(*) FROM tenants) + (SELECT COUNT(*) FROM index_versions)"
         )
@@ -471,7 +483,7 @@ impl MetadataStore {
     }
 
     /// Load a backup's rows, in one transaction.
-    pub async fn import(&self, snap: &MetadataSnapshot) -> Result<(), StoreError> {
+    pub async fn import(&self, snap: &MetadataSnapshot) -> Result<(), BackendError> {
         on_pool!(self, |pool| {
             let mut tx = pool.begin().await.map_err(meta("begin a transaction"))?;
             for (name, created_at) in &snap.tenants {
@@ -531,7 +543,7 @@ impl MetadataStore {
         Ok(())
     }
 
-    pub async fn usage(&self, tenant: &str) -> Result<Vec<ModelUsage>, StoreError> {
+    pub async fn usage(&self, tenant: &str) -> Result<Vec<ModelUsage>, BackendError> {
         on_pool!(self, |pool| {
             let rows = sqlx::query(READ_USAGE)
                 .bind(tenant)
@@ -554,7 +566,7 @@ impl MetadataStore {
     }
 
     /// Number of audited hits of a tenant.
-    pub async fn audited_hits(&self, tenant: &str) -> Result<u64, StoreError> {
+    pub async fn audited_hits(&self, tenant: &str) -> Result<u64, BackendError> {
         let n: i64 = on_pool!(self, |pool| sqlx::query_scalar(
             "SELECT COUNT(*) FROM hit_audit WHERE tenant = $1"
         )
@@ -565,7 +577,7 @@ impl MetadataStore {
         Ok(to_u64(n))
     }
 
-    async fn write_batch(&self, events: &[UsageEvent]) -> Result<(), StoreError> {
+    async fn write_batch(&self, events: &[UsageEvent]) -> Result<(), BackendError> {
         // Aggregate per (tenant, model, day) so a batch is a handful of upserts.
         let mut totals: HashMap<(String, String, String), ModelUsage> = HashMap::new();
         for e in events {
@@ -683,6 +695,48 @@ impl UsageSink for QueuedUsage {
         if self.tx.try_send(event).is_err() {
             self.metrics.usage_events_dropped.inc();
         }
+    }
+}
+
+// The domain's ports over the same tables: the inherent methods keep the backend's error, the
+// ports hand it on as the domain's `StoreError`.
+#[async_trait::async_trait]
+impl PendingStore for MetadataStore {
+    async fn defer(&self, tenant: &str, entry: &PendingEntry) -> Result<(), StoreError> {
+        Ok(self.defer_entry(tenant, entry).await?)
+    }
+
+    async fn claim(
+        &self,
+        tenant: &str,
+        limit: usize,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<PendingEntry>, StoreError> {
+        Ok(self.claim_pending(tenant, limit, now_ms, until_ms).await?)
+    }
+
+    async fn release(&self, tenant: &str, ids: &[String]) -> Result<(), StoreError> {
+        Ok(self.release_pending(tenant, ids).await?)
+    }
+
+    async fn remove(&self, tenant: &str, ids: &[String]) -> Result<Vec<PendingEntry>, StoreError> {
+        Ok(self.remove_pending(tenant, ids).await?)
+    }
+
+    async fn remove_where(
+        &self,
+        tenant: &str,
+        filter: &EntryFilter,
+    ) -> Result<Vec<PendingEntry>, StoreError> {
+        Ok(self.remove_pending_where(tenant, filter).await?)
+    }
+}
+
+#[async_trait::async_trait]
+impl UsageReport for MetadataStore {
+    async fn usage(&self, tenant: &str) -> Result<Vec<ModelUsage>, StoreError> {
+        Ok(MetadataStore::usage(self, tenant).await?)
     }
 }
 

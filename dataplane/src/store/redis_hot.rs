@@ -9,8 +9,9 @@ use redis::aio::ConnectionManager;
 
 use super::HotLayer;
 use super::wal::WalEntry;
-use crate::cache::entry::{Entry, now_ms};
 use crate::metrics::Metrics;
+use semantis_cache::entry::Entry;
+use semantis_cache::vector::now_ms;
 
 pub struct RedisHotLayer {
     conn: ConnectionManager,
@@ -25,6 +26,7 @@ impl RedisHotLayer {
     fn failed(&self, operation: &str, e: &redis::RedisError) {
         tracing::debug!(operation, error = %e, "Redis hot layer unavailable");
         self.metrics
+            .cache
             .store_errors
             .with_label_values(&["*", operation])
             .inc();

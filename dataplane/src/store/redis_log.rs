@@ -11,7 +11,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{Client, Value};
 
-use super::StoreError;
+use super::BackendError;
 use super::wal::WalRecord;
 
 /// A position in the log: a stream id `ms-seq` as `ms << 64 | seq`.
@@ -26,8 +26,8 @@ pub fn format_stream_id(pos: Pos) -> String {
     format!("{}-{}", pos >> 64, pos & u128::from(u64::MAX))
 }
 
-fn redis_err(action: &'static str, key: &str, e: redis::RedisError) -> StoreError {
-    StoreError::Redis {
+fn redis_err(action: &'static str, key: &str, e: redis::RedisError) -> BackendError {
+    BackendError::Redis {
         action,
         key: key.to_owned(),
         source: Box::new(e),
@@ -61,7 +61,7 @@ pub struct RedisLog {
 /// Connection settings shared by the log and the hot layer: deadlines so an outage turns
 /// into errors, never into hung requests. A down Redis refuses at once; the reply deadline
 /// leaves room for an `appendfsync always` fsync on a busy disk (500 ms was seen to trip).
-pub async fn connect(client: &Client) -> Result<ConnectionManager, StoreError> {
+pub async fn connect(client: &Client) -> Result<ConnectionManager, BackendError> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_millis(500)))
         .set_response_timeout(Some(Duration::from_millis(2000)))
@@ -87,8 +87,8 @@ impl RedisLog {
         &self.key
     }
 
-    pub async fn append(&self, record: &WalRecord) -> Result<Pos, StoreError> {
-        let body = serde_json::to_vec(record).map_err(|e| StoreError::Decode {
+    pub async fn append(&self, record: &WalRecord) -> Result<Pos, BackendError> {
+        let body = serde_json::to_vec(record).map_err(|e| BackendError::Decode {
             table: self.key.clone(),
             reason: format!("failed to encode a log record: {e}"),
         })?;
@@ -100,14 +100,14 @@ impl RedisLog {
             .query_async(&mut self.conn.clone())
             .await
             .map_err(|e| redis_err("append to", &self.key, e))?;
-        parse_stream_id(&id).ok_or_else(|| StoreError::Decode {
+        parse_stream_id(&id).ok_or_else(|| BackendError::Decode {
             table: self.key.clone(),
             reason: format!("Redis returned the stream id `{id}`"),
         })
     }
 
     /// The id of the newest record, if any.
-    pub async fn last_pos(&self) -> Result<Option<Pos>, StoreError> {
+    pub async fn last_pos(&self) -> Result<Option<Pos>, BackendError> {
         let reply: Value = redis::cmd("XREVRANGE")
             .arg(&self.key)
             .arg("+")
@@ -121,7 +121,7 @@ impl RedisLog {
     }
 
     /// A connection of its own for blocking reads (they would stall a shared one).
-    pub async fn follower_connection(&self) -> Result<MultiplexedConnection, StoreError> {
+    pub async fn follower_connection(&self) -> Result<MultiplexedConnection, BackendError> {
         self.client
             .get_multiplexed_async_connection()
             .await
@@ -134,7 +134,7 @@ impl RedisLog {
         conn: &mut MultiplexedConnection,
         after: Pos,
         block: Duration,
-    ) -> Result<Vec<(Pos, WalRecord)>, StoreError> {
+    ) -> Result<Vec<(Pos, WalRecord)>, BackendError> {
         let reply: Value = redis::cmd("XREAD")
             .arg("COUNT")
             .arg(4096)
@@ -162,7 +162,7 @@ impl RedisLog {
     }
 
     /// Remove records before `pos` (they are in the table now).
-    pub async fn trim_before(&self, pos: Pos) -> Result<(), StoreError> {
+    pub async fn trim_before(&self, pos: Pos) -> Result<(), BackendError> {
         let _: i64 = redis::cmd("XTRIM")
             .arg(&self.key)
             .arg("MINID")
@@ -174,7 +174,7 @@ impl RedisLog {
     }
 
     /// Take or renew the table's flush lease; true while this replica holds it.
-    pub async fn lead(&self, ttl: Duration) -> Result<bool, StoreError> {
+    pub async fn lead(&self, ttl: Duration) -> Result<bool, BackendError> {
         let held: i64 = redis::Script::new(LEASE_SCRIPT)
             .key(&self.lease_key)
             .arg(&self.replica)
@@ -185,7 +185,7 @@ impl RedisLog {
         Ok(held == 1)
     }
 
-    pub async fn release(&self) -> Result<(), StoreError> {
+    pub async fn release(&self) -> Result<(), BackendError> {
         let _: i64 = redis::Script::new(RELEASE_SCRIPT)
             .key(&self.lease_key)
             .arg(&self.replica)
@@ -197,7 +197,7 @@ impl RedisLog {
 }
 
 /// `[[id, [field, value, …]], …]` → records, skipping any this version cannot read.
-fn parse_entries(reply: Value, key: &str) -> Result<Vec<(Pos, WalRecord)>, StoreError> {
+fn parse_entries(reply: Value, key: &str) -> Result<Vec<(Pos, WalRecord)>, BackendError> {
     let Value::Array(entries) = reply else {
         return Ok(Vec::new());
     };
@@ -225,7 +225,7 @@ fn parse_entries(reply: Value, key: &str) -> Result<Vec<(Pos, WalRecord)>, Store
             let is_record = matches!(&f, Value::BulkString(b) if b.as_slice() == b"r");
             if let (true, Value::BulkString(bytes)) = (is_record, v) {
                 let record = serde_json::from_slice::<WalRecord>(&bytes).map_err(|e| {
-                    StoreError::Decode {
+                    BackendError::Decode {
                         table: key.to_owned(),
                         reason: format!(
                             "failed to decode log record {}: {e}",

@@ -25,7 +25,8 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex, RwLock};
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
-use crate::cache::entry::{Candidate, Entry, EntryFilter, cosine_similarity, normalized};
+use semantis_cache::entry::{Candidate, Entry, EntryFilter};
+use semantis_cache::vector::{cosine_similarity, normalized};
 
 /// How a scope's HNSW graph is built and searched. The defaults are usearch's usual starting
 /// values, a little wider for search; `bench --scenario ann-recall` measures what they give

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use super::StoreError;
-use crate::cache::entry::{Entry, EntryFilter};
+use super::BackendError;
+use semantis_cache::entry::{Entry, EntryFilter};
 
 /// A record in the log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -144,8 +144,8 @@ pub struct Replayed {
 
 impl Wal {
     /// Open the log in `dir`, replay every segment, and start the writer on a new segment.
-    pub fn open(dir: &Path) -> Result<(Self, Replayed), StoreError> {
-        let io = |action, source| StoreError::Wal {
+    pub fn open(dir: &Path) -> Result<(Self, Replayed), BackendError> {
+        let io = |action, source| BackendError::Wal {
             action,
             path: dir.display().to_string(),
             source,
@@ -184,8 +184,8 @@ impl Wal {
         ))
     }
 
-    fn err(&self, action: &'static str, source: std::io::Error) -> StoreError {
-        StoreError::Wal {
+    fn err(&self, action: &'static str, source: std::io::Error) -> BackendError {
+        BackendError::Wal {
             action,
             path: self.dir.display().to_string(),
             source,
@@ -193,7 +193,7 @@ impl Wal {
     }
 
     /// Append and wait until the record is on disk. Returns the segment it landed in.
-    pub async fn append(&self, record: &WalRecord) -> Result<u64, StoreError> {
+    pub async fn append(&self, record: &WalRecord) -> Result<u64, BackendError> {
         let mut line = serde_json::to_vec(record).map_err(|e| self.err("encode", e.into()))?;
         line.push(b'\n');
         let (ack, done) = oneshot::channel();
@@ -208,7 +208,7 @@ impl Wal {
 
     /// Close the current segment and start a new one; returns the sealed segment's number.
     /// Everything appended before this call is in a segment ≤ the returned number.
-    pub async fn seal(&self) -> Result<u64, StoreError> {
+    pub async fn seal(&self) -> Result<u64, BackendError> {
         let (ack, done) = oneshot::channel();
         self.tx
             .send(Command::Seal(ack))
@@ -220,7 +220,7 @@ impl Wal {
     }
 
     /// Delete every segment numbered ≤ `upto` (their content is in the table now).
-    pub async fn discard(&self, upto: u64) -> Result<(), StoreError> {
+    pub async fn discard(&self, upto: u64) -> Result<(), BackendError> {
         let (ack, done) = oneshot::channel();
         self.tx
             .send(Command::Discard(upto, ack))
@@ -231,8 +231,8 @@ impl Wal {
             .map_err(|e| self.err("discard segments of", e))
     }
 
-    fn closed(&self) -> StoreError {
-        StoreError::Closed(self.dir.display().to_string())
+    fn closed(&self) -> BackendError {
+        BackendError::Closed(self.dir.display().to_string())
     }
 }
 

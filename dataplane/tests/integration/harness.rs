@@ -14,7 +14,7 @@ pub const KEY_B: &str = "key-team-b";
 pub const ADMIN: &str = "key-admin";
 
 pub fn sha(key: &str) -> String {
-    semantis_dataplane::cache::tenants::hash_key(key)
+    semantis_cache::tenants::hash_key(key)
 }
 
 /// Settings a test may change; everything else is a fast embedded-mode config.

@@ -6,90 +6,25 @@
 //! tenant's similarity floor. A store failure or an embedder failure degrades to a miss,
 //! never to an error storm and never to a wrong hit.
 
-pub mod access;
-pub mod entry;
-pub mod scope;
-pub mod tenants;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use serde::Serialize;
-use utoipa::ToSchema;
 
-use self::access::AccessTracker;
-use self::entry::{Entry, EntryFilter, PendingEntry, Removed, now_ms};
-use self::scope::{Scope, exact_key, normalize_prompt};
-use self::tenants::{Tenant, TenantRegistry};
-use crate::embed::Embedder;
-use crate::metrics::Metrics;
-use crate::store::metadata::{MetadataStore, ModelUsage};
-use crate::store::{EntryStore, HotLayer, StoreError, UsageEvent, UsageSink};
-
-/// Every failure a cache operation reports. [`CacheError::code`] is the stable,
-/// machine-readable name clients match on.
-#[derive(Debug, thiserror::Error)]
-pub enum CacheError {
-    #[error("missing API key: send `Authorization: Bearer <key>`")]
-    MissingKey,
-    #[error("invalid API key")]
-    InvalidKey,
-    #[error("an admin key must name the tenant in the `X-Semantis-Tenant` header")]
-    TenantRequired,
-    #[error("unknown tenant `{0}`")]
-    UnknownTenant(String),
-    #[error("this API key may not act for tenant `{0}`")]
-    TenantForbidden(String),
-    #[error("a lookup needs a `prompt` or a `vector`")]
-    NoQuery,
-    #[error("the prompt is empty")]
-    EmptyPrompt,
-    #[error("the vector has {got} dimensions; this index stores {expected}")]
-    DimensionMismatch { expected: usize, got: usize },
-    #[error("the vector holds a NaN or infinite value at position {0}")]
-    NonFiniteVector(usize),
-    #[error("the vector is all zeros; cosine similarity is undefined for it")]
-    ZeroVector,
-    #[error("min_similarity must be a number within -1..1, got {0}")]
-    SimilarityOutOfRange(f32),
-    #[error("ttl_seconds must be at least 1")]
-    InvalidTtl,
-    #[error("invalid request: {0}")]
-    InvalidRequest(String),
-    #[error("entry `{0}` not found")]
-    EntryNotFound(String),
-    #[error("the embedder is unavailable and no vector was supplied: {0}")]
-    EmbedderUnavailable(String),
-    #[error("the store is unavailable: {0}")]
-    StoreUnavailable(#[from] StoreError),
-}
-
-impl CacheError {
-    pub fn code(&self) -> &'static str {
-        match self {
-            Self::MissingKey => "missing_api_key",
-            Self::InvalidKey => "invalid_api_key",
-            Self::TenantRequired => "tenant_required",
-            Self::UnknownTenant(_) => "unknown_tenant",
-            Self::TenantForbidden(_) => "tenant_forbidden",
-            Self::NoQuery => "missing_query",
-            Self::EmptyPrompt => "empty_prompt",
-            Self::DimensionMismatch { .. } => "dimension_mismatch",
-            Self::NonFiniteVector(_) => "non_finite_vector",
-            Self::ZeroVector => "zero_vector",
-            Self::SimilarityOutOfRange(_) => "similarity_out_of_range",
-            Self::InvalidTtl => "invalid_ttl",
-            Self::InvalidRequest(_) => "invalid_request",
-            Self::EntryNotFound(_) => "entry_not_found",
-            Self::EmbedderUnavailable(_) => "embedder_unavailable",
-            Self::StoreUnavailable(_) => "store_unavailable",
-        }
-    }
-}
+use crate::access::AccessTracker;
+use crate::entry::{Entry, EntryFilter, PendingEntry, Removed};
+use crate::error::{CacheError, StoreError};
+use crate::metrics::CacheMetrics;
+use crate::ports::{
+    Embedder, EntryStore, HotLayer, ModelUsage, PendingStore, UsageEvent, UsageReport, UsageSink,
+};
+use crate::scope::{Scope, exact_key, normalize_prompt};
+use crate::tenants::{Tenant, TenantRegistry};
+use crate::vector::now_ms;
 
 /// Which path answered a hit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HitPath {
     Exact,
@@ -150,7 +85,7 @@ pub struct Stored {
     pub embedding_pending: bool,
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize)]
 pub struct TenantStats {
     pub tenant: String,
     /// Live (unexpired) entries.
@@ -205,8 +140,9 @@ pub struct Cache {
     embedder: Option<Arc<dyn Embedder>>,
     hot: Arc<dyn HotLayer>,
     usage: Arc<dyn UsageSink>,
-    metadata: MetadataStore,
-    metrics: Arc<Metrics>,
+    usage_report: Arc<dyn UsageReport>,
+    pending: Arc<dyn PendingStore>,
+    metrics: CacheMetrics,
 }
 
 /// How long a replica owns the pending entries it claimed before another may take them.
@@ -230,8 +166,10 @@ pub struct CacheParts {
     pub embedder: Option<Arc<dyn Embedder>>,
     pub hot: Arc<dyn HotLayer>,
     pub usage: Arc<dyn UsageSink>,
-    pub metadata: MetadataStore,
-    pub metrics: Arc<Metrics>,
+    /// Where `stats` reads the usage totals back from.
+    pub usage_report: Arc<dyn UsageReport>,
+    pub pending: Arc<dyn PendingStore>,
+    pub metrics: CacheMetrics,
 }
 
 impl Cache {
@@ -255,7 +193,8 @@ impl Cache {
             embedder: parts.embedder,
             hot: parts.hot,
             usage: parts.usage,
-            metadata: parts.metadata,
+            usage_report: parts.usage_report,
+            pending: parts.pending,
             metrics: parts.metrics,
         }
     }
@@ -279,14 +218,6 @@ impl Cache {
 
     pub fn index_version(&self) -> &str {
         &self.index_version
-    }
-
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
-    pub fn metadata(&self) -> &MetadataStore {
-        &self.metadata
     }
 
     pub fn has_embedder(&self) -> bool {
@@ -595,8 +526,8 @@ impl Cache {
         let embedding_pending = if let Some(reason) = embed_error {
             // Accept it anyway: kept durably in the metadata store until the embedder is back.
             if let Err(e) = self
-                .metadata
-                .defer_entry(&tenant.name, &PendingEntry::of(&entry))
+                .pending
+                .defer(&tenant.name, &PendingEntry::of(&entry))
                 .await
             {
                 self.store_failed(tenant, "defer", &e);
@@ -696,8 +627,8 @@ impl Cache {
         let part = self.partition(tenant)?;
         let mut removed = part.store.delete_where(&filter).await?;
         removed.extend(
-            self.metadata
-                .remove_pending_where(&tenant.name, &filter)
+            self.pending
+                .remove_where(&tenant.name, &filter)
                 .await?
                 .iter()
                 .map(removed_of),
@@ -714,7 +645,7 @@ impl Cache {
     pub async fn stats(&self, tenant: &Tenant) -> Result<TenantStats, CacheError> {
         let part = self.partition(tenant)?;
         let entries = part.store.count_live(now_ms()).await?;
-        let by_model = self.metadata.usage(&tenant.name).await?;
+        let by_model = self.usage_report.usage(&tenant.name).await?;
         let lookups: u64 = by_model.iter().map(|u| u.lookups).sum();
         let hits: u64 = by_model.iter().map(|u| u.hits).sum();
         Ok(TenantStats {
@@ -773,8 +704,8 @@ impl Cache {
         ids: &[String],
     ) -> Result<Vec<Removed>, CacheError> {
         Ok(self
-            .metadata
-            .remove_pending(tenant, ids)
+            .pending
+            .remove(tenant, ids)
             .await?
             .iter()
             .map(removed_of)
@@ -793,8 +724,8 @@ impl Cache {
         for part in self.partitions.values() {
             let now = now_ms();
             let claimed = self
-                .metadata
-                .claim_pending(&part.tenant.name, limit, now, now + PENDING_CLAIM_MS)
+                .pending
+                .claim(&part.tenant.name, limit, now, now + PENDING_CLAIM_MS)
                 .await?;
             if claimed.is_empty() {
                 continue;
@@ -809,9 +740,7 @@ impl Cache {
                     Ok(v) => v,
                     Err(e) => {
                         let ids: Vec<String> = live.iter().map(|p| p.id.clone()).collect();
-                        self.metadata
-                            .release_pending(&part.tenant.name, &ids)
-                            .await?;
+                        self.pending.release(&part.tenant.name, &ids).await?;
                         return Err(CacheError::EmbedderUnavailable(e.to_string()));
                     }
                 }
@@ -831,9 +760,7 @@ impl Cache {
                     .with_label_values(&[&part.tenant.name])
                     .inc();
             }
-            self.metadata
-                .remove_pending(&part.tenant.name, &done)
-                .await?;
+            self.pending.remove(&part.tenant.name, &done).await?;
             self.set_entries_gauge(part);
         }
         Ok(moved)

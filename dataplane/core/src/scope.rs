@@ -9,10 +9,11 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use utoipa::ToSchema;
+
+use crate::vector::short_hash;
 
 /// The request context a cached answer is valid for.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Scope {
     /// The LLM that produced (or would produce) the answer, e.g. `gpt-4o-mini`.
@@ -25,14 +26,11 @@ pub struct Scope {
     /// Stop sequences; their order does not matter.
     pub stop: Vec<String>,
     /// Tool definitions as the LLM API takes them.
-    #[schema(value_type = Vec<Object>)]
     pub tools: Vec<Value>,
-    #[schema(value_type = Option<Object>)]
     pub response_format: Option<Value>,
     /// The system prompt.
     pub system: Option<String>,
     /// Earlier turns of the conversation (`{"role","content"}` objects), oldest first.
-    #[schema(value_type = Vec<Object>)]
     pub messages: Vec<Value>,
 }
 
@@ -96,11 +94,6 @@ pub fn exact_key(scope: &ScopeFingerprint, normalized_prompt: &str) -> String {
     hasher.update([0u8]);
     hasher.update(normalized_prompt.as_bytes());
     hex::encode(&hasher.finalize()[..16])
-}
-
-/// First 128 bits of SHA-256, hex encoded.
-pub fn short_hash(bytes: &[u8]) -> String {
-    hex::encode(&Sha256::digest(bytes)[..16])
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use semantis_contract::{CacheDefaults, DataplaneConfig, EvictionPolicy};
 use sha2::{Digest, Sha256};
 
-use super::CacheError;
+use crate::error::CacheError;
 
 /// A tenant's effective settings: its own overrides on top of the defaults.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,0 +1,180 @@
+//! The ports the domain needs, each implemented by an adapter in `semantis-dataplane`:
+//! [`EntryStore`] (entries and vectors of one tenant's index version), [`HotLayer`]
+//! (exact-match answers), [`Embedder`] (text to vectors), [`PendingStore`] (stores accepted
+//! while the embedder was down), [`UsageSink`] and [`UsageReport`] (accounting and audit, off
+//! the hit path).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::entry::{Candidate, Entry, EntryFilter, PendingEntry, Removed};
+use crate::error::StoreError;
+
+/// Entries and vectors of one (tenant, index version).
+#[async_trait]
+pub trait EntryStore: Send + Sync {
+    /// Store durably: when this returns Ok the entry survives a crash.
+    async fn insert(&self, entry: Arc<Entry>) -> Result<(), StoreError>;
+    async fn find_exact(
+        &self,
+        exact_key: &str,
+        now_ms: i64,
+    ) -> Result<Option<Arc<Entry>>, StoreError>;
+    /// The `limit` live entries of `scope` nearest to `vector`, best first. The scope filter
+    /// is applied before the nearest-neighbour search. `hit_threshold` is the similarity the
+    /// caller counts as a hit: an approximate search that finds nothing that close searches
+    /// harder before it answers.
+    async fn search(
+        &self,
+        scope: &str,
+        vector: &[f32],
+        limit: usize,
+        hit_threshold: f32,
+        now_ms: i64,
+    ) -> Result<Vec<Candidate>, StoreError>;
+    async fn delete_ids(&self, ids: &[String]) -> Result<Vec<Removed>, StoreError>;
+    async fn delete_where(&self, filter: &EntryFilter) -> Result<Vec<Removed>, StoreError>;
+    /// Ids of entries whose TTL has passed, at most `limit`.
+    async fn expired_ids(&self, now_ms: i64, limit: usize) -> Result<Vec<String>, StoreError>;
+    /// (id, created_at) of every stored entry, to seed eviction tracking at startup.
+    async fn all_ids(&self) -> Result<Vec<(String, i64)>, StoreError>;
+    async fn count_live(&self, now_ms: i64) -> Result<u64, StoreError>;
+    /// Whether searches go through an ANN index (as this replica knows it).
+    fn has_vector_index(&self) -> bool {
+        false
+    }
+    /// Whether lookups are answered from the resident index (loaded, enabled).
+    fn resident_index(&self) -> bool {
+        false
+    }
+    /// Move the write-ahead tail into the table now.
+    async fn flush(&self) -> Result<(), StoreError>;
+    /// Flush when due, then compact, prune and index when the counts say so.
+    async fn maintain(&self) -> Result<(), StoreError>;
+    /// Flush what this replica may flush and give up any lease (graceful shutdown).
+    async fn shutdown(&self) -> Result<(), StoreError>;
+}
+
+/// The exact-match hot layer, keyed by (tenant, exact key). Best effort: failures are misses.
+#[async_trait]
+pub trait HotLayer: Send + Sync {
+    async fn get(&self, tenant: &str, exact_key: &str) -> Option<Arc<Entry>>;
+    async fn put(&self, tenant: &str, entry: Arc<Entry>);
+    async fn remove(&self, tenant: &str, exact_key: &str);
+    async fn clear_tenant(&self, tenant: &str);
+}
+
+/// Why an embedding call failed. Providers put their context into the strings; no transport
+/// type crosses this port.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    #[error("failed to load the embedding model from {path}: {reason}")]
+    Load { path: String, reason: String },
+    #[error("failed to embed: {0}")]
+    Inference(String),
+    #[error(
+        "failed to embed: the model returned {got} dimensions, the configuration says {expected}"
+    )]
+    Dimension { expected: usize, got: usize },
+    #[error("failed to embed within {0} ms")]
+    Timeout(u64),
+    #[error("the `{0}` embedding provider cannot be built this way")]
+    Unsupported(&'static str),
+    #[error("failed to embed with `{provider}`: HTTP {status}: {body}")]
+    Http {
+        provider: &'static str,
+        status: u16,
+        body: String,
+    },
+    #[error("failed to embed with `{provider}`: {reason}")]
+    Protocol {
+        provider: &'static str,
+        reason: String,
+    },
+    #[error("failed to embed with `{provider}`: {reason}")]
+    Unavailable {
+        provider: &'static str,
+        reason: String,
+    },
+    #[error("failed to embed: the `{0}` circuit breaker is open after repeated failures")]
+    CircuitOpen(&'static str),
+    #[error("failed to embed: the batching task has stopped")]
+    Stopped,
+}
+
+#[async_trait]
+pub trait Embedder: Send + Sync {
+    /// One vector per input text, each of [`Embedder::dimension`] values.
+    async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError>;
+    fn dimension(&self) -> usize;
+    fn provider(&self) -> &'static str;
+    /// False while calls are refused without trying (an open circuit breaker).
+    fn healthy(&self) -> bool {
+        true
+    }
+}
+
+/// Stores accepted while the embedder was down, kept durably until a background pass embeds
+/// them. Claims let several replicas share the work without taking the same entry twice.
+#[async_trait]
+pub trait PendingStore: Send + Sync {
+    /// Keep a store accepted without a vector until it can be embedded.
+    async fn defer(&self, tenant: &str, entry: &PendingEntry) -> Result<(), StoreError>;
+    /// Claim up to `limit` of the tenant's pending entries until `until_ms` (another replica
+    /// takes them over after that if this one dies before finishing).
+    async fn claim(
+        &self,
+        tenant: &str,
+        limit: usize,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<PendingEntry>, StoreError>;
+    /// Give claimed entries back (the embedder failed): any replica may retry them now.
+    async fn release(&self, tenant: &str, ids: &[String]) -> Result<(), StoreError>;
+    /// Drop pending entries (embedded and stored, or deleted); returns the ones that existed.
+    async fn remove(&self, tenant: &str, ids: &[String]) -> Result<Vec<PendingEntry>, StoreError>;
+    /// Drop the tenant's pending entries that `filter` matches; returns them.
+    async fn remove_where(
+        &self,
+        tenant: &str,
+        filter: &EntryFilter,
+    ) -> Result<Vec<PendingEntry>, StoreError>;
+}
+
+/// One lookup's outcome for usage accounting and the audit trail.
+#[derive(Debug, Clone)]
+pub struct UsageEvent {
+    pub tenant: String,
+    pub model: String,
+    pub at_ms: i64,
+    pub hit: bool,
+    pub path: Option<&'static str>,
+    pub entry_id: Option<String>,
+    pub similarity: Option<f32>,
+    pub request_id: String,
+    pub tokens_saved: u64,
+    pub usd_saved: f64,
+}
+
+/// Where usage events go. Never blocks the caller: nothing on the hit path waits for the
+/// metadata database.
+pub trait UsageSink: Send + Sync {
+    fn record(&self, event: UsageEvent);
+}
+
+/// Usage totals for one tenant and model.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct ModelUsage {
+    pub model: String,
+    pub lookups: u64,
+    pub hits: u64,
+    pub tokens_saved: u64,
+    pub usd_saved: f64,
+}
+
+/// The accounting totals `stats` reports (written by the usage sink, read back here).
+#[async_trait]
+pub trait UsageReport: Send + Sync {
+    async fn usage(&self, tenant: &str) -> Result<Vec<ModelUsage>, StoreError>;
+}
