@@ -26,7 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use semantis_cache::tenants::TenantRegistry;
 use semantis_cache::vector::now_ms;
-use semantis_dataplane::store::lance::table_name;
+use semantis_dataplane::store::lance::{Table, table_dir, table_name};
 use semantis_dataplane::store::metadata::MetadataSnapshot;
 
 use crate::serve::open_metadata;
@@ -169,66 +169,6 @@ fn backup_id(now_ms: i64) -> String {
     format!("{stamp}-{suffix}")
 }
 
-/// The files of a table's latest version: its manifest and every other file present now.
-/// Older manifests are left out, so the copy opens at exactly the version read here.
-fn table_files(table_dir: &Path, version: u64) -> anyhow::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut manifest = None;
-    for entry in walk(table_dir)? {
-        let rel = entry
-            .strip_prefix(table_dir)
-            .context("failed to relativise a table path")?
-            .to_path_buf();
-        if rel.starts_with("_versions") {
-            let stem = rel
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".manifest"))
-                .and_then(|n| n.parse::<u64>().ok());
-            // Lance names manifests `{version}` or, in its newer scheme, `{u64::MAX - version}`.
-            if stem.is_some_and(|n| n == version || u64::MAX - n == version) {
-                manifest = Some(rel);
-            }
-            continue;
-        }
-        out.push(rel);
-    }
-    let manifest = manifest.with_context(|| {
-        format!(
-            "failed to find the manifest of version {version} in {}",
-            table_dir.display()
-        )
-    })?;
-    out.push(manifest);
-    Ok(out)
-}
-
-fn walk(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let entries = match std::fs::read_dir(&d) {
-            Ok(e) => e,
-            // Pruned under us: nothing of the version being copied lived there.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e).with_context(|| format!("failed to list {}", d.display())),
-        };
-        for entry in entries {
-            let entry = entry.with_context(|| format!("failed to list {}", d.display()))?;
-            let kind = entry
-                .file_type()
-                .with_context(|| format!("failed to stat {}", entry.path().display()))?;
-            if kind.is_dir() {
-                stack.push(entry.path());
-            } else if kind.is_file() {
-                out.push(entry.path());
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
 pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
     let cfg = semantis_dataplane::config::load(args.config.as_deref())?;
     let loc = Location::parse(&args.to)?;
@@ -236,7 +176,8 @@ pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
     let data_dir = PathBuf::from(&cfg.storage.data_dir);
     let metadata = open_metadata(&cfg, &data_dir).await?;
     let registry = TenantRegistry::from_config(&cfg).context("failed to load the tenants")?;
-    let db = lancedb::connect(&data_dir.join("lance").to_string_lossy())
+    let lance_root = data_dir.join("lance");
+    let db = lancedb::connect(&lance_root.to_string_lossy())
         .execute()
         .await
         .with_context(|| format!("failed to open LanceDB in {}", data_dir.display()))?;
@@ -248,23 +189,18 @@ pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
     // Table versions first, then the metadata: metadata never names a table the backup lacks.
     let mut snapshot = Vec::new();
     for tenant in registry.all() {
-        let Some((fingerprint, _)) = metadata.active_version(&tenant.name).await? else {
+        let Some((fingerprint, dimension)) = metadata.active_version(&tenant.name).await? else {
             tracing::info!(tenant = %tenant.name, "no index version yet; nothing to back up");
             continue;
         };
         let table = table_name(&tenant.name, &fingerprint);
-        let handle = db
-            .open_table(&table)
-            .execute()
-            .await
-            .with_context(|| format!("failed to open table {table}"))?;
-        let version = handle
-            .version()
-            .await
-            .with_context(|| format!("failed to read the version of table {table}"))?;
-        let dir = data_dir.join("lance").join(format!("{table}.lance"));
-        let files = table_files(&dir, version)?;
-        snapshot.push((tenant.name.clone(), fingerprint, table, dir, files));
+        let dimension = usize::try_from(dimension)
+            .with_context(|| format!("failed to read the dimension of table {table}"))?;
+        let files = Table::open(&db, &table, dimension)
+            .await?
+            .version_files(&lance_root)
+            .await?;
+        snapshot.push((tenant.name.clone(), fingerprint, table, files));
     }
     let meta = metadata.export().await?;
     let meta_json = serde_json::to_vec_pretty(&meta).context("failed to encode the metadata")?;
@@ -278,15 +214,20 @@ pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
         files: BTreeMap::new(),
     };
     let mut bytes = 0u64;
-    for (tenant, fingerprint, table, dir, files) in &snapshot {
-        for rel in files {
-            let rel_key = format!("lance/{table}.lance/{}", rel.to_string_lossy());
-            let path = dir.join(rel);
+    for (tenant, fingerprint, table, files) in &snapshot {
+        let required = std::iter::once((&files.manifest, true));
+        for (rel, must_exist) in files.data.iter().map(|f| (f, false)).chain(required) {
+            // The backup mirrors the data directory: `lance/<table dir>/<file>`.
+            let rel_key = table_dir(Path::new("lance"), table)
+                .join(rel)
+                .to_string_lossy()
+                .into_owned();
+            let path = files.dir.join(rel);
             let sum = match upload_file(&client, &loc, &id, &rel_key, &path, part_size).await {
                 Ok(sum) => sum,
                 // A data file of an older version, pruned while we copied: not part of the
                 // version being backed up. The version's own manifest must be there, though.
-                Err(e) if is_not_found(&e) && !rel.starts_with("_versions") => continue,
+                Err(e) if is_not_found(&e) && !must_exist => continue,
                 Err(e) => return Err(e),
             };
             bytes += sum.size;
@@ -666,7 +607,7 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     }
     let lance_dir = data_dir.join("lance");
     for (_, table) in manifest.tables.values() {
-        let dir = lance_dir.join(format!("{table}.lance"));
+        let dir = table_dir(&lance_dir, table);
         if dir.exists() {
             bail!(
                 "failed to restore: {} already exists; restore needs empty stores",
@@ -702,10 +643,9 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let mut moved = Vec::new();
     let mut result: anyhow::Result<()> = Ok(());
     for (_, table) in manifest.tables.values() {
-        let name = format!("{table}.lance");
-        let to = lance_dir.join(&name);
-        if let Err(e) = std::fs::rename(staging.join("lance").join(&name), &to) {
-            result = Err(e).with_context(|| format!("failed to move {name} into place"));
+        let to = table_dir(&lance_dir, table);
+        if let Err(e) = std::fs::rename(table_dir(&staging.join("lance"), table), &to) {
+            result = Err(e).with_context(|| format!("failed to move table {table} into place"));
             break;
         }
         moved.push(to);
@@ -822,41 +762,6 @@ mod tests {
         assert_eq!(bare.key("ID", "x"), "ID/x");
         assert!(Location::parse("b/prefix").is_err());
         assert!(Location::parse("s3:///prefix").is_err());
-    }
-
-    #[test]
-    fn a_table_snapshot_is_its_data_plus_exactly_the_chosen_manifest() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let t = dir.path();
-        for f in [
-            "_versions/1.manifest",
-            "_versions/2.manifest",
-            "_versions/3.manifest",
-            "data/a.lance",
-            "_indices/x/index.idx",
-        ] {
-            std::fs::create_dir_all(t.join(f).parent().expect("parent")).expect("mkdir");
-            std::fs::write(t.join(f), b"x").expect("write");
-        }
-        let files = table_files(t, 2).expect("files");
-        let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
-        assert_eq!(
-            names,
-            [
-                "_indices/x/index.idx",
-                "data/a.lance",
-                "_versions/2.manifest"
-            ]
-        );
-        // Lance's newer naming counts down from u64::MAX.
-        let v2 = format!("_versions/{:020}.manifest", u64::MAX - 7);
-        std::fs::write(t.join(&v2), b"x").expect("write");
-        let files = table_files(t, 7).expect("files");
-        assert_eq!(files.last().map(|p| p.display().to_string()), Some(v2));
-        assert!(
-            table_files(t, 9).is_err(),
-            "a version without a manifest is an error"
-        );
     }
 
     #[test]

@@ -27,7 +27,8 @@ use semantis_cache::vector::now_ms;
 use semantis_contract::DataplaneConfig;
 use semantis_dataplane::embed::Embedder;
 use semantis_dataplane::metrics::Metrics;
-use semantis_dataplane::store::lance::{TableAccess, table_name};
+use semantis_dataplane::store::lance::sql::live;
+use semantis_dataplane::store::lance::{Table, table_name};
 use semantis_dataplane::store::metadata::MetadataStore;
 use semantis_dataplane::store::versions::prepare_target;
 
@@ -222,22 +223,27 @@ impl TenantJob<'_> {
             return Ok(());
         }
         let source_name = table_name(self.tenant, self.active_fp);
-        let source = TableAccess::open(self.db, &source_name, self.cfg.embedder.dimension).await?;
-        let target = TableAccess::open(
+        let source = Table::open(self.db, &source_name, self.cfg.embedder.dimension).await?;
+        let target = Table::open(
             self.db,
             &table_name(self.tenant, self.target_fp),
             target_dim,
         )
         .await?;
         // The checkpoint: whatever an earlier (interrupted) run or the dual writes put there.
-        let present: HashSet<String> = target.ids().await?.into_iter().map(|(id, _)| id).collect();
+        let present: HashSet<String> = target
+            .ids(None)
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         let started = Instant::now();
         let scan_started_ms = now_ms();
         let total = source.count_live(scan_started_ms).await?;
         let mut done = present.len() as u64;
         let mut copied: Vec<String> = Vec::new();
         let mut pending: Vec<Entry> = Vec::with_capacity(self.batch);
-        let mut stream = Box::pin(source.live_entries(scan_started_ms).await?);
+        let mut stream = Box::pin(source.scan(Some(live(scan_started_ms))).await?);
         progress.report(self.tenant, done, total, started, false);
         while let Some(batch) = stream.next().await {
             for entry in batch? {
@@ -261,8 +267,13 @@ impl TenantJob<'_> {
             self.cfg.storage.flush_interval_ms.saturating_mul(2),
         ))
         .await;
-        let fresh = TableAccess::open(self.db, &source_name, self.cfg.embedder.dimension).await?;
-        let still: HashSet<String> = fresh.ids().await?.into_iter().map(|(id, _)| id).collect();
+        let fresh = Table::open(self.db, &source_name, self.cfg.embedder.dimension).await?;
+        let still: HashSet<String> = fresh
+            .ids(None)
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         let gone: Vec<String> = copied
             .into_iter()
             .filter(|id| !still.contains(id))
@@ -304,7 +315,7 @@ impl TenantJob<'_> {
     /// Re-embed `pending` and merge it into the target; returns how many were written.
     async fn copy(
         &self,
-        target: &TableAccess,
+        target: &Table,
         pending: &mut Vec<Entry>,
         copied: &mut Vec<String>,
     ) -> anyhow::Result<u64> {
@@ -334,7 +345,7 @@ impl TenantJob<'_> {
                 })
             })
             .collect();
-        (|| target.merge(&entries))
+        (|| target.merge_latest(&entries))
             .retry(conflict_backoff())
             .notify(|e, wait| tracing::info!(error = %e, ?wait, "retrying a merge"))
             .await?;

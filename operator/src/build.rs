@@ -937,7 +937,7 @@ mod tests {
     use crate::validate::{OperatorDefaults, validate};
 
     fn sample(file: &str) -> SemanticCache {
-        let path = format!("{}/../config/samples/{file}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!("{}/../config/samples/{file}", crate::manifest_dir());
         let text = std::fs::read_to_string(&path).expect("sample readable");
         let mut cache: SemanticCache = serde_yaml::from_str(&text).expect("sample parses");
         cache.metadata.namespace = Some("team".into());

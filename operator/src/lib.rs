@@ -24,17 +24,21 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
 
 pub const CRD_FILE: &str = "semanticcaches.semantis.dev.yaml";
 
+/// This crate's directory, read at run time: cargo sets `CARGO_MANIFEST_DIR` for the test
+/// process, and a test binary reused from a shared target dir may have been built in another
+/// checkout, whose path `env!` would have baked in.
+#[cfg(test)]
+fn manifest_dir() -> String {
+    std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn crds_and_their_copies_match_the_rust_types() {
         let generated = super::crd_yaml().expect("renders");
         for dir in ["crds", "charts/semantis-operator/crds", "config/crd/bases"] {
-            let path = format!(
-                "{}/../{dir}/{}",
-                env!("CARGO_MANIFEST_DIR"),
-                super::CRD_FILE
-            );
+            let path = format!("{}/../{dir}/{}", crate::manifest_dir(), super::CRD_FILE);
             let committed = std::fs::read_to_string(&path).expect("the CRD file exists");
             assert!(
                 committed == generated,

@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 
 use crate::access::AccessTracker;
-use crate::entry::{Entry, EntryFilter, PendingEntry, Removed};
+use crate::entry::{Entry, EntryFilter, Removed};
 use crate::error::{CacheError, StoreError};
 use crate::metrics::CacheMetrics;
 use crate::ports::{
@@ -148,7 +148,7 @@ pub struct Cache {
 /// How long a replica owns the pending entries it claimed before another may take them.
 const PENDING_CLAIM_MS: i64 = 30_000;
 
-fn removed_of(p: &PendingEntry) -> Removed {
+fn removed_of(p: &Entry) -> Removed {
     Removed {
         id: p.id.clone(),
         exact_key: p.exact_key.clone(),
@@ -527,7 +527,7 @@ impl Cache {
             // Accept it anyway: kept durably in the metadata store until the embedder is back.
             if let Err(e) = self
                 .pending
-                .defer(&tenant.name, &PendingEntry::of(&entry))
+                .defer(&tenant.name, &entry.without_vector())
                 .await
             {
                 self.store_failed(tenant, "defer", &e);
@@ -730,7 +730,7 @@ impl Cache {
             if claimed.is_empty() {
                 continue;
             }
-            let (live, expired): (Vec<PendingEntry>, Vec<PendingEntry>) =
+            let (live, expired): (Vec<Entry>, Vec<Entry>) =
                 claimed.into_iter().partition(|p| p.expires_at_ms > now);
             let prompts: Vec<String> = live.iter().map(|p| p.prompt.clone()).collect();
             let vectors = if prompts.is_empty() {
@@ -749,7 +749,7 @@ impl Cache {
             for (pending, vector) in live.into_iter().zip(vectors) {
                 let id = pending.id.clone();
                 part.store
-                    .insert(Arc::new(pending.into_entry(vector)))
+                    .insert(Arc::new(pending.with_vector(vector)))
                     .await?;
                 // Tracked since the store was accepted; after a restart, from now on.
                 part.access.lock().insert(&id);

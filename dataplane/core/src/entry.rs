@@ -3,7 +3,12 @@
 use std::sync::Arc;
 
 /// One cached LLM answer. Immutable once stored: a hit never changes it (TTL is not extended).
-#[derive(Debug, Clone, PartialEq)]
+///
+/// This is also the one serialised form of an entry: a write-ahead log record, a Redis hot
+/// copy and a store deferred while the embedder is down are all this struct as JSON (the
+/// latter two without the vector). The Arrow codec is the only other shape, in
+/// `store::lance::codec`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Entry {
     pub id: String,
     /// Hex fingerprint of the normalised scope.
@@ -12,8 +17,16 @@ pub struct Entry {
     /// Hash of (scope, normalised prompt): the exact path's key.
     pub exact_key: String,
     pub prompt: String,
+    /// Empty while the embedder has not produced it yet (a deferred store), and in the hot
+    /// layer's copy, which only answers exact hits.
+    #[serde(
+        default = "no_vector",
+        skip_serializing_if = "<[f32]>::is_empty",
+        with = "vector_serde"
+    )]
     pub vector: Arc<[f32]>,
     /// The cached response, opaque bytes (usually an OpenAI-shaped JSON document).
+    #[serde(with = "response_serde")]
     pub response: Arc<[u8]>,
     /// The LLM that produced the response, when the scope named one.
     pub model: String,
@@ -31,64 +44,67 @@ impl Entry {
     pub fn is_live(&self, now_ms: i64) -> bool {
         self.expires_at_ms > now_ms
     }
-}
 
-/// An entry accepted while the embedder was down: everything but the vector, which a
-/// background pass computes later (serialised into the metadata store meanwhile).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct PendingEntry {
-    pub id: String,
-    pub scope: String,
-    pub namespace: String,
-    pub exact_key: String,
-    pub prompt: String,
-    /// The response bytes as text (the API only accepts JSON responses).
-    pub response: String,
-    pub model: String,
-    pub created_at_ms: i64,
-    pub expires_at_ms: i64,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub cost_usd: f64,
-    pub metadata: String,
-}
-
-impl PendingEntry {
-    pub fn of(entry: &Entry) -> Self {
+    /// This entry without its vector: what a deferred store and the hot layer keep.
+    pub fn without_vector(&self) -> Self {
         Self {
-            id: entry.id.clone(),
-            scope: entry.scope.clone(),
-            namespace: entry.namespace.clone(),
-            exact_key: entry.exact_key.clone(),
-            prompt: entry.prompt.clone(),
-            response: String::from_utf8_lossy(&entry.response).into_owned(),
-            model: entry.model.clone(),
-            created_at_ms: entry.created_at_ms,
-            expires_at_ms: entry.expires_at_ms,
-            prompt_tokens: entry.prompt_tokens,
-            completion_tokens: entry.completion_tokens,
-            cost_usd: entry.cost_usd,
-            metadata: entry.metadata.clone(),
+            vector: no_vector(),
+            ..self.clone()
         }
     }
 
-    pub fn into_entry(self, vector: Vec<f32>) -> Entry {
-        Entry {
-            id: self.id,
-            scope: self.scope,
-            namespace: self.namespace,
-            exact_key: self.exact_key,
-            prompt: self.prompt,
+    /// This entry with `vector` (a deferred store once the embedder is back).
+    pub fn with_vector(self, vector: Vec<f32>) -> Self {
+        Self {
             vector: Arc::from(vector),
-            response: Arc::from(self.response.into_bytes()),
-            model: self.model,
-            created_at_ms: self.created_at_ms,
-            expires_at_ms: self.expires_at_ms,
-            prompt_tokens: self.prompt_tokens,
-            completion_tokens: self.completion_tokens,
-            cost_usd: self.cost_usd,
-            metadata: self.metadata,
+            ..self
         }
+    }
+}
+
+fn no_vector() -> Arc<[f32]> {
+    Arc::from(Vec::new())
+}
+
+/// The vector as a JSON array of numbers.
+mod vector_serde {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Arc<[f32]>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<[f32]>, D::Error> {
+        Vec::<f32>::deserialize(d).map(Arc::from)
+    }
+}
+
+/// The response as a JSON array of bytes, the write-ahead log's format since its first
+/// version (every replica of a rolling upgrade reads it). Reading also accepts a string:
+/// deferred stores were kept with the response as text before the record was unified.
+mod response_serde {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        Bytes(Vec<u8>),
+        Text(String),
+    }
+
+    pub fn serialize<S: Serializer>(v: &Arc<[u8]>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<[u8]>, D::Error> {
+        Ok(match Stored::deserialize(d)? {
+            Stored::Bytes(b) => Arc::from(b),
+            Stored::Text(t) => Arc::from(t.into_bytes()),
+        })
     }
 }
 
@@ -99,8 +115,10 @@ pub struct Candidate {
     pub similarity: f32,
 }
 
-/// Which entries an invalidation removes, always inside one tenant.
-#[derive(Debug, Clone, PartialEq)]
+/// Which entries an invalidation removes, always inside one tenant. Serialised in the
+/// write-ahead log's delete records as `{"kind": "scope", "value": "…"}`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
 pub enum EntryFilter {
     All,
     Scope(String),
@@ -122,4 +140,51 @@ impl EntryFilter {
 pub struct Removed {
     pub id: String,
     pub exact_key: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> Entry {
+        Entry {
+            id: "a".into(),
+            scope: "s".into(),
+            namespace: String::new(),
+            exact_key: "k".into(),
+            prompt: "p".into(),
+            vector: Arc::from(vec![0.25f32, -1.5]),
+            response: Arc::from(b"{}".to_vec()),
+            model: String::new(),
+            created_at_ms: 1,
+            expires_at_ms: 2,
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            cost_usd: 0.5,
+            metadata: "{}".into(),
+        }
+    }
+
+    #[test]
+    fn round_trips_through_json_with_and_without_its_vector() {
+        let e = entry();
+        let json = serde_json::to_string(&e).expect("encode");
+        assert!(json.contains(r#""vector":[0.25,-1.5]"#), "{json}");
+        assert!(json.contains(r#""response":[123,125]"#), "{json}");
+        assert_eq!(serde_json::from_str::<Entry>(&json).expect("decode"), e);
+        let bare = serde_json::to_string(&e.without_vector()).expect("encode");
+        assert!(!bare.contains("vector"), "{bare}");
+        let back: Entry = serde_json::from_str(&bare).expect("decode");
+        assert!(back.vector.is_empty());
+        assert_eq!(back.with_vector(vec![0.25, -1.5]), e);
+    }
+
+    #[test]
+    fn reads_the_deferred_store_rows_written_with_a_text_response() {
+        let old = r#"{"id":"a","scope":"s","namespace":"","exact_key":"k","prompt":"p",
+            "response":"{}","model":"","created_at_ms":1,"expires_at_ms":2,
+            "prompt_tokens":3,"completion_tokens":4,"cost_usd":0.5,"metadata":"{}"}"#;
+        let e: Entry = serde_json::from_str(old).expect("decode");
+        assert_eq!(e, entry().without_vector());
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::entry::{Candidate, Entry, EntryFilter, PendingEntry, Removed};
+use crate::entry::{Candidate, Entry, EntryFilter, Removed};
 use crate::error::StoreError;
 
 /// Entries and vectors of one (tenant, index version).
@@ -120,7 +120,7 @@ pub trait Embedder: Send + Sync {
 #[async_trait]
 pub trait PendingStore: Send + Sync {
     /// Keep a store accepted without a vector until it can be embedded.
-    async fn defer(&self, tenant: &str, entry: &PendingEntry) -> Result<(), StoreError>;
+    async fn defer(&self, tenant: &str, entry: &Entry) -> Result<(), StoreError>;
     /// Claim up to `limit` of the tenant's pending entries until `until_ms` (another replica
     /// takes them over after that if this one dies before finishing).
     async fn claim(
@@ -129,17 +129,17 @@ pub trait PendingStore: Send + Sync {
         limit: usize,
         now_ms: i64,
         until_ms: i64,
-    ) -> Result<Vec<PendingEntry>, StoreError>;
+    ) -> Result<Vec<Entry>, StoreError>;
     /// Give claimed entries back (the embedder failed): any replica may retry them now.
     async fn release(&self, tenant: &str, ids: &[String]) -> Result<(), StoreError>;
     /// Drop pending entries (embedded and stored, or deleted); returns the ones that existed.
-    async fn remove(&self, tenant: &str, ids: &[String]) -> Result<Vec<PendingEntry>, StoreError>;
+    async fn remove(&self, tenant: &str, ids: &[String]) -> Result<Vec<Entry>, StoreError>;
     /// Drop the tenant's pending entries that `filter` matches; returns them.
     async fn remove_where(
         &self,
         tenant: &str,
         filter: &EntryFilter,
-    ) -> Result<Vec<PendingEntry>, StoreError>;
+    ) -> Result<Vec<Entry>, StoreError>;
 }
 
 /// One lookup's outcome for usage accounting and the audit trail.

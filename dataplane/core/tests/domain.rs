@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use semantis_cache::entry::{Candidate, Entry, EntryFilter, PendingEntry, Removed};
+use semantis_cache::entry::{Candidate, Entry, EntryFilter, Removed};
 use semantis_cache::metrics::CacheMetrics;
 use semantis_cache::ports::{
     EmbedError, Embedder, EntryStore, HotLayer, ModelUsage, PendingStore, UsageEvent, UsageReport,
@@ -185,11 +185,11 @@ impl HotLayer for MemHot {
 }
 
 #[derive(Default)]
-struct MemPending(Mutex<Vec<(String, PendingEntry)>>);
+struct MemPending(Mutex<Vec<(String, Entry)>>);
 
 #[async_trait]
 impl PendingStore for MemPending {
-    async fn defer(&self, tenant: &str, entry: &PendingEntry) -> Result<(), StoreError> {
+    async fn defer(&self, tenant: &str, entry: &Entry) -> Result<(), StoreError> {
         self.0.lock().push((tenant.into(), entry.clone()));
         Ok(())
     }
@@ -200,7 +200,7 @@ impl PendingStore for MemPending {
         limit: usize,
         _now: i64,
         _until: i64,
-    ) -> Result<Vec<PendingEntry>, StoreError> {
+    ) -> Result<Vec<Entry>, StoreError> {
         Ok(self
             .0
             .lock()
@@ -215,7 +215,7 @@ impl PendingStore for MemPending {
         Ok(())
     }
 
-    async fn remove(&self, tenant: &str, ids: &[String]) -> Result<Vec<PendingEntry>, StoreError> {
+    async fn remove(&self, tenant: &str, ids: &[String]) -> Result<Vec<Entry>, StoreError> {
         let mut all = self.0.lock();
         let (gone, kept): (Vec<_>, Vec<_>) = all
             .drain(..)
@@ -228,7 +228,7 @@ impl PendingStore for MemPending {
         &self,
         tenant: &str,
         filter: &EntryFilter,
-    ) -> Result<Vec<PendingEntry>, StoreError> {
+    ) -> Result<Vec<Entry>, StoreError> {
         let mut all = self.0.lock();
         let (gone, kept): (Vec<_>, Vec<_>) = all.drain(..).partition(|(t, p)| {
             t == tenant

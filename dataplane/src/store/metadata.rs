@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use super::{BackendError, UsageEvent, UsageSink};
 use crate::metrics::Metrics;
 use semantis_cache::StoreError;
-use semantis_cache::entry::{EntryFilter, PendingEntry};
+use semantis_cache::entry::{Entry, EntryFilter};
 use semantis_cache::index_version::{IndexVersionState, UnknownState};
 pub use semantis_cache::ports::ModelUsage;
 use semantis_cache::ports::{PendingStore, UsageReport};
@@ -301,12 +301,13 @@ impl MetadataStore {
     }
 
     /// Keep a store accepted without a vector until it can be embedded.
-    pub async fn defer_entry(
-        &self,
-        tenant: &str,
-        entry: &PendingEntry,
-    ) -> Result<(), BackendError> {
-        let json = serde_json::to_string(entry).unwrap_or_default();
+    pub async fn defer_entry(&self, tenant: &str, entry: &Entry) -> Result<(), BackendError> {
+        // Without the vector: there is none yet, and the pass that embeds it computes it.
+        let json =
+            serde_json::to_string(&entry.without_vector()).map_err(|e| BackendError::Decode {
+                table: "pending_entries".into(),
+                reason: format!("failed to encode a deferred store: {e}"),
+            })?;
         on_pool!(self, |pool| sqlx::query(
             "INSERT INTO pending_entries (id, tenant, scope, namespace, entry, created_at)
              VALUES ($1, $2, $3, $4, $5, $6)"
@@ -331,7 +332,7 @@ impl MetadataStore {
         limit: usize,
         now_ms: i64,
         until_ms: i64,
-    ) -> Result<Vec<PendingEntry>, BackendError> {
+    ) -> Result<Vec<Entry>, BackendError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         // The outer `claimed_until` check is re-evaluated on a row another replica updated
         // first (Postgres), so two replicas never claim the same row.
@@ -378,7 +379,7 @@ impl MetadataStore {
         &self,
         tenant: &str,
         ids: &[String],
-    ) -> Result<Vec<PendingEntry>, BackendError> {
+    ) -> Result<Vec<Entry>, BackendError> {
         let mut out = Vec::new();
         for id in ids {
             let row: Option<String> = on_pool!(self, |pool| sqlx::query_scalar(
@@ -399,7 +400,7 @@ impl MetadataStore {
         &self,
         tenant: &str,
         filter: &EntryFilter,
-    ) -> Result<Vec<PendingEntry>, BackendError> {
+    ) -> Result<Vec<Entry>, BackendError> {
         let (column, value) = match filter {
             EntryFilter::All => ("'all'", "all"),
             EntryFilter::Scope(s) => ("scope", s.as_str()),
@@ -702,7 +703,7 @@ impl UsageSink for QueuedUsage {
 // ports hand it on as the domain's `StoreError`.
 #[async_trait::async_trait]
 impl PendingStore for MetadataStore {
-    async fn defer(&self, tenant: &str, entry: &PendingEntry) -> Result<(), StoreError> {
+    async fn defer(&self, tenant: &str, entry: &Entry) -> Result<(), StoreError> {
         Ok(self.defer_entry(tenant, entry).await?)
     }
 
@@ -712,7 +713,7 @@ impl PendingStore for MetadataStore {
         limit: usize,
         now_ms: i64,
         until_ms: i64,
-    ) -> Result<Vec<PendingEntry>, StoreError> {
+    ) -> Result<Vec<Entry>, StoreError> {
         Ok(self.claim_pending(tenant, limit, now_ms, until_ms).await?)
     }
 
@@ -720,7 +721,7 @@ impl PendingStore for MetadataStore {
         Ok(self.release_pending(tenant, ids).await?)
     }
 
-    async fn remove(&self, tenant: &str, ids: &[String]) -> Result<Vec<PendingEntry>, StoreError> {
+    async fn remove(&self, tenant: &str, ids: &[String]) -> Result<Vec<Entry>, StoreError> {
         Ok(self.remove_pending(tenant, ids).await?)
     }
 
@@ -728,7 +729,7 @@ impl PendingStore for MetadataStore {
         &self,
         tenant: &str,
         filter: &EntryFilter,
-    ) -> Result<Vec<PendingEntry>, StoreError> {
+    ) -> Result<Vec<Entry>, StoreError> {
         Ok(self.remove_pending_where(tenant, filter).await?)
     }
 }

@@ -47,6 +47,13 @@ pub enum BackendError {
         #[source]
         source: Box<redis::RedisError>,
     },
+    #[error("failed to {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("failed to decode stored entries of `{table}`: {reason}")]
     Decode { table: String, reason: String },
     #[error("failed to embed for the migration target index version: {0}")]

@@ -8,7 +8,6 @@ use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 
 use super::HotLayer;
-use super::wal::WalEntry;
 use crate::metrics::Metrics;
 use semantis_cache::entry::Entry;
 use semantis_cache::vector::now_ms;
@@ -47,7 +46,7 @@ impl HotLayer for RedisHotLayer {
             .await;
         match got {
             Ok(Some(bytes)) => {
-                let entry: Entry = serde_json::from_slice::<WalEntry>(&bytes).ok()?.into();
+                let entry: Entry = serde_json::from_slice(&bytes).ok()?;
                 entry.is_live(now_ms()).then(|| Arc::new(entry))
             }
             Ok(None) => None,
@@ -64,9 +63,7 @@ impl HotLayer for RedisHotLayer {
             return;
         }
         // The vector is not needed to answer an exact hit; leave it out.
-        let mut compact = WalEntry::from(entry.as_ref());
-        compact.vector.clear();
-        let Ok(bytes) = serde_json::to_vec(&compact) else {
+        let Ok(bytes) = serde_json::to_vec(&entry.without_vector()) else {
             return;
         };
         let set: Result<(), _> = redis::cmd("SET")

@@ -5,121 +5,30 @@
 //! acknowledges them all, so many concurrent stores share one disk flush. A flush to LanceDB
 //! seals the current segment; once the sealed entries are in the table, its files are deleted.
 
+use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::BackendError;
 use semantis_cache::entry::{Entry, EntryFilter};
 
-/// A record in the log.
+/// A record in the log. A put is the [`Entry`] itself, serialised.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum WalRecord {
-    Put(Box<WalEntry>),
+    Put(Box<Entry>),
     Delete {
         ids: Vec<String>,
     },
     DeleteWhere {
-        filter: WalFilter,
+        filter: EntryFilter,
     },
     /// Cluster mode: everything up to this log position is in the LanceDB table now.
     Flushed {
         upto: String,
     },
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
-pub enum WalFilter {
-    All,
-    Scope(String),
-    Namespace(String),
-}
-
-impl From<&EntryFilter> for WalFilter {
-    fn from(f: &EntryFilter) -> Self {
-        match f {
-            EntryFilter::All => Self::All,
-            EntryFilter::Scope(s) => Self::Scope(s.clone()),
-            EntryFilter::Namespace(n) => Self::Namespace(n.clone()),
-        }
-    }
-}
-
-impl From<WalFilter> for EntryFilter {
-    fn from(f: WalFilter) -> Self {
-        match f {
-            WalFilter::All => Self::All,
-            WalFilter::Scope(s) => Self::Scope(s),
-            WalFilter::Namespace(n) => Self::Namespace(n),
-        }
-    }
-}
-
-/// [`Entry`] as the log stores it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WalEntry {
-    pub id: String,
-    pub scope: String,
-    pub namespace: String,
-    pub exact_key: String,
-    pub prompt: String,
-    pub vector: Vec<f32>,
-    pub response: Vec<u8>,
-    pub model: String,
-    pub created_at_ms: i64,
-    pub expires_at_ms: i64,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub cost_usd: f64,
-    pub metadata: String,
-}
-
-impl From<&Entry> for WalEntry {
-    fn from(e: &Entry) -> Self {
-        Self {
-            id: e.id.clone(),
-            scope: e.scope.clone(),
-            namespace: e.namespace.clone(),
-            exact_key: e.exact_key.clone(),
-            prompt: e.prompt.clone(),
-            vector: e.vector.to_vec(),
-            response: e.response.to_vec(),
-            model: e.model.clone(),
-            created_at_ms: e.created_at_ms,
-            expires_at_ms: e.expires_at_ms,
-            prompt_tokens: e.prompt_tokens,
-            completion_tokens: e.completion_tokens,
-            cost_usd: e.cost_usd,
-            metadata: e.metadata.clone(),
-        }
-    }
-}
-
-impl From<WalEntry> for Entry {
-    fn from(e: WalEntry) -> Self {
-        Self {
-            id: e.id,
-            scope: e.scope,
-            namespace: e.namespace,
-            exact_key: e.exact_key,
-            prompt: e.prompt,
-            vector: Arc::from(e.vector),
-            response: Arc::from(e.response),
-            model: e.model,
-            created_at_ms: e.created_at_ms,
-            expires_at_ms: e.expires_at_ms,
-            prompt_tokens: e.prompt_tokens,
-            completion_tokens: e.completion_tokens,
-            cost_usd: e.cost_usd,
-            metadata: e.metadata,
-        }
-    }
 }
 
 enum Command {
@@ -344,14 +253,14 @@ mod tests {
     use super::*;
 
     fn put(id: &str) -> WalRecord {
-        WalRecord::Put(Box::new(WalEntry {
+        WalRecord::Put(Box::new(Entry {
             id: id.into(),
             scope: "s".into(),
             namespace: String::new(),
             exact_key: "k".into(),
             prompt: "p".into(),
-            vector: vec![0.25, -1.5],
-            response: b"{}".to_vec(),
+            vector: std::sync::Arc::from(vec![0.25f32, -1.5]),
+            response: std::sync::Arc::from(b"{}".to_vec()),
             model: String::new(),
             created_at_ms: 1,
             expires_at_ms: 2,

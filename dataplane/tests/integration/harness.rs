@@ -131,7 +131,11 @@ api_key_sha256 = ["{b}"]
 }
 
 fn services_script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/services.sh")
+    // At run time (cargo sets it for the test process): a binary reused from a shared target
+    // dir may have been built in another checkout.
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+        .join("../scripts/services.sh")
 }
 
 /// Run `scripts/services.sh ARGS` (the project's own installer and starter) and return stdout.

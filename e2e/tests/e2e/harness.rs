@@ -25,8 +25,12 @@ use serde_json::json;
 
 pub const DEADLINE: Duration = Duration::from_secs(90);
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+/// The checkout under test. Read at run time: cargo sets `CARGO_MANIFEST_DIR` for the test
+/// process, and a test binary reused from a shared target dir may have been built in another
+/// checkout, whose path `env!` would have baked in.
+pub fn repo_root() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
         .parent()
         .expect("e2e/ has a parent")
         .to_path_buf()

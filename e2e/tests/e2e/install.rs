@@ -9,14 +9,11 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams};
 
-use super::harness::{World, kubeconfig, wait_for, wait_gone};
+use super::harness::{World, kubeconfig, repo_root, wait_for, wait_gone};
 
 fn tools() -> anyhow::Result<PathBuf> {
     let out = Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/build-control-plane.sh"
-        ))
+        .arg(repo_root().join("e2e/scripts/build-control-plane.sh"))
         .output()
         .context("failed to run build-control-plane.sh")?;
     ensure!(out.status.success(), "build-control-plane.sh failed");
@@ -26,7 +23,7 @@ fn tools() -> anyhow::Result<PathBuf> {
 fn run(bin: PathBuf, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(&bin)
         .args(args)
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .current_dir(repo_root())
         .env("KUBECONFIG", kubeconfig())
         .output()
         .with_context(|| format!("failed to run {}", bin.display()))?;

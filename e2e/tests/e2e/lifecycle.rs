@@ -50,10 +50,10 @@ async fn a_sample_yields_every_child_and_becomes_ready_only_for_reconciled_gener
     let w = World::new("sample").await?;
     w.secret("team-a-api-key", &[("api-key", "key-a")]).await?;
     let op = Operator::start(false, &w.ns).await?;
-    let sample = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../config/samples/semantis_v1alpha1_semanticcache_minimal.yaml"
-    ))?;
+    let sample = std::fs::read_to_string(
+        super::harness::repo_root()
+            .join("config/samples/semantis_v1alpha1_semanticcache_minimal.yaml"),
+    )?;
     w.apply_cache(&sample).await?;
     let cache = w.wait_ready("demo").await?;
     let status = cache.status.clone().expect("status");

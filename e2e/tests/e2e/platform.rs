@@ -26,7 +26,7 @@ fn postgres_url() -> String {
     if let Ok(url) = std::env::var("SEMANTIS_TEST_POSTGRES_URL") {
         return url;
     }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/services.sh");
+    let script = super::harness::repo_root().join("scripts/services.sh");
     let out = Command::new("bash")
         .arg(script)
         .arg("start")

@@ -98,9 +98,9 @@ mod tests {
     use crate::validate::{OperatorDefaults, validate};
 
     fn cache(revision: &str) -> ValidatedCache {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../config/samples/semantis_v1alpha1_semanticcache_minimal.yaml"
+        let text = std::fs::read_to_string(format!(
+            "{}/../config/samples/semantis_v1alpha1_semanticcache_minimal.yaml",
+            crate::manifest_dir()
         ))
         .expect("sample readable");
         let mut cache: SemanticCache = serde_yaml::from_str(&text).expect("sample parses");

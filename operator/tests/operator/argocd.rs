@@ -7,7 +7,10 @@ use mlua::{Lua, Table, Value as LuaValue};
 use serde_json::Value;
 
 fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/argocd/semantis.dev/SemanticCache")
+    // At run time: a binary reused from a shared target dir may come from another checkout.
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+        .join("../config/argocd/semantis.dev/SemanticCache")
 }
 
 fn to_lua(lua: &Lua, v: &Value) -> mlua::Result<LuaValue> {

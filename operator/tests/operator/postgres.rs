@@ -7,9 +7,10 @@ use semantis_operator::postgres::{Admin, drop_all, ensure, exists};
 fn admin() -> Admin {
     let url = std::env::var("SEMANTIS_TEST_POSTGRES_URL").unwrap_or_else(|_| {
         let out = Command::new("bash")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../scripts/services.sh"
+            .arg(format!(
+                "{}/../scripts/services.sh",
+                std::env::var("CARGO_MANIFEST_DIR")
+                    .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned())
             ))
             .arg("start")
             .output()

@@ -1,0 +1,112 @@
+//! Flushing the tail into the table: only the lease holder (always, in embedded mode) writes,
+//! and a flush is recorded in the log so every replica drops what it wrote.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::LanceEntryStore;
+use super::log_state::FlushBatch;
+use super::store::Log;
+use crate::store::BackendError;
+use crate::store::redis_log::{Pos, format_stream_id};
+use crate::store::wal::WalRecord;
+
+/// How long a flush lease lasts without renewal: a dead leader is replaced within this.
+const LEASE: Duration = Duration::from_secs(5);
+
+impl LanceEntryStore {
+    /// Apply the log up to the newest applied position to the table: pending deletes first
+    /// (they only concern older entries), then the tail's entries, merged on id so a flush
+    /// repeated after a crash never duplicates a row. Only the lease holder calls this.
+    pub(super) async fn flush_now(&self) -> Result<(), BackendError> {
+        let _guard = self.flush_lock.lock().await;
+        let gate = self.append_gate.write().await;
+        let upto = match &self.log {
+            Log::File(wal) => {
+                if self.state.lock().is_empty() {
+                    return Ok(());
+                }
+                u128::from(wal.seal().await?)
+            }
+            Log::Redis(_) => *self.cursor.borrow(),
+        };
+        let batch = self.state.lock().flush_batch(upto);
+        drop(gate);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let FlushBatch { entries, deletes } = batch;
+        let started = Instant::now();
+        for op in &deletes {
+            self.table.delete(&op.predicate()).await?;
+        }
+        if !entries.is_empty() {
+            // Until this flush is recorded, a retry may find these rows already written.
+            let merge = self.merge_next.swap(true, Ordering::AcqRel)
+                || self.always_merge.load(Ordering::Relaxed);
+            if merge {
+                self.table.merge(&entries).await?;
+            } else {
+                self.table.append(&entries).await?;
+            }
+        }
+        self.record_flushed(upto).await?;
+        self.merge_next.store(false, Ordering::Release);
+        self.flushes_since_compaction
+            .fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .store_flush_duration
+            .with_label_values(&[&self.tenant])
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .store_flushed_entries
+            .with_label_values(&[&self.tenant])
+            .inc_by(entries.len() as u64);
+        Ok(())
+    }
+
+    /// Everything up to `upto` is in the table: drop it here and tell the log.
+    pub(super) async fn record_flushed(&self, upto: Pos) -> Result<(), BackendError> {
+        match &self.log {
+            Log::File(wal) => {
+                self.state.lock().apply_flushed(upto);
+                wal.discard(u64::try_from(upto).unwrap_or(u64::MAX)).await?;
+            }
+            Log::Redis(log) => {
+                // Tell every replica; then the records before it are no longer needed.
+                self.append(WalRecord::Flushed {
+                    upto: format_stream_id(upto),
+                })
+                .await?;
+                log.trim_before(upto + 1).await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn flush_due(&self) -> bool {
+        let st = self.state.lock();
+        st.tail_len() >= self.cfg.flush_max_rows
+            || st.has_pending_deletes()
+            || st
+                .oldest()
+                .is_some_and(|t| t.elapsed() >= Duration::from_millis(self.cfg.flush_interval_ms))
+    }
+
+    /// True when this replica may mutate the table: always in embedded mode; in cluster
+    /// mode while it holds the flush lease.
+    pub(super) async fn leads(&self) -> Result<bool, BackendError> {
+        let leads = match &self.log {
+            Log::File(_) => true,
+            Log::Redis(log) => log.lead(LEASE).await?,
+        };
+        // A replica taking over may find the previous leader's last flush half-recorded.
+        if leads && !self.leading.swap(true, Ordering::AcqRel) {
+            self.merge_next.store(true, Ordering::Release);
+        }
+        if !leads {
+            self.leading.store(false, Ordering::Release);
+        }
+        Ok(leads)
+    }
+}
