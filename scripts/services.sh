@@ -50,11 +50,36 @@ install_missing() {
   fi
 }
 
-# A stable port per instance name, in a range unlikely to be taken.
+# A stable port per instance name, below the kernel's ephemeral range (32768-60999 by
+# default): a client reconnecting to a stopped instance is never given the instance's port as
+# its own source port (a self-connection that then holds the port against the restart).
 port_of() {
   local sum
   sum=$(printf '%s' "$1" | cksum | cut -d' ' -f1)
-  echo $(( 42000 + sum % 2000 ))
+  echo $(( 22000 + sum % 8000 ))
+}
+
+# Wait until process PID has exited (at most 30 s); kill -9 it after that.
+wait_gone() {
+  local pid="$1"
+  for _ in $(seq 1 600); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.05
+  done
+  kill -9 "$pid" 2>/dev/null || true
+}
+
+# An instance of an earlier port scheme (or a wedged one) still running from DIR's pidfile
+# while nothing answers on PORT: stop it before starting on PORT with the same files.
+stop_stray() {
+  local pidfile="$1" pid
+  [ -f "$pidfile" ] || return 0
+  pid=$(head -1 "$pidfile")
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill "$pid" 2>/dev/null || true
+    wait_gone "$pid"
+  fi
+  rm -f "$pidfile"
 }
 
 postgres_start() {
@@ -66,6 +91,11 @@ postgres_start() {
     mkdir -p "$dir"
     [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$dir"
     as_postgres "$bin/initdb" -D "$dir" -U postgres --auth=trust -E UTF8 >/dev/null
+  fi
+  # Running, but on another port (an earlier port scheme): restart it on this one.
+  if as_postgres "$bin/pg_ctl" -D "$dir" status >/dev/null 2>&1 \
+    && [ "$(sed -n 4p "$dir/postmaster.pid" 2>/dev/null)" != "$port" ]; then
+    as_postgres "$bin/pg_ctl" -D "$dir" -m fast -w stop >/dev/null
   fi
   if ! as_postgres "$bin/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
     as_postgres "$bin/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 \
@@ -87,6 +117,7 @@ redis_start() {
   port=$(port_of "redis-$name")
   mkdir -p "$dir"
   if ! redis-cli -p "$port" ping >/dev/null 2>&1; then
+    stop_stray "$dir/redis.pid"
     # AOF with fsync on every write: an acknowledged write survives a crash.
     redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --daemonize yes \
       --appendonly yes --appendfsync always --save "" \
@@ -103,9 +134,13 @@ redis_start() {
 }
 
 redis_stop() {
-  local port
+  local port pidfile="$root/redis-$1/redis.pid" pid=""
   port=$(port_of "redis-$1")
+  [ -f "$pidfile" ] && pid=$(head -1 "$pidfile")
   redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
+  # Gone, not just told: a restart right after must find the port and the files free.
+  [ -n "$pid" ] && wait_gone "$pid"
+  return 0
 }
 
 minio_bin() {
@@ -126,6 +161,7 @@ minio_start() {
   port=$(port_of "minio-$name")
   mkdir -p "$dir/data"
   if ! curl -fsS "http://127.0.0.1:$port/minio/health/live" >/dev/null 2>&1; then
+    stop_stray "$dir/minio.pid"
     MINIO_ROOT_USER=$MINIO_USER MINIO_ROOT_PASSWORD=$MINIO_PASSWORD MINIO_BROWSER=off \
       setsid "$bin" server "$dir/data" --address "127.0.0.1:$port" --quiet \
       >"$dir/minio.log" 2>&1 </dev/null &
@@ -143,9 +179,7 @@ minio_start() {
 }
 
 minio_stop() {
-  local pidfile="$root/minio-$1/minio.pid"
-  [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
-  rm -f "$pidfile"
+  stop_stray "$root/minio-$1/minio.pid"
 }
 
 case "${1:-start}" in

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub embed_batch_size: HistogramVec,
     pub store_flush_duration: HistogramVec,
     pub store_flushed_entries: IntCounterVec,
+    pub log_records_skipped: IntCounterVec,
     pub store_compaction_duration: HistogramVec,
     pub store_index_build_duration: HistogramVec,
     pub usage_events_dropped: IntCounter,
@@ -91,6 +92,12 @@ impl Metrics {
                 &r,
                 "semantis_store_flushed_entries_total",
                 "Entries flushed from the write-ahead tail into LanceDB.",
+                &["tenant"],
+            )?,
+            log_records_skipped: counter(
+                &r,
+                "semantis_log_records_skipped_total",
+                "Records of the shared log this replica could not decode and skipped.",
                 &["tenant"],
             )?,
             store_compaction_duration: histogram(

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -76,6 +77,7 @@ pub struct StoreCommand {
     pub metadata: Option<serde_json::Value>,
 }
 
+#[derive(Debug)]
 pub struct Stored {
     pub id: String,
     pub expires_at_ms: i64,
@@ -114,7 +116,15 @@ pub struct Partition {
     pub tenant: Arc<Tenant>,
     pub store: Arc<dyn EntryStore>,
     access: Mutex<AccessTracker>,
+    /// Bumped by every removal, after the store removed and before the hot layer is cleared.
+    /// A hot-layer write that read the store before a removal sees it changed afterwards and
+    /// takes its copy back out, so a delete racing a lookup's write-back stays done.
+    removals: AtomicU64,
 }
+
+/// The most tokens one side of a cached call may report: far above any model's window, far
+/// below where sums of them overflow.
+pub const MAX_TOKENS: u64 = 1_000_000_000;
 
 impl Partition {
     pub fn new(tenant: Arc<Tenant>, store: Arc<dyn EntryStore>, seen: &[(String, i64)]) -> Self {
@@ -128,7 +138,12 @@ impl Partition {
             tenant,
             store,
             access: Mutex::new(access),
+            removals: AtomicU64::new(0),
         }
+    }
+
+    fn removals(&self) -> u64 {
+        self.removals.load(Ordering::SeqCst)
     }
 }
 
@@ -321,11 +336,8 @@ impl Cache {
             let key = exact_key(&fp, norm);
             let found = match self.hot.get(&tenant.name, &key).await {
                 Some(e) => Some(e),
-                None => match part.store.find_exact(&key, now).await {
-                    Ok(Some(e)) => {
-                        self.hot.put(&tenant.name, e.clone()).await;
-                        Some(e)
-                    }
+                None => match self.find_exact_and_warm(part, &key, now).await {
+                    Ok(Some(e)) => Some(e),
                     Ok(None) => None,
                     Err(e) => {
                         self.store_failed(tenant, "find_exact", &e);
@@ -394,6 +406,32 @@ impl Cache {
         Ok(self.finish(part, &q, hit, best_similarity, threshold, degraded, started))
     }
 
+    /// The exact path's store read, warming the hot layer with what it found. A removal that
+    /// lands between the read and the hot-layer write takes the copy back out (`removals`).
+    async fn find_exact_and_warm(
+        &self,
+        part: &Partition,
+        key: &str,
+        now: i64,
+    ) -> Result<Option<Arc<Entry>>, StoreError> {
+        let before = part.removals();
+        let found = part.store.find_exact(key, now).await?;
+        if let Some(e) = &found {
+            self.warm(part, e.clone(), before).await;
+        }
+        Ok(found)
+    }
+
+    /// Put `entry` into the hot layer unless a removal happened since `before` was read (then
+    /// the copy is taken back out: it may be of an entry that is gone).
+    async fn warm(&self, part: &Partition, entry: Arc<Entry>, before: u64) {
+        let key = entry.exact_key.clone();
+        self.hot.put(&part.tenant.name, entry).await;
+        if part.removals() != before {
+            self.hot.remove(&part.tenant.name, &key).await;
+        }
+    }
+
     /// Account for a lookup: eviction bookkeeping, metrics, usage and audit.
     #[allow(clippy::too_many_arguments)]
     fn finish(
@@ -436,7 +474,10 @@ impl Cache {
         match &hit {
             Some(h) => {
                 part.access.lock().touch(&h.entry.id);
-                let tokens = h.entry.prompt_tokens + h.entry.completion_tokens;
+                let tokens = h
+                    .entry
+                    .prompt_tokens
+                    .saturating_add(h.entry.completion_tokens);
                 m.tokens_saved.with_label_values(&[tenant]).inc_by(tokens);
                 m.usd_saved_micros
                     .with_label_values(&[tenant])
@@ -478,6 +519,18 @@ impl Cache {
         }
         if cmd.ttl_secs == Some(0) {
             return Err(CacheError::InvalidTtl);
+        }
+        for (field, got) in [
+            ("prompt_tokens", cmd.prompt_tokens),
+            ("completion_tokens", cmd.completion_tokens),
+        ] {
+            if got > MAX_TOKENS {
+                return Err(CacheError::ValueOutOfRange {
+                    field,
+                    max: MAX_TOKENS,
+                    got,
+                });
+            }
         }
         if !(cmd.cost_usd.is_finite() && cmd.cost_usd >= 0.0) {
             return Err(CacheError::InvalidRequest(
@@ -523,6 +576,8 @@ impl Cache {
                 .metadata
                 .map_or_else(|| "{}".to_owned(), |m| m.to_string()),
         });
+        // An invalidation racing this store may remove it before the hot layer gets its copy.
+        let before = part.removals();
         let embedding_pending = if let Some(reason) = embed_error {
             // Accept it anyway: kept durably in the metadata store until the embedder is back.
             if let Err(e) = self
@@ -544,7 +599,7 @@ impl Cache {
             })?;
             false
         };
-        self.hot.put(&tenant.name, entry.clone()).await;
+        self.warm(part, entry.clone(), before).await;
         part.access.lock().insert(&entry.id);
         self.metrics.stores.with_label_values(&[&tenant.name]).inc();
         let evicted = self.evict_over_capacity(part, &entry.id).await?;
@@ -581,7 +636,9 @@ impl Cache {
         Ok(evicted)
     }
 
+    /// Clear every layer of what the store removed. Called once the store removal is done.
     async fn purge(&self, part: &Partition, removed: &[Removed]) {
+        part.removals.fetch_add(1, Ordering::SeqCst);
         {
             let mut access = part.access.lock();
             for r in removed {
@@ -602,15 +659,22 @@ impl Cache {
 
     pub async fn delete(&self, tenant: &Tenant, id: &str) -> Result<(), CacheError> {
         let part = self.partition(tenant)?;
-        // Ids are UUIDs; anything else cannot exist (and never reaches a store filter).
-        if uuid::Uuid::parse_str(id).is_err() {
+        // Ids are UUIDs; anything else cannot exist (and never reaches a store filter). Any
+        // spelling of one (upper case, braces, `urn:uuid:`) names the entry stored under its
+        // canonical form.
+        let Ok(uuid) = uuid::Uuid::parse_str(id) else {
             return Err(CacheError::EntryNotFound(id.to_owned()));
-        }
-        let mut removed = part.store.delete_ids(&[id.to_owned()]).await?;
+        };
+        let ids = [uuid.hyphenated().to_string()];
+        let mut removed = part.store.delete_ids(&ids).await?;
         if removed.is_empty() {
-            removed = self.remove_pending(&tenant.name, &[id.to_owned()]).await?;
+            removed = self.remove_pending(&tenant.name, &ids).await?;
         }
+        // Cleared even when nothing was found: a copy the hot layer may still hold of an
+        // entry removed elsewhere must not outlive a DELETE that answered 404.
+        self.hot.remove_id(&tenant.name, &ids[0]).await;
         if removed.is_empty() {
+            part.removals.fetch_add(1, Ordering::SeqCst);
             return Err(CacheError::EntryNotFound(id.to_owned()));
         }
         self.purge(part, &removed).await;
@@ -625,29 +689,34 @@ impl Cache {
         filter: EntryFilter,
     ) -> Result<u64, CacheError> {
         let part = self.partition(tenant)?;
-        let mut removed = part.store.delete_where(&filter).await?;
-        removed.extend(
-            self.pending
-                .remove_where(&tenant.name, &filter)
-                .await?
-                .iter()
-                .map(removed_of),
-        );
+        let removed = part.store.delete_where(&filter).await?;
+        // What the store removed leaves every layer before anything else can fail: a pending
+        // store that cannot be reached answers 503, never with the hot keys left behind.
         self.purge(part, &removed).await;
         if filter == EntryFilter::All {
             self.hot.clear_tenant(&tenant.name).await;
             part.access.lock().clear();
         }
         self.set_entries_gauge(part);
-        Ok(removed.len() as u64)
+        let pending: Vec<Removed> = self
+            .pending
+            .remove_where(&tenant.name, &filter)
+            .await?
+            .iter()
+            .map(removed_of)
+            .collect();
+        self.purge(part, &pending).await;
+        Ok((removed.len() + pending.len()) as u64)
     }
 
     pub async fn stats(&self, tenant: &Tenant) -> Result<TenantStats, CacheError> {
         let part = self.partition(tenant)?;
         let entries = part.store.count_live(now_ms()).await?;
         let by_model = self.usage_report.usage(&tenant.name).await?;
-        let lookups: u64 = by_model.iter().map(|u| u.lookups).sum();
-        let hits: u64 = by_model.iter().map(|u| u.hits).sum();
+        let total =
+            |f: fn(&ModelUsage) -> u64| by_model.iter().map(f).fold(0u64, u64::saturating_add);
+        let lookups = total(|u| u.lookups);
+        let hits = total(|u| u.hits);
         Ok(TenantStats {
             tenant: tenant.name.clone(),
             entries,
@@ -664,7 +733,7 @@ impl Cache {
             } else {
                 hits as f64 / lookups as f64
             },
-            tokens_saved: by_model.iter().map(|u| u.tokens_saved).sum(),
+            tokens_saved: total(|u| u.tokens_saved),
             usd_saved: by_model.iter().map(|u| u.usd_saved).sum(),
             by_model,
         })

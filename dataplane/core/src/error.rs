@@ -33,6 +33,12 @@ pub enum CacheError {
     SimilarityOutOfRange(f32),
     #[error("ttl_seconds must be at least 1")]
     InvalidTtl,
+    #[error("`{field}` must be at most {max}, got {got}")]
+    ValueOutOfRange {
+        field: &'static str,
+        max: u64,
+        got: u64,
+    },
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     #[error("entry `{0}` not found")]

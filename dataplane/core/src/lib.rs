@@ -19,7 +19,7 @@ pub mod tenants;
 pub mod vector;
 
 pub use cache::{
-    Cache, CacheParts, Hit, HitPath, LookupOutcome, LookupQuery, Partition, StoreCommand, Stored,
-    TenantStats,
+    Cache, CacheParts, Hit, HitPath, LookupOutcome, LookupQuery, MAX_TOKENS, Partition,
+    StoreCommand, Stored, TenantStats,
 };
 pub use error::{CacheError, StoreError, StoreErrorKind};

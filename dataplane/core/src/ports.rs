@@ -61,7 +61,11 @@ pub trait EntryStore: Send + Sync {
 pub trait HotLayer: Send + Sync {
     async fn get(&self, tenant: &str, exact_key: &str) -> Option<Arc<Entry>>;
     async fn put(&self, tenant: &str, entry: Arc<Entry>);
+    /// Remove the copy under `exact_key`. A put after it must not bring back a copy another
+    /// replica read before the removal (the shared layer keeps a tombstone for that).
     async fn remove(&self, tenant: &str, exact_key: &str);
+    /// Remove whatever copy holds entry `id` (a DELETE that found no entry in the store).
+    async fn remove_id(&self, tenant: &str, id: &str);
     async fn clear_tenant(&self, tenant: &str);
 }
 

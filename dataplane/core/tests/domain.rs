@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -29,6 +29,11 @@ const DIM: usize = 4;
 struct MemStore {
     entries: Mutex<Vec<Arc<Entry>>>,
     down: AtomicBool,
+    /// Between doing a read or insert and answering, yield to other tasks until a removal
+    /// lands (or a thousand yields pass), as a real store's I/O might: it holds open the
+    /// window in which a delete races the caller's hot-layer write.
+    slow: AtomicBool,
+    removals: AtomicU64,
 }
 
 impl MemStore {
@@ -43,7 +48,21 @@ impl MemStore {
         self.entries.lock().iter().map(|e| e.id.clone()).collect()
     }
 
+    async fn linger(&self) {
+        if !self.slow.load(Ordering::Relaxed) {
+            return;
+        }
+        let seen = self.removals.load(Ordering::SeqCst);
+        for _ in 0..1000 {
+            if self.removals.load(Ordering::SeqCst) != seen {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
     fn remove_matching(&self, keep: impl Fn(&Entry) -> bool) -> Vec<Removed> {
+        self.removals.fetch_add(1, Ordering::SeqCst);
         let mut entries = self.entries.lock();
         let (kept, gone): (Vec<_>, Vec<_>) = entries.drain(..).partition(|e| keep(e));
         *entries = kept;
@@ -61,17 +80,20 @@ impl EntryStore for MemStore {
     async fn insert(&self, entry: Arc<Entry>) -> Result<(), StoreError> {
         self.check()?;
         self.entries.lock().push(entry);
+        self.linger().await;
         Ok(())
     }
 
     async fn find_exact(&self, key: &str, now: i64) -> Result<Option<Arc<Entry>>, StoreError> {
         self.check()?;
-        Ok(self
+        let found = self
             .entries
             .lock()
             .iter()
             .find(|e| e.exact_key == key && e.is_live(now))
-            .cloned())
+            .cloned();
+        self.linger().await;
+        Ok(found)
     }
 
     async fn search(
@@ -179,13 +201,19 @@ impl HotLayer for MemHot {
         self.0.lock().remove(&(tenant.into(), key.into()));
     }
 
+    async fn remove_id(&self, tenant: &str, id: &str) {
+        self.0.lock().retain(|(t, _), e| t != tenant || e.id != id);
+    }
+
     async fn clear_tenant(&self, tenant: &str) {
         self.0.lock().retain(|(t, _), _| t != tenant);
     }
 }
 
+/// Deferred stores in a Vec; `1` switches removals to failing like a metadata store that
+/// went away.
 #[derive(Default)]
-struct MemPending(Mutex<Vec<(String, Entry)>>);
+struct MemPending(Mutex<Vec<(String, Entry)>>, AtomicBool);
 
 #[async_trait]
 impl PendingStore for MemPending {
@@ -229,6 +257,11 @@ impl PendingStore for MemPending {
         tenant: &str,
         filter: &EntryFilter,
     ) -> Result<Vec<Entry>, StoreError> {
+        if self.1.load(Ordering::Relaxed) {
+            return Err(StoreError::unavailable(
+                "failed to reach the test metadata store",
+            ));
+        }
         let mut all = self.0.lock();
         let (gone, kept): (Vec<_>, Vec<_>) = all.drain(..).partition(|(t, p)| {
             t == tenant
@@ -791,12 +824,213 @@ async fn a_store_outage_makes_lookups_miss_and_stores_fail_clearly() {
             store_cmd("How do I reset my password?", scope("m")),
         )
         .await
-        .err()
-        .expect("the store is down");
+        .expect_err("the store is down");
     assert!(matches!(err, CacheError::StoreUnavailable(_)));
     assert_eq!(
         w.usage.0.lock().len(),
         1,
         "the failed lookup is still accounted"
     );
+}
+
+/// Stores `prompt` and drops its hot copy, so the next exact lookup reads the store and writes
+/// the entry back into the hot layer.
+async fn stored_cold(w: &World, prompt: &str) -> String {
+    let stored = w
+        .cache
+        .store(&w.tenant, store_cmd(prompt, scope("m")))
+        .await
+        .expect("store");
+    w.hot.0.lock().clear();
+    stored.id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_racing_lookups_that_warm_the_hot_layer_stays_done() {
+    let w = Arc::new(world_with(100_000, EvictionPolicy::Lru));
+    w.store.slow.store(true, Ordering::Relaxed);
+    let rounds = 300;
+    let mut violations = 0;
+    for round in 0..rounds {
+        let prompt = format!("question number {round}");
+        let id = stored_cold(&w, &prompt).await;
+        let lookups: Vec<_> = (0..4)
+            .map(|_| {
+                let (w, prompt) = (w.clone(), prompt.clone());
+                tokio::spawn(async move {
+                    w.cache
+                        .lookup(&w.tenant, query(&prompt, scope("m")))
+                        .await
+                        .expect("lookup")
+                })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        w.cache.delete(&w.tenant, &id).await.expect("delete");
+        for l in lookups {
+            l.await.expect("lookup task");
+        }
+        // Every lookup that raced the delete is done: none may have left the entry behind.
+        let after = w
+            .cache
+            .lookup(&w.tenant, query(&prompt, scope("m")))
+            .await
+            .expect("lookup");
+        if after.hit.is_some() {
+            violations += 1;
+        }
+    }
+    assert_eq!(
+        violations, 0,
+        "{violations} of {rounds} deleted entries still served"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_racing_stores_leaves_none_of_them_served() {
+    let w = Arc::new(world_with(100_000, EvictionPolicy::Lru));
+    w.store.slow.store(true, Ordering::Relaxed);
+    let rounds = 300;
+    let mut violations = 0;
+    for round in 0..rounds {
+        let prompt = format!("question number {round}");
+        let store = {
+            let (w, prompt) = (w.clone(), prompt.clone());
+            tokio::spawn(async move {
+                w.cache
+                    .store(&w.tenant, store_cmd(&prompt, scope("m")))
+                    .await
+                    .expect("store")
+            })
+        };
+        tokio::task::yield_now().await;
+        w.cache
+            .invalidate(&w.tenant, EntryFilter::All)
+            .await
+            .expect("invalidate");
+        store.await.expect("store task");
+        // A store that landed after the invalidation may be served; one it removed may not.
+        let in_store = !w.store.ids().is_empty();
+        let after = w
+            .cache
+            .lookup(&w.tenant, query(&prompt, scope("m")))
+            .await
+            .expect("lookup");
+        if after.hit.is_some() && !in_store {
+            violations += 1;
+        }
+        w.cache
+            .invalidate(&w.tenant, EntryFilter::All)
+            .await
+            .expect("clean up");
+    }
+    assert_eq!(
+        violations, 0,
+        "{violations} of {rounds} invalidated entries still served"
+    );
+}
+
+#[tokio::test]
+async fn a_delete_that_finds_no_entry_still_clears_a_hot_copy_of_it() {
+    let w = world();
+    let id = stored_cold(&w, "How do I reset my password?").await;
+    let entry = w.store.entries.lock()[0].clone();
+    // The store lost it elsewhere (another replica's delete) while a copy stayed hot.
+    w.store.entries.lock().clear();
+    w.hot.put("a", entry).await;
+    let err = w
+        .cache
+        .delete(&w.tenant, &id)
+        .await
+        .expect_err("nothing in the store");
+    assert!(matches!(err, CacheError::EntryNotFound(_)), "{err}");
+    assert_eq!(w.hot.len(), 0);
+}
+
+#[tokio::test]
+async fn an_invalidation_that_fails_on_the_pending_store_still_clears_what_it_removed() {
+    let w = world();
+    w.cache
+        .store(
+            &w.tenant,
+            store_cmd("How do I reset my password?", scope("m")),
+        )
+        .await
+        .expect("store");
+    assert_eq!(w.hot.len(), 1);
+    w.pending.1.store(true, Ordering::Relaxed);
+    let err = w
+        .cache
+        .invalidate(&w.tenant, EntryFilter::Namespace(String::new()))
+        .await
+        .expect_err("the pending store is down");
+    assert!(matches!(err, CacheError::StoreUnavailable(_)), "{err}");
+    assert_eq!(
+        w.hot.len(),
+        0,
+        "the store-side removal cleared the hot layer"
+    );
+    let out = w
+        .cache
+        .lookup(&w.tenant, query("How do I reset my password?", scope("m")))
+        .await
+        .expect("lookup");
+    assert!(out.hit.is_none());
+}
+
+#[tokio::test]
+async fn any_spelling_of_an_id_deletes_its_entry() {
+    let w = world();
+    for (prompt, spell) in [
+        ("How do I reset my password?", 0),
+        ("What is the capital of France?", 1),
+        ("question three", 2),
+    ] {
+        let id = stored_cold(&w, prompt).await;
+        let spelled = match spell {
+            0 => id.to_uppercase(),
+            1 => format!("{{{id}}}"),
+            _ => format!("urn:uuid:{id}"),
+        };
+        w.cache.delete(&w.tenant, &spelled).await.expect("delete");
+        let out = w
+            .cache
+            .lookup(&w.tenant, query(prompt, scope("m")))
+            .await
+            .expect("lookup");
+        assert!(out.hit.is_none(), "{spelled} deleted nothing");
+    }
+    assert!(w.store.ids().is_empty());
+}
+
+#[tokio::test]
+async fn token_counts_beyond_the_bound_are_refused_and_sums_never_overflow() {
+    let w = world();
+    let mut cmd = store_cmd("How do I reset my password?", scope("m"));
+    cmd.prompt_tokens = u64::MAX;
+    let err = w
+        .cache
+        .store(&w.tenant, cmd)
+        .await
+        .expect_err("u64::MAX tokens");
+    assert!(
+        matches!(
+            err,
+            CacheError::ValueOutOfRange {
+                field: "prompt_tokens",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let mut cmd = store_cmd("How do I reset my password?", scope("m"));
+    cmd.prompt_tokens = semantis_cache::MAX_TOKENS;
+    cmd.completion_tokens = semantis_cache::MAX_TOKENS;
+    w.cache.store(&w.tenant, cmd).await.expect("at the bound");
+    let out = w
+        .cache
+        .lookup(&w.tenant, query("How do I reset my password?", scope("m")))
+        .await
+        .expect("lookup");
+    assert!(out.hit.is_some());
 }

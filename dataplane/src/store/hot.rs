@@ -54,6 +54,17 @@ impl HotLayer for InProcessHotLayer {
             .invalidate(&(Arc::from(tenant), exact_key.to_owned()));
     }
 
+    async fn remove_id(&self, tenant: &str, id: &str) {
+        let tenant: Arc<str> = Arc::from(tenant);
+        let id = id.to_owned();
+        if let Err(e) = self
+            .cache
+            .invalidate_entries_if(move |k, e| k.0 == tenant && e.id == id)
+        {
+            tracing::error!(error = %e, "failed to remove an entry from the hot layer");
+        }
+    }
+
     async fn clear_tenant(&self, tenant: &str) {
         let tenant: Arc<str> = Arc::from(tenant);
         // Only fails when closures were not enabled at build time, which they are.

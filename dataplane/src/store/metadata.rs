@@ -585,9 +585,10 @@ impl MetadataStore {
             let t = totals
                 .entry((e.tenant.clone(), e.model.clone(), day_of(e.at_ms)))
                 .or_default();
-            t.lookups += 1;
-            t.hits += u64::from(e.hit);
-            t.tokens_saved += e.tokens_saved;
+            // Saturating: one bad value must not stop the writer every tenant shares.
+            t.lookups = t.lookups.saturating_add(1);
+            t.hits = t.hits.saturating_add(u64::from(e.hit));
+            t.tokens_saved = t.tokens_saved.saturating_add(e.tokens_saved);
             t.usd_saved += e.usd_saved;
         }
         on_pool!(self, |pool| {

@@ -1,6 +1,11 @@
 //! Cluster mode's exact-match hot layer: cached answers in Redis, shared by every replica,
 //! each key expiring exactly at its entry's TTL. A Redis error is a miss here (the lookup goes
 //! on to the entry store), never a failed request.
+//!
+//! A removal leaves a tombstone for [`TOMBSTONE_MS`] instead of deleting the key: a replica
+//! that has not applied the delete yet may still read the entry from its own tail and try to
+//! write it back, and a put never replaces a tombstone. Each copy also records its entry id
+//! (`i:<id>` → exact key), so a DELETE that finds no entry can still clear a copy.
 
 use std::sync::Arc;
 
@@ -37,6 +42,23 @@ fn key(tenant: &str, exact_key: &str) -> String {
     format!("semantis:{{{tenant}}}:x:{exact_key}")
 }
 
+fn id_key(tenant: &str, id: &str) -> String {
+    format!("semantis:{{{tenant}}}:i:{id}")
+}
+
+/// What a removed key holds (never valid JSON for an entry).
+const TOMBSTONE: &[u8] = b"-";
+/// How long a tombstone outlives its removal: longer than a healthy follower's lag.
+pub const TOMBSTONE_MS: i64 = 60_000;
+
+/// Set the copy and its id key unless the copy's key holds a tombstone.
+const PUT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[4] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
+return 1
+";
+
 #[async_trait]
 impl HotLayer for RedisHotLayer {
     async fn get(&self, tenant: &str, exact_key: &str) -> Option<Arc<Entry>> {
@@ -45,6 +67,7 @@ impl HotLayer for RedisHotLayer {
             .query_async(&mut self.conn.clone())
             .await;
         match got {
+            Ok(Some(bytes)) if bytes == TOMBSTONE => None,
             Ok(Some(bytes)) => {
                 let entry: Entry = serde_json::from_slice(&bytes).ok()?;
                 entry.is_live(now_ms()).then(|| Arc::new(entry))
@@ -66,12 +89,14 @@ impl HotLayer for RedisHotLayer {
         let Ok(bytes) = serde_json::to_vec(&entry.without_vector()) else {
             return;
         };
-        let set: Result<(), _> = redis::cmd("SET")
-            .arg(key(tenant, &entry.exact_key))
+        let set: Result<i64, _> = redis::Script::new(PUT)
+            .key(key(tenant, &entry.exact_key))
+            .key(id_key(tenant, &entry.id))
             .arg(bytes)
-            .arg("PX")
             .arg(ttl_ms)
-            .query_async(&mut self.conn.clone())
+            .arg(&entry.exact_key)
+            .arg(TOMBSTONE)
+            .invoke_async(&mut self.conn.clone())
             .await;
         if let Err(e) = set {
             self.failed("hot_put", &e);
@@ -79,12 +104,27 @@ impl HotLayer for RedisHotLayer {
     }
 
     async fn remove(&self, tenant: &str, exact_key: &str) {
-        let del: Result<i64, _> = redis::cmd("DEL")
+        let set: Result<(), _> = redis::cmd("SET")
             .arg(key(tenant, exact_key))
+            .arg(TOMBSTONE)
+            .arg("PX")
+            .arg(TOMBSTONE_MS)
             .query_async(&mut self.conn.clone())
             .await;
-        if let Err(e) = del {
+        if let Err(e) = set {
             self.failed("hot_remove", &e);
+        }
+    }
+
+    async fn remove_id(&self, tenant: &str, id: &str) {
+        let found: Result<Option<String>, _> = redis::cmd("GETDEL")
+            .arg(id_key(tenant, id))
+            .query_async(&mut self.conn.clone())
+            .await;
+        match found {
+            Ok(Some(exact_key)) => self.remove(tenant, &exact_key).await,
+            Ok(None) => {}
+            Err(e) => self.failed("hot_remove", &e),
         }
     }
 
@@ -108,11 +148,17 @@ impl HotLayer for RedisHotLayer {
                 }
             };
             if !keys.is_empty() {
-                let del: Result<i64, _> = redis::cmd("DEL")
-                    .arg(&keys)
-                    .query_async(&mut self.conn.clone())
-                    .await;
-                if let Err(e) = del {
+                let mut pipe = redis::pipe();
+                for k in &keys {
+                    pipe.cmd("SET")
+                        .arg(k)
+                        .arg(TOMBSTONE)
+                        .arg("PX")
+                        .arg(TOMBSTONE_MS)
+                        .ignore();
+                }
+                let set: Result<(), _> = pipe.query_async(&mut self.conn.clone()).await;
+                if let Err(e) = set {
                     self.failed("hot_clear", &e);
                     return;
                 }

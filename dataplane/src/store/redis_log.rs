@@ -117,7 +117,9 @@ impl RedisLog {
             .query_async(&mut self.conn.clone())
             .await
             .map_err(|e| redis_err("read the end of", &self.key, e))?;
-        Ok(parse_entries(reply, &self.key)?.last().map(|(p, _)| *p))
+        let mut batch = LogBatch::default();
+        parse_entries(reply, &self.key, &mut batch);
+        Ok(batch.last)
     }
 
     /// A connection of its own for blocking reads (they would stall a shared one).
@@ -134,7 +136,7 @@ impl RedisLog {
         conn: &mut MultiplexedConnection,
         after: Pos,
         block: Duration,
-    ) -> Result<Vec<(Pos, WalRecord)>, BackendError> {
+    ) -> Result<LogBatch, BackendError> {
         let reply: Value = redis::cmd("XREAD")
             .arg("COUNT")
             .arg(4096)
@@ -148,14 +150,14 @@ impl RedisLog {
             .map_err(|e| redis_err("follow", &self.key, e))?;
         // [[key, [[id, [field, value]], …]]] or nil on timeout
         let Value::Array(streams) = reply else {
-            return Ok(Vec::new());
+            return Ok(LogBatch::default());
         };
-        let mut out = Vec::new();
+        let mut out = LogBatch::default();
         for stream in streams {
             if let Value::Array(mut parts) = stream
                 && parts.len() == 2
             {
-                out.extend(parse_entries(parts.remove(1), &self.key)?);
+                parse_entries(parts.remove(1), &self.key, &mut out);
             }
         }
         Ok(out)
@@ -196,12 +198,22 @@ impl RedisLog {
     }
 }
 
-/// `[[id, [field, value, …]], …]` → records, skipping any this version cannot read.
-fn parse_entries(reply: Value, key: &str) -> Result<Vec<(Pos, WalRecord)>, BackendError> {
+/// What one read of the stream returned.
+#[derive(Debug, Default)]
+pub struct LogBatch {
+    pub records: Vec<(Pos, WalRecord)>,
+    /// The newest position read, decodable or not: where the next read starts.
+    pub last: Option<Pos>,
+    /// Records that could not be decoded (skipped, logged).
+    pub undecodable: usize,
+}
+
+/// `[[id, [field, value, …]], …]` → records. A record this version cannot decode is skipped
+/// with a log line (and counted): stopping at it would stop the follower for good.
+fn parse_entries(reply: Value, key: &str, out: &mut LogBatch) {
     let Value::Array(entries) = reply else {
-        return Ok(Vec::new());
+        return;
     };
-    let mut out = Vec::with_capacity(entries.len());
     for entry in entries {
         let Value::Array(mut parts) = entry else {
             continue;
@@ -217,32 +229,62 @@ fn parse_entries(reply: Value, key: &str) -> Result<Vec<(Pos, WalRecord)>, Backe
             _ => None,
         };
         let Some(pos) = pos else { continue };
+        out.last = Some(out.last.map_or(pos, |l| l.max(pos)));
         let Some(Value::Array(fields)) = fields else {
+            out.undecodable += 1;
             continue;
         };
         let mut it = fields.into_iter();
+        let mut found = false;
         while let (Some(f), Some(v)) = (it.next(), it.next()) {
             let is_record = matches!(&f, Value::BulkString(b) if b.as_slice() == b"r");
             if let (true, Value::BulkString(bytes)) = (is_record, v) {
-                let record = serde_json::from_slice::<WalRecord>(&bytes).map_err(|e| {
-                    BackendError::Decode {
-                        table: key.to_owned(),
-                        reason: format!(
-                            "failed to decode log record {}: {e}",
-                            format_stream_id(pos)
-                        ),
+                match serde_json::from_slice::<WalRecord>(&bytes) {
+                    Ok(record) => {
+                        out.records.push((pos, record));
+                        found = true;
                     }
-                })?;
-                out.push((pos, record));
+                    Err(e) => tracing::error!(
+                        log = key,
+                        record = %format_stream_id(pos),
+                        error = %e,
+                        "failed to decode a log record; skipping it"
+                    ),
+                }
             }
         }
+        if !found {
+            out.undecodable += 1;
+        }
     }
-    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_undecodable_record_is_skipped_and_reading_moves_past_it() {
+        let entry = |id: &str, body: &[u8]| {
+            Value::Array(vec![
+                Value::BulkString(id.as_bytes().to_vec()),
+                Value::Array(vec![
+                    Value::BulkString(b"r".to_vec()),
+                    Value::BulkString(body.to_vec()),
+                ]),
+            ])
+        };
+        let reply = Value::Array(vec![
+            entry("5-0", br#"{"op":"delete","ids":["a"]}"#),
+            entry("6-0", b"{not json"),
+            entry("7-0", br#"{"op":"some_future_op"}"#),
+        ]);
+        let mut batch = LogBatch::default();
+        parse_entries(reply, "log", &mut batch);
+        assert_eq!(batch.records.len(), 1);
+        assert_eq!(batch.undecodable, 2);
+        assert_eq!(batch.last, parse_stream_id("7-0"));
+    }
 
     #[test]
     fn stream_ids_round_trip_and_order() {

@@ -388,6 +388,22 @@ async fn bad_input_gets_a_stable_error_code_and_changes_nothing() -> anyhow::Res
         ),
         ("/v1/lookup", Some(KEY_A), json!({}), 400, "missing_query"),
         (
+            "/v1/entries",
+            Some(KEY_A),
+            json!({"prompt": "p", "vector": axis(8, 0, 0.0), "response": {},
+                   "prompt_tokens": u64::MAX, "completion_tokens": u64::MAX}),
+            422,
+            "value_out_of_range",
+        ),
+        (
+            "/v1/entries",
+            Some(KEY_A),
+            json!({"prompt": "p", "vector": axis(8, 0, 0.0), "response": {},
+                   "completion_tokens": 1_000_000_001u64}),
+            422,
+            "value_out_of_range",
+        ),
+        (
             "/v1/lookup",
             Some(KEY_A),
             json!({"prompt": "p", "min_similarity": 1.5}),
@@ -591,5 +607,42 @@ async fn service_endpoints_and_metrics() -> anyhow::Result<()> {
             &[("tenant", "team-a")]
         ) >= 1.0
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_entry_id_in_any_uuid_spelling_deletes_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &Setup::default()).await?;
+    for (i, spell) in ["upper", "braced", "urn"].into_iter().enumerate() {
+        let prompt = format!("spelled {spell}");
+        let id = s
+            .store(
+                KEY_A,
+                json!({"prompt": prompt, "vector": axis(8, i, 0.0), "response": answer(spell)}),
+            )
+            .await?;
+        let spelled = match spell {
+            "upper" => id.to_uppercase(),
+            "braced" => format!("%7B{id}%7D"),
+            _ => format!("urn:uuid:{id}"),
+        };
+        let (status, v, _) = s
+            .call(
+                Method::DELETE,
+                &format!("/v1/entries/{spelled}"),
+                Some(KEY_A),
+                None,
+            )
+            .await?;
+        assert_eq!(status, 204, "{spelled}: {v}");
+        let exact = s.lookup(KEY_A, json!({"prompt": prompt})).await?;
+        let semantic = s.lookup(KEY_A, json!({"vector": axis(8, i, 0.0)})).await?;
+        assert_eq!(
+            (exact["hit"].clone(), semantic["hit"].clone()),
+            (json!(false), json!(false)),
+            "{spelled}"
+        );
+    }
     Ok(())
 }

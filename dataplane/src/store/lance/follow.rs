@@ -26,15 +26,27 @@ impl LanceEntryStore {
                     .await;
                 let Some(me) = store.upgrade() else { return };
                 match batch {
-                    Ok(records) => {
+                    Ok(batch) => {
                         backoff = Duration::from_millis(50);
-                        for (pos, record) in records {
+                        for (pos, record) in batch.records {
                             let own = me.state.lock().applied_own.remove(&pos);
                             if !own && let Err(e) = me.apply(pos, record).await {
                                 tracing::warn!(table = %me.table.name(), error = %e, "failed to apply a log record");
                             }
                             me.cursor.send_replace(pos);
                         }
+                        // Past the undecodable ones too: they were logged and counted.
+                        if let Some(last) = batch.last {
+                            me.cursor.send_if_modified(|c| {
+                                let moved = last > *c;
+                                *c = (*c).max(last);
+                                moved
+                            });
+                        }
+                        me.metrics
+                            .log_records_skipped
+                            .with_label_values(&[&me.tenant])
+                            .inc_by(batch.undecodable as u64);
                     }
                     Err(e) => {
                         tracing::warn!(table = %me.table.name(), error = %e, "failed to follow the log; retrying");

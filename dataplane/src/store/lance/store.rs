@@ -91,7 +91,7 @@ impl LanceEntryStore {
         let table = Table::open(db, table_name, dimension).await?;
         let indexes = table.indexes().await?;
 
-        let (log, replay) = match log {
+        let (log, replay, replayed_upto) = match log {
             LogConfig::File { root } => {
                 let (wal, replayed) = Wal::open(&root.join(table_name))?;
                 if replayed.torn > 0 {
@@ -103,7 +103,7 @@ impl LanceEntryStore {
                 }
                 // Position 0 sorts before every live segment: the next flush takes them all.
                 let records = replayed.records.into_iter().map(|r| (0, r)).collect();
-                (Log::File(wal), records)
+                (Log::File(wal), records, 0)
             }
             LogConfig::Redis {
                 client,
@@ -118,14 +118,19 @@ impl LanceEntryStore {
                     let batch = log
                         .read_after(&mut follower, after, Duration::from_millis(1))
                         .await?;
-                    let Some((last, _)) = batch.last() else { break };
-                    after = *last;
-                    records.extend(batch);
+                    let Some(last) = batch.last else { break };
+                    after = last;
+                    records.extend(batch.records);
+                    metrics
+                        .log_records_skipped
+                        .with_label_values(&[tenant])
+                        .inc_by(batch.undecodable as u64);
                 }
-                (Log::Redis(Arc::new(log)), records)
+                (Log::Redis(Arc::new(log)), records, after)
             }
         };
-        let (cursor, _) = watch::channel(0);
+        // The follower goes on from the last record replayed here.
+        let (cursor, _) = watch::channel(replayed_upto);
         let resident = cfg
             .resident_index
             .then(|| Arc::new(ResidentIndex::new(dimension, cfg.ann_min_scope_entries)));
