@@ -22,6 +22,7 @@ pub struct Metrics {
     pub store_flush_duration: HistogramVec,
     pub store_flushed_entries: IntCounterVec,
     pub log_records_skipped: IntCounterVec,
+    pub log_gaps: IntCounterVec,
     pub store_compaction_duration: HistogramVec,
     pub store_index_build_duration: HistogramVec,
     pub usage_events_dropped: IntCounter,
@@ -98,6 +99,12 @@ impl Metrics {
                 &r,
                 "semantis_log_records_skipped_total",
                 "Records of the shared log this replica could not decode and skipped.",
+                &["tenant"],
+            )?,
+            log_gaps: counter(
+                &r,
+                "semantis_log_gaps_total",
+                "Times this replica found the shared log trimmed past its position and reloaded from the table.",
                 &["tenant"],
             )?,
             store_compaction_duration: histogram(

@@ -46,6 +46,12 @@ elseif not holder then
 end
 return 0";
 
+/// Append with the next sequence number of the log, in the same step: a follower that finds
+/// a number missing knows records were trimmed before it read them.
+const APPEND_SCRIPT: &str = r"
+local n = redis.call('INCR', KEYS[2])
+return redis.call('XADD', KEYS[1], '*', 'r', ARGV[1], 'n', n)";
+
 const RELEASE_SCRIPT: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0";
@@ -54,6 +60,7 @@ pub struct RedisLog {
     client: Client,
     conn: ConnectionManager,
     key: String,
+    seq_key: String,
     lease_key: String,
     replica: String,
 }
@@ -78,6 +85,7 @@ impl RedisLog {
             client,
             conn,
             key: format!("semantis:{{{table}}}:log"),
+            seq_key: format!("semantis:{{{table}}}:log-seq"),
             lease_key: format!("semantis:{{{table}}}:flush-lease"),
             replica: replica.to_owned(),
         }
@@ -92,12 +100,11 @@ impl RedisLog {
             table: self.key.clone(),
             reason: format!("failed to encode a log record: {e}"),
         })?;
-        let id: String = redis::cmd("XADD")
-            .arg(&self.key)
-            .arg("*")
-            .arg("r")
+        let id: String = redis::Script::new(APPEND_SCRIPT)
+            .key(&self.key)
+            .key(&self.seq_key)
             .arg(body)
-            .query_async(&mut self.conn.clone())
+            .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|e| redis_err("append to", &self.key, e))?;
         parse_stream_id(&id).ok_or_else(|| BackendError::Decode {
@@ -206,6 +213,19 @@ pub struct LogBatch {
     pub last: Option<Pos>,
     /// Records that could not be decoded (skipped, logged).
     pub undecodable: usize,
+    /// The sequence numbers of the first and the last record read (`None` for a record
+    /// appended without one, by a version before them or by hand).
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+}
+
+impl LogBatch {
+    /// True when records between `prev` (the sequence number of the last record read before
+    /// this batch) and this batch are gone: the log was trimmed before this reader saw them.
+    /// Trims only cut the front of the stream, so one read is contiguous in itself.
+    pub fn follows_a_gap(&self, prev: Option<u64>) -> bool {
+        matches!((prev, self.first_seq), (Some(p), Some(f)) if f != p.wrapping_add(1))
+    }
 }
 
 /// `[[id, [field, value, …]], …]` → records. A record this version cannot decode is skipped
@@ -229,14 +249,29 @@ fn parse_entries(reply: Value, key: &str, out: &mut LogBatch) {
             _ => None,
         };
         let Some(pos) = pos else { continue };
+        let first = out.last.is_none();
         out.last = Some(out.last.map_or(pos, |l| l.max(pos)));
         let Some(Value::Array(fields)) = fields else {
             out.undecodable += 1;
+            if first {
+                out.first_seq = None;
+            }
+            out.last_seq = None;
             continue;
         };
         let mut it = fields.into_iter();
         let mut found = false;
+        let mut seq = None;
         while let (Some(f), Some(v)) = (it.next(), it.next()) {
+            if matches!(&f, Value::BulkString(b) if b.as_slice() == b"n") {
+                seq = match &v {
+                    Value::BulkString(b) => {
+                        std::str::from_utf8(b).ok().and_then(|s| s.parse().ok())
+                    }
+                    _ => None,
+                };
+                continue;
+            }
             let is_record = matches!(&f, Value::BulkString(b) if b.as_slice() == b"r");
             if let (true, Value::BulkString(bytes)) = (is_record, v) {
                 match serde_json::from_slice::<WalRecord>(&bytes) {
@@ -253,6 +288,10 @@ fn parse_entries(reply: Value, key: &str, out: &mut LogBatch) {
                 }
             }
         }
+        if first {
+            out.first_seq = seq;
+        }
+        out.last_seq = seq;
         if !found {
             out.undecodable += 1;
         }
@@ -284,6 +323,41 @@ mod tests {
         assert_eq!(batch.records.len(), 1);
         assert_eq!(batch.undecodable, 2);
         assert_eq!(batch.last, parse_stream_id("7-0"));
+    }
+
+    #[test]
+    fn a_missing_sequence_number_before_a_batch_is_a_gap() {
+        let entry = |id: &str, n: &str| {
+            Value::Array(vec![
+                Value::BulkString(id.as_bytes().to_vec()),
+                Value::Array(vec![
+                    Value::BulkString(b"r".to_vec()),
+                    Value::BulkString(br#"{"op":"delete","ids":["a"]}"#.to_vec()),
+                    Value::BulkString(b"n".to_vec()),
+                    Value::BulkString(n.as_bytes().to_vec()),
+                ]),
+            ])
+        };
+        let mut batch = LogBatch::default();
+        parse_entries(
+            Value::Array(vec![entry("8-0", "12"), entry("9-0", "13")]),
+            "log",
+            &mut batch,
+        );
+        assert_eq!((batch.first_seq, batch.last_seq), (Some(12), Some(13)));
+        assert!(!batch.follows_a_gap(Some(11)));
+        assert!(
+            batch.follows_a_gap(Some(10)),
+            "record 11 was trimmed unread"
+        );
+        assert!(
+            batch.follows_a_gap(Some(40)),
+            "the counter went back: resynchronise"
+        );
+        assert!(
+            !batch.follows_a_gap(None),
+            "nothing read before: nothing to compare"
+        );
     }
 
     #[test]

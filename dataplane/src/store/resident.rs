@@ -18,7 +18,7 @@
 //! meanwhile are remembered so the load does not bring their rows back.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -111,6 +111,9 @@ pub struct ResidentIndex {
     inner: RwLock<Inner>,
     ready: AtomicBool,
     disabled: AtomicBool,
+    /// Which load from the table is current: a reload starts a new one, and rows or the
+    /// finish of an older load are ignored (they come from an older snapshot).
+    generation: AtomicU64,
     /// Set when an insert leaves work for the indexer thread.
     work: Mutex<bool>,
     work_signal: Condvar,
@@ -219,6 +222,7 @@ impl ResidentIndex {
             }),
             ready: AtomicBool::new(false),
             disabled: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
             work: Mutex::new(false),
             work_signal: Condvar::new(),
             indexing: Mutex::new(()),
@@ -336,10 +340,38 @@ impl ResidentIndex {
     }
 
     pub fn finish_loading(&self) {
-        self.inner.write().loading = None;
+        self.finish_load(self.load_generation());
+    }
+
+    /// Finish load `generation`; false (and nothing changes) when a newer load started.
+    pub fn finish_load(&self, generation: u64) -> bool {
+        let mut inner = self.inner.write();
+        if generation != self.load_generation() {
+            return false;
+        }
+        inner.loading = None;
         if !self.disabled() {
             self.ready.store(true, Ordering::Release);
         }
+        true
+    }
+
+    /// The current load from the table (0 for the startup load).
+    pub fn load_generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Forget everything and start over from the table (this replica missed log records):
+    /// not searched until the new load finishes; records applied meanwhile are kept, deletes
+    /// remembered. Returns the new load's generation.
+    pub fn restart_loading(&self) -> u64 {
+        let mut inner = self.inner.write();
+        self.ready.store(false, Ordering::Release);
+        *inner = Inner {
+            loading: Some(Tombstones::default()),
+            ..Inner::default()
+        };
+        self.generation.fetch_add(1, Ordering::AcqRel) + 1
     }
 
     /// Give up for good (an update failed, so the index may be incomplete) and free the
@@ -383,8 +415,15 @@ impl ResidentIndex {
 
     /// An entry read by the startup load: skipped when a delete since the load began
     /// removed it.
-    pub fn insert_loaded(&self, entry: std::sync::Arc<Entry>) -> Result<(), ResidentError> {
+    pub fn insert_loaded(
+        &self,
+        generation: u64,
+        entry: std::sync::Arc<Entry>,
+    ) -> Result<(), ResidentError> {
         let mut inner = self.inner.write();
+        if generation != self.load_generation() {
+            return Ok(());
+        }
         if let Some(t) = &inner.loading
             && (t.ids.contains(&entry.id) || t.filters.iter().any(|f| f.matches(&entry)))
         {
@@ -849,7 +888,7 @@ mod tests {
         let index = ResidentIndex::new(2, 1024);
         index.remove_ids(&["gone".into()])?;
         index.remove_where(&EntryFilter::Namespace("ns".into()))?;
-        index.insert_loaded(entry("gone", "s", vec![1.0, 0.0], i64::MAX))?;
+        index.insert_loaded(0, entry("gone", "s", vec![1.0, 0.0], i64::MAX))?;
         assert!(index.is_empty());
         // Stored after the invalidation, through the log: kept.
         index.insert(entry("fresh", "s", vec![1.0, 0.0], i64::MAX))?;
@@ -858,8 +897,34 @@ mod tests {
         assert!(index.ready());
         assert_eq!(index.len(), 1);
         // After the load, loaded rows are no longer filtered.
-        index.insert_loaded(entry("late", "s", vec![0.0, 1.0], i64::MAX))?;
+        index.insert_loaded(0, entry("late", "s", vec![0.0, 1.0], i64::MAX))?;
         assert_eq!(index.len(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn a_reload_forgets_everything_and_ignores_the_older_load() -> Result<(), ResidentError> {
+        let index = ResidentIndex::new(2, 1024);
+        let first = index.load_generation();
+        index.insert_loaded(first, entry("stale", "s", vec![1.0, 0.0], i64::MAX))?;
+        index.finish_loading();
+        assert!(index.ready());
+        let second = index.restart_loading();
+        assert!(!index.ready(), "a reloading index is not searched");
+        assert!(index.is_empty());
+        // The older load goes on reading its snapshot: ignored.
+        index.insert_loaded(first, entry("old-row", "s", vec![1.0, 0.0], i64::MAX))?;
+        assert!(!index.finish_load(first));
+        assert!(!index.ready());
+        index.remove_ids(&["deleted-meanwhile".into()])?;
+        index.insert_loaded(
+            second,
+            entry("deleted-meanwhile", "s", vec![0.0, 1.0], i64::MAX),
+        )?;
+        index.insert_loaded(second, entry("row", "s", vec![0.0, 1.0], i64::MAX))?;
+        assert!(index.finish_load(second));
+        assert!(index.ready());
+        assert_eq!(index.len(), 1);
         Ok(())
     }
 }

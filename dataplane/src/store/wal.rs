@@ -77,12 +77,11 @@ impl Wal {
             }
         }
         let next = segments.last().map_or(1, |(n, _)| n + 1);
-        let file = open_segment(dir, next).map_err(|e| io("create a segment of", e))?;
+        let segment = Segment::open(dir, next).map_err(|e| io("create a segment of", e))?;
         let (tx, rx) = mpsc::channel(4096);
-        let writer_dir = dir.to_owned();
         std::thread::Builder::new()
             .name("semantis-wal".into())
-            .spawn(move || writer(writer_dir, next, file, rx))
+            .spawn(move || writer(segment, rx))
             .map_err(|e| io("start the writer of", e))?;
         Ok((
             Self {
@@ -176,8 +175,83 @@ fn list_segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
+/// The segment being written and how much of it is durable.
+struct Segment {
+    dir: PathBuf,
+    number: u64,
+    file: File,
+    /// Bytes fsynced so far: everything past this is unacknowledged.
+    durable: u64,
+    /// A write or fsync failed: the file may end in a fragment, and after a failed fsync the
+    /// kernel may have dropped pages it reported written. Nothing more goes into it.
+    poisoned: bool,
+}
+
+impl Segment {
+    fn open(dir: &Path, number: u64) -> std::io::Result<Self> {
+        let file = open_segment(dir, number)?;
+        let durable = file.metadata()?.len();
+        Ok(Self {
+            dir: dir.to_owned(),
+            number,
+            file,
+            durable,
+            poisoned: false,
+        })
+    }
+
+    /// Move to the next segment (a seal, or leaving a poisoned one).
+    fn rotate(&mut self) -> std::io::Result<()> {
+        *self = Self::open(&self.dir, self.number + 1)?;
+        Ok(())
+    }
+
+    /// After a failure: cut the fragment off (best effort; replay skips a torn last line
+    /// anyway) and continue in a fresh segment, so the next record never shares a line
+    /// with it. If even that fails the segment stays poisoned and the next write retries.
+    fn recover(&mut self) {
+        self.poisoned = true;
+        let _ = self
+            .file
+            .set_len(self.durable)
+            .and_then(|()| self.file.sync_data());
+        if self.rotate().is_ok() {
+            self.poisoned = false;
+        }
+    }
+
+    fn write(&mut self, line: &[u8]) -> std::io::Result<()> {
+        if self.poisoned {
+            self.recover();
+            if self.poisoned {
+                return Err(std::io::Error::other(
+                    "the write-ahead log could not start a new segment after a failed write",
+                ));
+            }
+        }
+        let written = self.file.write_all(line);
+        if written.is_err() {
+            self.recover();
+        }
+        written
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        match self.file.sync_data().and_then(|()| self.file.metadata()) {
+            Ok(meta) => {
+                self.durable = meta.len();
+                Ok(())
+            }
+            Err(e) => {
+                self.recover();
+                Err(e)
+            }
+        }
+    }
+}
+
 /// The group-commit loop: one blocking thread per log.
-fn writer(dir: PathBuf, mut current: u64, mut file: File, mut rx: mpsc::Receiver<Command>) {
+fn writer(mut seg: Segment, mut rx: mpsc::Receiver<Command>) {
     const MAX_GROUP: usize = 1024;
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
@@ -193,43 +267,41 @@ fn writer(dir: PathBuf, mut current: u64, mut file: File, mut rx: mpsc::Receiver
             match cmd {
                 Command::Append(line, ack) => {
                     if result.is_ok() {
-                        result = file.write_all(&line);
+                        result = seg.write(&line);
                     }
                     pending.push(ack);
                 }
                 Command::Seal(ack) => {
-                    let sealed = current;
-                    let outcome =
-                        commit(&file, &mut result, &mut pending, current).and_then(|()| {
-                            let next = open_segment(&dir, current + 1)?;
-                            file = next;
-                            current += 1;
-                            Ok(sealed)
-                        });
+                    let outcome = commit(&mut seg, &mut result, &mut pending).and_then(|()| {
+                        let sealed = seg.number;
+                        seg.rotate()?;
+                        Ok(sealed)
+                    });
                     let _ = ack.send(outcome);
                 }
                 Command::Discard(upto, ack) => {
-                    let outcome = commit(&file, &mut result, &mut pending, current)
-                        .and_then(|()| discard(&dir, upto.min(current.saturating_sub(1))));
+                    let outcome = commit(&mut seg, &mut result, &mut pending)
+                        .and_then(|()| discard(&seg.dir, upto.min(seg.number.saturating_sub(1))));
                     let _ = ack.send(outcome);
                 }
             }
         }
-        let _ = commit(&file, &mut result, &mut pending, current);
+        let _ = commit(&mut seg, &mut result, &mut pending);
     }
 }
 
-/// fsync what was written and answer the waiting appends.
+/// fsync what was written and answer the waiting appends. A failed write or fsync fails
+/// every append of the group: none of them is acknowledged.
 fn commit(
-    file: &File,
+    seg: &mut Segment,
     result: &mut std::io::Result<()>,
     pending: &mut Vec<oneshot::Sender<std::io::Result<u64>>>,
-    segment: u64,
 ) -> std::io::Result<()> {
     if pending.is_empty() {
         return Ok(());
     }
-    let outcome = std::mem::replace(result, Ok(())).and_then(|()| file.sync_data());
+    let segment = seg.number;
+    let outcome = std::mem::replace(result, Ok(())).and_then(|()| seg.sync());
     for ack in pending.drain(..) {
         let _ = ack.send(match &outcome {
             Ok(()) => Ok(segment),
@@ -239,11 +311,18 @@ fn commit(
     outcome
 }
 
+/// Delete the segments numbered ≤ `upto`, then make the deletions durable: a power cut must
+/// not bring back a segment whose deletes were already undone by a later one.
 fn discard(dir: &Path, upto: u64) -> std::io::Result<()> {
+    let mut removed = false;
     for (n, path) in list_segments(dir)? {
         if n <= upto {
             fs::remove_file(path)?;
+            removed = true;
         }
+    }
+    if removed {
+        File::open(dir)?.sync_all()?;
     }
     Ok(())
 }

@@ -420,3 +420,117 @@ async fn an_undecodable_log_record_is_skipped_and_the_follower_goes_on() -> anyh
     assert_eq!(status, 204, "{v}");
     Ok(())
 }
+
+/// A stream entry as XRANGE returns it: id, then field-value pairs.
+type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+
+/// The records of every log stream as JSON text, oldest first.
+async fn log_records(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<Vec<String>> {
+    let logs: Vec<String> = redis::cmd("KEYS")
+        .arg("semantis:*:log")
+        .query_async(conn)
+        .await?;
+    let mut out = Vec::new();
+    for log in logs {
+        let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
+            .arg(&log)
+            .arg("-")
+            .arg("+")
+            .query_async(conn)
+            .await?;
+        for (_, fields) in entries {
+            for (name, value) in fields {
+                if name == "r" {
+                    out.push(String::from_utf8_lossy(&value).into_owned());
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// r2 is frozen (SIGSTOP) while r1 deletes an entry r2 holds, stores two more, flushes and
+/// trims the stream past all of it. When r2 goes on, the records it missed are gone from the
+/// stream: before, it kept serving the deleted entry from its resident index and never
+/// learnt of the new ones. It must notice the gap and reload from the table.
+#[tokio::test]
+async fn a_follower_paused_past_a_trim_reloads_and_serves_no_deleted_entry() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let setup = cluster_setup("paused-follower").await?;
+    let r1 = Server::start_replica(dir.path(), "r1", &setup).await?;
+    let r2 = Server::start_replica(dir.path(), "r2", &setup).await?;
+    let url = setup.redis_url.clone().unwrap_or_default();
+    let conn = redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await?;
+
+    let doomed = r1
+        .store(KEY_A, json!({"prompt": "paused question", "vector": axis(8, 3, 0.0), "response": answer("old")}))
+        .await?;
+    r2.eventually("r2 serving the entry", Duration::from_secs(5), || async {
+        let v = r2.lookup(KEY_A, json!({"vector": axis(8, 3, 0.0)})).await?;
+        Ok(v["entry_id"].as_str() == Some(doomed.as_str()))
+    })
+    .await?;
+
+    r2.pause()?;
+    // The first record after the pause may answer r2's blocked read; the rest it must miss.
+    r1.store(
+        KEY_A,
+        json!({"prompt": "decoy", "vector": axis(8, 0, 0.0), "response": answer("d")}),
+    )
+    .await?;
+    let (status, v, _) = r1
+        .call(
+            Method::DELETE,
+            &format!("/v1/entries/{doomed}"),
+            Some(KEY_A),
+            None,
+        )
+        .await?;
+    anyhow::ensure!(status == 204, "delete answered {status}: {v}");
+    let fresh = r1
+        .store(KEY_A, json!({"prompt": "fresh question", "vector": axis(8, 5, 0.0), "response": answer("new")}))
+        .await?;
+    let trimmed = r1
+        .eventually(
+            "the leader trimming the delete",
+            Duration::from_secs(20),
+            || async {
+                let records = log_records(&mut conn.clone()).await?;
+                Ok(!records.iter().any(|r| r.contains("\"op\":\"delete\"")))
+            },
+        )
+        .await;
+    r2.resume()?;
+    trimmed?;
+
+    r2.eventually(
+        "r2 serving the entry stored while it was paused",
+        Duration::from_secs(10),
+        || async {
+            let v = r2.lookup(KEY_A, json!({"vector": axis(8, 5, 0.0)})).await?;
+            Ok(v["entry_id"].as_str() == Some(fresh.as_str()))
+        },
+    )
+    .await?;
+    let semantic = r2.lookup(KEY_A, json!({"vector": axis(8, 3, 0.0)})).await?;
+    let exact = r2
+        .lookup(KEY_A, json!({"prompt": "paused question"}))
+        .await?;
+    assert_eq!(
+        (semantic["hit"].as_bool(), exact["hit"].as_bool()),
+        (Some(false), Some(false)),
+        "the deleted entry is served after the gap: {semantic} {exact}"
+    );
+    let gaps = metric_sum(&r2.metrics().await?, "semantis_log_gaps_total", &[]);
+    assert!(gaps >= 1.0, "gaps {gaps}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn deletes_and_invalidations_survive_kill_9_in_cluster_mode() -> anyhow::Result<()> {
+    let mut setup = cluster_setup("kill9-deletes").await?;
+    setup.flush_max_rows = 4;
+    crate::lifecycle::deletes_survive_kill_9(setup, Some("r1")).await
+}

@@ -325,14 +325,28 @@ impl Server {
 
     /// Send SIGTERM without waiting.
     pub fn signal_term(&self) -> anyhow::Result<()> {
+        self.signal("TERM")
+    }
+
+    /// Freeze the process (SIGSTOP), as a stalled node or a long GC pause would.
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.signal("STOP")
+    }
+
+    /// Let a paused process go on (SIGCONT).
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal("CONT")
+    }
+
+    fn signal(&self, name: &str) -> anyhow::Result<()> {
         let Some(child) = self.child.as_ref() else {
             bail!("the server is not running");
         };
         let status = Command::new("kill")
-            .arg("-TERM")
+            .arg(format!("-{name}"))
             .arg(child.id().to_string())
             .status()?;
-        anyhow::ensure!(status.success(), "failed to send SIGTERM");
+        anyhow::ensure!(status.success(), "failed to send SIG{name}");
         Ok(())
     }
 

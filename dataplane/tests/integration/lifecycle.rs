@@ -534,3 +534,218 @@ async fn the_resident_index_serves_lookups_and_reloads_after_kill_9() -> anyhow:
     .await?;
     Ok(())
 }
+
+/// Deletes and an invalidation, some of table rows and some of tail entries, then kill -9 at
+/// once and a restart on the same data (and the same Redis in cluster mode): none of them is
+/// served again, on the exact path or the vector path; everything else is.
+pub async fn deletes_survive_kill_9(setup: Setup, replica: Option<&str>) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = match replica {
+        Some(name) => Server::start_replica(dir.path(), name, &setup).await?,
+        None => Server::start(dir.path(), &setup).await?,
+    };
+    // (prompt, namespace): the first four reach LanceDB, the last four stay in the tail.
+    let plan = [
+        ("table kept", "chat"),
+        ("table deleted", "chat"),
+        ("table invalidated", "docs"),
+        ("table kept too", "chat"),
+        ("tail kept", "chat"),
+        ("tail deleted", "chat"),
+        ("tail invalidated", "docs"),
+        ("tail kept too", "chat"),
+    ];
+    let mut ids = Vec::new();
+    for (i, (prompt, ns)) in plan.iter().enumerate() {
+        ids.push(
+            s.store(KEY_A, json!({"prompt": prompt, "vector": axis(8, i, 0.0), "scope": {"namespace": ns}, "response": answer(prompt)}))
+                .await?,
+        );
+        if i == 3 {
+            s.eventually(
+                "the first four in LanceDB",
+                Duration::from_secs(10),
+                || async {
+                    Ok(metric_sum(
+                        &s.metrics().await?,
+                        "semantis_store_flushed_entries_total",
+                        &[],
+                    ) >= 4.0)
+                },
+            )
+            .await?;
+        }
+    }
+    for i in [1, 5] {
+        let (status, v, _) = s
+            .call(
+                Method::DELETE,
+                &format!("/v1/entries/{}", ids[i]),
+                Some(KEY_A),
+                None,
+            )
+            .await?;
+        anyhow::ensure!(status == 204, "delete {i} answered {status}: {v}");
+    }
+    let (status, v, _) = s
+        .call(
+            Method::POST,
+            "/v1/invalidate",
+            Some(KEY_A),
+            Some(&json!({"namespace": "docs"})),
+        )
+        .await?;
+    anyhow::ensure!(status == 200, "invalidate answered {status}: {v}");
+    let s = s.restart().await?;
+    for (i, (prompt, ns)) in plan.iter().enumerate() {
+        let gone = prompt.contains("deleted") || prompt.contains("invalidated");
+        let exact = s
+            .lookup(KEY_A, json!({"prompt": prompt, "scope": {"namespace": ns}}))
+            .await?;
+        let semantic = s
+            .lookup(
+                KEY_A,
+                json!({"vector": axis(8, i, 0.0), "scope": {"namespace": ns}}),
+            )
+            .await?;
+        let served = |v: &serde_json::Value| v["entry_id"].as_str() == Some(ids[i].as_str());
+        assert_eq!(
+            (served(&exact), served(&semantic)),
+            (!gone, !gone),
+            "{prompt} after kill -9: exact {exact}, semantic {semantic}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn deletes_and_invalidations_survive_kill_9() -> anyhow::Result<()> {
+    let setup = Setup {
+        flush_max_rows: 4,
+        ..Setup::default()
+    };
+    deletes_survive_kill_9(setup, None).await
+}
+
+/// A small tmpfs mounted at `dir` for one test, unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()?;
+        anyhow::ensure!(
+            status.success(),
+            "failed to mount a {size} tmpfs at {} (the disk-full test runs as root, like `make test`)",
+            dir.display()
+        );
+        Ok(Self(dir.to_owned()))
+    }
+
+    /// Fill the disk until writing fails, leaving `room` bytes free; returns the filler.
+    fn fill(&self, room: u64) -> anyhow::Result<std::path::PathBuf> {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path)?;
+        let chunk = vec![0u8; 64 * 1024];
+        loop {
+            match f.write(&chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        let len = f.metadata()?.len();
+        f.set_len(len.saturating_sub(room))?;
+        Ok(path)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The data directory's disk fills up under acknowledged stores. While it is full, stores
+/// fail with 503 `store_unavailable` and lookups keep answering; a store cut short leaves
+/// a fragment in the write-ahead log. Once space returns, stores succeed again, and after a
+/// kill -9 every acknowledged store is served: before, the record written after the
+/// fragment shared its line and replay dropped it.
+#[tokio::test]
+async fn a_full_disk_fails_stores_cleanly_and_loses_no_acknowledged_one() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let disk = SmallDisk::mount(&dir.path().join("data"), "48m")?;
+    let setup = Setup {
+        flush_max_rows: 100_000,
+        ..Setup::default()
+    };
+    let s = Server::start(dir.path(), &setup).await?;
+    let big = "x".repeat(20_000);
+    let mut acked = Vec::new();
+    let store = |i: usize| {
+        let body = json!({"prompt": format!("disk {i}"), "vector": scattered(8, i as u64), "response": answer(&format!("{i} {big}"))});
+        let s = &s;
+        async move {
+            s.call(Method::POST, "/v1/entries", Some(KEY_A), Some(&body))
+                .await
+        }
+    };
+    for i in 0..10 {
+        let (status, v, _) = store(i).await?;
+        anyhow::ensure!(status == 201, "store {i} answered {status}: {v}");
+        acked.push((i, v["id"].as_str().unwrap_or_default().to_owned()));
+    }
+    // Room for part of one record: the next store is cut short.
+    let filler = disk.fill(6_000)?;
+    let mut refused = 0;
+    for i in 10..20 {
+        let (status, v, _) = store(i).await?;
+        match status {
+            201 => acked.push((i, v["id"].as_str().unwrap_or_default().to_owned())),
+            503 => {
+                assert_eq!(v["error"]["code"], "store_unavailable", "{v}");
+                refused += 1;
+            }
+            other => panic!("a store on a full disk answered {other}: {v}"),
+        }
+    }
+    assert!(
+        refused >= 8,
+        "only {refused} of 10 stores were refused on a full disk"
+    );
+    let v = s.lookup(KEY_A, json!({"prompt": "disk 3"})).await?;
+    assert_eq!(v["hit"], true, "lookups answer while the disk is full: {v}");
+
+    std::fs::remove_file(filler)?;
+    for i in 20..30 {
+        let (status, v, _) = store(i).await?;
+        anyhow::ensure!(
+            status == 201,
+            "store {i} after space returned answered {status}: {v}"
+        );
+        acked.push((i, v["id"].as_str().unwrap_or_default().to_owned()));
+    }
+    let s = s.restart().await?;
+    let mut lost = Vec::new();
+    for (i, id) in &acked {
+        let v = s
+            .lookup(KEY_A, json!({"prompt": format!("disk {i}")}))
+            .await?;
+        if v["entry_id"].as_str() != Some(id.as_str()) {
+            lost.push(*i);
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "acknowledged stores lost after kill -9: {lost:?}"
+    );
+    drop(s);
+    drop(disk);
+    Ok(())
+}

@@ -65,8 +65,11 @@ impl LanceEntryStore {
         Ok(())
     }
 
-    /// Everything up to `upto` is in the table: drop it here and tell the log.
+    /// Everything up to `upto` is in the table: drop it here and tell the log. LanceDB
+    /// writes its files without fsync, so they are made durable first: once the log forgets
+    /// a record, the table's copy is the only one.
     pub(super) async fn record_flushed(&self, upto: Pos) -> Result<(), BackendError> {
+        sync_filesystem(&self.cfg.data_dir).await?;
         match &self.log {
             Log::File(wal) => {
                 self.state.lock().apply_flushed(upto);
@@ -109,4 +112,26 @@ impl LanceEntryStore {
         }
         Ok(leads)
     }
+}
+
+/// `syncfs(2)` on the filesystem holding `dir`: every file LanceDB wrote there (data
+/// fragments, deletion files, manifests) and their directory entries reach the disk. One
+/// call covers them all, however many files a flush or compaction wrote.
+pub(super) async fn sync_filesystem(dir: &str) -> Result<(), BackendError> {
+    let path = dir.to_owned();
+    tokio::task::spawn_blocking(move || {
+        std::fs::File::open(&path)
+            .and_then(|f| rustix::fs::syncfs(&f).map_err(std::io::Error::from))
+            .map_err(|source| BackendError::Io {
+                action: "sync the files of",
+                path,
+                source,
+            })
+    })
+    .await
+    .map_err(|e| BackendError::Io {
+        action: "sync the files of",
+        path: dir.to_owned(),
+        source: std::io::Error::other(e.to_string()),
+    })?
 }

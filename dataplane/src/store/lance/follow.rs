@@ -6,13 +6,14 @@ use std::time::Duration;
 use super::LanceEntryStore;
 use super::store::Log;
 use crate::store::BackendError;
-use crate::store::redis_log::RedisLog;
+use crate::store::redis_log::{RedisLog, format_stream_id};
 
 impl LanceEntryStore {
     /// Cluster mode: apply every record other replicas append, in stream order.
     pub(super) async fn spawn_follower(
         store: Weak<Self>,
         log: Arc<RedisLog>,
+        mut seq: Option<u64>,
     ) -> Result<(), BackendError> {
         let mut conn = log.follower_connection().await?;
         tokio::spawn(async move {
@@ -28,6 +29,12 @@ impl LanceEntryStore {
                 match batch {
                     Ok(batch) => {
                         backoff = Duration::from_millis(50);
+                        if batch.follows_a_gap(seq) {
+                            me.resynchronise(&store).await;
+                        }
+                        if batch.last.is_some() {
+                            seq = batch.last_seq;
+                        }
                         for (pos, record) in batch.records {
                             let own = me.state.lock().applied_own.remove(&pos);
                             if !own && let Err(e) = me.apply(pos, record).await {
@@ -61,6 +68,36 @@ impl LanceEntryStore {
             }
         });
         Ok(())
+    }
+
+    /// Records between this replica's position and the next one it read were trimmed unread
+    /// (it fell behind the flush leader, paused or partitioned): whatever they put or deleted
+    /// is in the table now, so drop everything held from the log and reload from the table.
+    async fn resynchronise(&self, store: &Weak<Self>) {
+        let after = *self.cursor.borrow();
+        self.metrics
+            .log_gaps
+            .with_label_values(&[&self.tenant])
+            .inc();
+        tracing::warn!(
+            table = %self.table.name(),
+            after = %format_stream_id(after),
+            "the log was trimmed past records this replica had not read; reloading from the table"
+        );
+        // Deletes in the gap went to the table: until the refresh shows them, no read
+        // should rely on anything held here.
+        let reload = self
+            .resident
+            .as_ref()
+            .filter(|r| !r.disabled())
+            .map(|r| (r.clone(), r.restart_loading()));
+        if let Err(e) = self.table.refresh().await {
+            tracing::warn!(table = %self.table.name(), error = %e, "failed to refresh the table after a log gap; the next flush record refreshes it");
+        }
+        self.state.lock().apply_flushed(after);
+        if let Some((resident, generation)) = reload {
+            Self::spawn_resident_load(store.clone(), resident, generation);
+        }
     }
 
     /// Cluster mode: wait until this replica has applied everything appended so far, so a

@@ -18,6 +18,8 @@ impl LanceEntryStore {
         if self.flushes_since_compaction.load(Ordering::Relaxed) >= self.cfg.compact_min_fragments {
             let started = Instant::now();
             self.table.compact().await?;
+            // The rewritten fragments on disk before the versions naming the old ones go.
+            super::flush::sync_filesystem(&self.cfg.data_dir).await?;
             self.table.prune(self.cfg.prune_older_than_secs).await?;
             self.flushes_since_compaction.store(0, Ordering::Relaxed);
             self.metrics

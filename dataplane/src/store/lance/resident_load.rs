@@ -16,23 +16,30 @@ impl LanceEntryStore {
     /// and builds the graphs) would otherwise slow readiness down threefold.
     pub fn start_resident_load(self: &Arc<Self>) {
         if let Some(resident) = &self.resident {
-            Self::spawn_resident_load(Arc::downgrade(self), resident.clone());
+            let generation = resident.load_generation();
+            Self::spawn_resident_load(Arc::downgrade(self), resident.clone(), generation);
         }
     }
 
     /// Fill the resident index from the table in the background. Log records applied
     /// meanwhile go to it directly; until it is ready, searches go to LanceDB.
-    pub(super) fn spawn_resident_load(store: Weak<Self>, resident: Arc<ResidentIndex>) {
+    pub(super) fn spawn_resident_load(
+        store: Weak<Self>,
+        resident: Arc<ResidentIndex>,
+        generation: u64,
+    ) {
         tokio::spawn(async move {
             let started = Instant::now();
             let result = match store.upgrade() {
-                Some(me) => me.load_resident(&resident).await,
+                Some(me) => me.load_resident(&resident, generation).await,
                 None => return,
             };
             let Some(me) = store.upgrade() else { return };
             match result {
+                // A newer load started meanwhile: it reports for itself.
+                Ok(()) if !resident.finish_load(generation) => {}
+                Err(_) if resident.load_generation() != generation => {}
                 Ok(()) => {
-                    resident.finish_loading();
                     me.metrics
                         .resident_entries
                         .with_label_values(&[&me.tenant])
@@ -57,15 +64,22 @@ impl LanceEntryStore {
         });
     }
 
-    async fn load_resident(&self, resident: &Arc<ResidentIndex>) -> Result<(), BackendError> {
+    async fn load_resident(
+        &self,
+        resident: &Arc<ResidentIndex>,
+        generation: u64,
+    ) -> Result<(), BackendError> {
         let mut stream = Box::pin(self.table.scan(None).await?);
         while let Some(entries) = stream.try_next().await? {
+            if resident.load_generation() != generation {
+                return Ok(());
+            }
             let resident = resident.clone();
             // Graph inserts are CPU work: keep them off the request workers.
             tokio::task::spawn_blocking(move || {
                 entries
                     .into_iter()
-                    .try_for_each(|e| resident.insert_loaded(Arc::new(e)))
+                    .try_for_each(|e| resident.insert_loaded(generation, Arc::new(e)))
             })
             .await
             .map_err(|e| BackendError::Decode {

@@ -91,7 +91,7 @@ impl LanceEntryStore {
         let table = Table::open(db, table_name, dimension).await?;
         let indexes = table.indexes().await?;
 
-        let (log, replay, replayed_upto) = match log {
+        let (log, replay, replayed_upto, replayed_seq) = match log {
             LogConfig::File { root } => {
                 let (wal, replayed) = Wal::open(&root.join(table_name))?;
                 if replayed.torn > 0 {
@@ -103,7 +103,7 @@ impl LanceEntryStore {
                 }
                 // Position 0 sorts before every live segment: the next flush takes them all.
                 let records = replayed.records.into_iter().map(|r| (0, r)).collect();
-                (Log::File(wal), records, 0)
+                (Log::File(wal), records, 0, None)
             }
             LogConfig::Redis {
                 client,
@@ -114,19 +114,25 @@ impl LanceEntryStore {
                 let mut follower = log.follower_connection().await?;
                 let mut records = Vec::new();
                 let mut after = 0;
+                let mut seq = None;
                 loop {
                     let batch = log
                         .read_after(&mut follower, after, Duration::from_millis(1))
                         .await?;
                     let Some(last) = batch.last else { break };
+                    if batch.follows_a_gap(seq) {
+                        // Trimmed while replaying: what was cut is in the table; start over.
+                        records.clear();
+                    }
                     after = last;
+                    seq = batch.last_seq;
                     records.extend(batch.records);
                     metrics
                         .log_records_skipped
                         .with_label_values(&[tenant])
                         .inc_by(batch.undecodable as u64);
                 }
-                (Log::Redis(Arc::new(log)), records, after)
+                (Log::Redis(Arc::new(log)), records, after, seq)
             }
         };
         // The follower goes on from the last record replayed here.
@@ -161,7 +167,7 @@ impl LanceEntryStore {
             tracing::info!(table = %store.table.name(), records = count, "replayed the write-ahead log");
         }
         if let Log::Redis(log) = &store.log {
-            Self::spawn_follower(Arc::downgrade(&store), log.clone()).await?;
+            Self::spawn_follower(Arc::downgrade(&store), log.clone(), replayed_seq).await?;
         }
         if let Some(resident) = &store.resident
             && let Err(e) = resident.spawn_indexer()
