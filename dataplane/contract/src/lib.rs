@@ -200,7 +200,9 @@ pub struct EmbedderConfig {
     pub cache_entries: u64,
     /// Embedding cache lifetime, in seconds.
     pub cache_ttl_secs: u64,
-    /// Longest input, in tokens, the local model sees; longer prompts are truncated.
+    /// Longest input, in tokens, the local model sees; longer prompts are truncated, and a
+    /// semantic hit then needs the text past the window to match. For `tei` and `ollama`,
+    /// which truncate silently, the window assumed at 3 bytes per token.
     pub max_tokens: usize,
     /// Deadline for one embedding call, in milliseconds.
     pub timeout_ms: u64,

@@ -23,6 +23,7 @@ use crate::ports::{
 use crate::scope::{Scope, exact_key, normalize_prompt};
 use crate::tenants::{Tenant, TenantRegistry};
 use crate::vector::now_ms;
+use crate::verify;
 
 /// Which path answered a hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -396,14 +397,54 @@ impl Cache {
                 ));
             }
         };
-        let best = candidates.into_iter().next();
-        let best_similarity = best.as_ref().map(|c| c.similarity);
-        let hit = best.filter(|c| c.similarity >= threshold).map(|c| Hit {
-            path: HitPath::Semantic,
-            similarity: c.similarity,
-            entry: c.entry,
-        });
+        let best_similarity = candidates.first().map(|c| c.similarity);
+        let embedded_here = q.vector.is_none();
+        let hit = candidates
+            .into_iter()
+            .take_while(|c| c.similarity >= threshold)
+            .find(|c| self.verified(tenant, q.prompt.as_deref(), embedded_here, &c.entry))
+            .map(|c| Hit {
+                path: HitPath::Semantic,
+                similarity: c.similarity,
+                entry: c.entry,
+            });
         Ok(self.finish(part, &q, hit, best_similarity, threshold, degraded, started))
+    }
+
+    /// Whether a candidate above the threshold may be served for `prompt` ([`verify`]).
+    /// A lookup by vector alone has no text to compare: nothing to check. With a vector the
+    /// client embedded itself, this embedder's window says nothing about it.
+    fn verified(
+        &self,
+        tenant: &Tenant,
+        prompt: Option<&str>,
+        embedded_here: bool,
+        candidate: &Entry,
+    ) -> bool {
+        let Some(prompt) = prompt else { return true };
+        let window = |text: &str| {
+            self.embedder
+                .as_ref()
+                .filter(|_| embedded_here)
+                .and_then(|e| e.window(text))
+        };
+        let rejection = verify::check(
+            verify::Read {
+                prompt,
+                window: window(prompt),
+            },
+            verify::Read {
+                prompt: &candidate.prompt,
+                window: window(&candidate.prompt),
+            },
+        );
+        if let Some(r) = rejection {
+            self.metrics
+                .rejected_candidates
+                .with_label_values(&[&tenant.name, r.as_str()])
+                .inc();
+        }
+        rejection.is_none()
     }
 
     /// The exact path's store read, warming the hot layer with what it found. A removal that

@@ -17,6 +17,7 @@ pub mod ports;
 pub mod scope;
 pub mod tenants;
 pub mod vector;
+pub mod verify;
 
 pub use cache::{
     Cache, CacheParts, Hit, HitPath, LookupOutcome, LookupQuery, MAX_TOKENS, Partition,

@@ -13,6 +13,7 @@ pub struct CacheMetrics {
     pub lookup_duration: HistogramVec,
     pub best_similarity: HistogramVec,
     pub near_misses: IntCounterVec,
+    pub rejected_candidates: IntCounterVec,
     pub tokens_saved: IntCounterVec,
     pub usd_saved_micros: IntCounterVec,
     pub stores: IntCounterVec,
@@ -87,6 +88,12 @@ impl CacheMetrics {
                 "semantis_cache_near_misses_total",
                 "Semantic misses whose best candidate was within the near-miss margin of the threshold.",
                 &["tenant"],
+            )?,
+            rejected_candidates: counter(
+                r,
+                "semantis_cache_rejected_candidates_total",
+                "Semantic candidates above the threshold that were not served, by the check they failed.",
+                &["tenant", "reason"],
             )?,
             tokens_saved: counter(
                 r,

@@ -117,6 +117,11 @@ pub trait Embedder: Send + Sync {
     fn healthy(&self) -> bool {
         true
     }
+    /// Where the embedder stops reading `text` (a byte offset on a char boundary), `None`
+    /// when it reads all of it. The vector says nothing about the text past this point.
+    fn window(&self, _text: &str) -> Option<usize> {
+        None
+    }
 }
 
 /// Stores accepted while the embedder was down, kept durably until a background pass embeds

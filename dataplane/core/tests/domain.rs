@@ -304,6 +304,9 @@ impl UsageReport for MemUsage {
 
 /// Texts to vectors by a fixed table (unknown texts get a vector of their own), switchable to
 /// failing like a provider that went down.
+/// The table embedder reads this many bytes of a text (the length of this preamble).
+const PREAMBLE: &str = "You are a careful assistant for our docs. Answer the question below.";
+
 struct TableEmbedder {
     table: HashMap<&'static str, [f32; DIM]>,
     down: AtomicBool,
@@ -321,11 +324,17 @@ impl Embedder for TableEmbedder {
         Ok(texts
             .iter()
             .map(|t| {
+                // Like a real model, it reads only the window.
+                let seen = t.get(..self.window(t).unwrap_or(t.len())).unwrap_or(t);
                 self.table
-                    .get(t.as_str())
+                    .get(seen)
                     .map_or_else(|| vec![0.0, 0.0, 0.0, 1.0], |v| v.to_vec())
             })
             .collect())
+    }
+
+    fn window(&self, text: &str) -> Option<usize> {
+        (text.len() > PREAMBLE.len()).then_some(PREAMBLE.len())
     }
 
     fn dimension(&self) -> usize {
@@ -386,6 +395,10 @@ fn world_with(max_entries: u64, eviction: EvictionPolicy) -> World {
             ("How can I reset my password?", [0.99, 0.1, 0.0, 0.0]),
             ("What is the capital of France?", [0.0, 1.0, 0.0, 0.0]),
             ("Is the capital of France Paris?", [0.1, 0.95, 0.2, 0.0]),
+            (PREAMBLE, [0.0, 0.0, 0.6, 0.8]),
+            ("What is 17 times 23?", [0.0, 0.0, 1.0, 0.0]),
+            ("What is 17 times 24?", [0.0, 0.0, 1.0, 0.0]),
+            ("What's 23 times 17?", [0.0, 0.05, 0.99, 0.0]),
         ]),
         down: AtomicBool::new(false),
     });
@@ -1033,4 +1046,64 @@ async fn token_counts_beyond_the_bound_are_refused_and_sums_never_overflow() {
         .await
         .expect("lookup");
     assert!(out.hit.is_some());
+}
+
+#[tokio::test]
+async fn long_prompts_that_differ_past_the_window_never_hit_each_other() {
+    let w = world();
+    let a = format!("{PREAMBLE} How do I rotate the signing keys?");
+    let b = format!("{PREAMBLE} How do I delete my account?");
+    let stored = w
+        .cache
+        .store(&w.tenant, store_cmd(&a, scope("m")))
+        .await
+        .expect("store");
+    let other = w
+        .cache
+        .lookup(&w.tenant, query(&b, scope("m")))
+        .await
+        .expect("lookup");
+    assert!(
+        other.hit.is_none(),
+        "a different question after the preamble hit"
+    );
+    let spaced = format!("{PREAMBLE}  How do I rotate   the signing keys? ");
+    let same = w
+        .cache
+        .lookup(&w.tenant, query(&spaced, scope("m")))
+        .await
+        .expect("lookup");
+    assert_eq!(same.hit.map(|h| h.entry.id.clone()), Some(stored.id));
+    // The preamble alone is not the long prompt either.
+    let short = w
+        .cache
+        .lookup(&w.tenant, query(PREAMBLE, scope("m")))
+        .await
+        .expect("lookup");
+    assert!(
+        short.hit.is_none(),
+        "the preamble alone hit the long prompt"
+    );
+}
+
+#[tokio::test]
+async fn prompts_with_other_numbers_never_hit_each_other() {
+    let w = world();
+    let stored = w
+        .cache
+        .store(&w.tenant, store_cmd("What is 17 times 23?", scope("m")))
+        .await
+        .expect("store");
+    let other = w
+        .cache
+        .lookup(&w.tenant, query("What is 17 times 24?", scope("m")))
+        .await
+        .expect("lookup");
+    assert!(other.hit.is_none(), "17 × 24 was answered with 17 × 23");
+    let para = w
+        .cache
+        .lookup(&w.tenant, query("What's 23 times 17?", scope("m")))
+        .await
+        .expect("lookup");
+    assert_eq!(para.hit.map(|h| h.entry.id.clone()), Some(stored.id));
 }

@@ -101,6 +101,10 @@ impl Embedder for Batched {
     fn healthy(&self) -> bool {
         self.inner.healthy()
     }
+
+    fn window(&self, text: &str) -> Option<usize> {
+        self.inner.window(text)
+    }
 }
 
 /// The embedding cache: an in-process tier, and in cluster mode a Redis tier shared by the
@@ -219,5 +223,9 @@ impl Embedder for Cached {
 
     fn healthy(&self) -> bool {
         self.inner.healthy()
+    }
+
+    fn window(&self, text: &str) -> Option<usize> {
+        self.inner.window(text)
     }
 }

@@ -25,6 +25,7 @@ pub struct LocalEmbedder {
     model: Arc<Model>,
     dimension: usize,
     timeout: Duration,
+    max_tokens: usize,
 }
 
 impl LocalEmbedder {
@@ -74,6 +75,7 @@ impl LocalEmbedder {
             model: Arc::new(model),
             dimension: got,
             timeout: Duration::from_millis(cfg.timeout_ms),
+            max_tokens: cfg.max_tokens,
         })
     }
 }
@@ -158,5 +160,25 @@ impl Embedder for LocalEmbedder {
 
     fn provider(&self) -> &'static str {
         "local"
+    }
+
+    /// From the tokenizer: the end of the last token the model sees. A token covers at least
+    /// one byte, so a text of fewer bytes than the window (special tokens aside) is read whole
+    /// without tokenizing it.
+    fn window(&self, text: &str) -> Option<usize> {
+        if text.len() + 2 <= self.max_tokens {
+            return None;
+        }
+        let encoding = self.model.tokenizer.encode(text, true).ok()?;
+        if encoding.get_overflowing().is_empty() {
+            return None;
+        }
+        let end = encoding
+            .get_offsets()
+            .iter()
+            .map(|&(_, end)| end)
+            .max()
+            .unwrap_or(0);
+        (end < text.len()).then(|| (end..=text.len()).find(|&i| text.is_char_boundary(i)))?
     }
 }

@@ -108,7 +108,13 @@ pub struct RemoteEmbedder {
     max_attempts: u32,
     breaker: Breaker,
     metrics: Arc<Metrics>,
+    /// TEI and Ollama truncate long inputs silently: the bytes they are assumed to read.
+    window_bytes: Option<usize>,
 }
+
+/// Bytes per token assumed where no tokenizer is at hand (English averages about 4): a low
+/// estimate makes more of a long prompt count as unseen, which costs hits, not right answers.
+const BYTES_PER_TOKEN: usize = 3;
 
 fn read_api_key(cfg: &EmbedderConfig) -> Result<Option<SecretString>, EmbedError> {
     if let Some(path) = &cfg.api_key_file {
@@ -167,6 +173,12 @@ impl RemoteEmbedder {
             api_key: read_api_key(cfg)?,
             max_batch: cfg.max_batch.max(1),
             max_attempts: cfg.max_attempts.max(1),
+            window_bytes: match protocol {
+                Protocol::Tei | Protocol::Ollama => {
+                    Some(cfg.max_tokens.saturating_mul(BYTES_PER_TOKEN))
+                }
+                Protocol::OpenAi => None,
+            },
             breaker: Breaker::new(
                 cfg.breaker_failures,
                 Duration::from_millis(cfg.breaker_cooldown_ms),
@@ -393,6 +405,18 @@ impl Embedder for RemoteEmbedder {
 
     fn healthy(&self) -> bool {
         !self.breaker.is_open()
+    }
+
+    /// An estimate (no tokenizer here): OpenAI refuses inputs past its window instead of
+    /// truncating them, so only TEI and Ollama have one.
+    fn window(&self, text: &str) -> Option<usize> {
+        let w = self.window_bytes?;
+        (text.len() > w).then(|| {
+            (0..=w)
+                .rev()
+                .find(|&i| text.is_char_boundary(i))
+                .unwrap_or(0)
+        })
     }
 }
 

@@ -749,3 +749,87 @@ async fn a_full_disk_fails_stores_cleanly_and_loses_no_acknowledged_one() -> any
     drop(disk);
     Ok(())
 }
+
+/// The local model reads 256 tokens. Two 2,000-token prompts sharing all but their last
+/// question embed to the same vector (similarity ≈ 1.0); before, the second was answered with
+/// the first's response. So were "17 times 24" with "17 times 23"'s.
+#[tokio::test]
+async fn long_prompts_past_the_window_and_other_numbers_miss_with_the_local_model()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let setup = Setup {
+        local_model: true,
+        min_similarity: 0.8,
+        ..Setup::default()
+    };
+    let s = Server::start(dir.path(), &setup).await?;
+    let preamble: String = (0..150)
+        .map(|i| format!("Rule {i}: the service keeps a log of every request it answers. "))
+        .collect();
+    let long_a = format!("{preamble}Question: how do I rotate the signing keys?");
+    let long_b = format!("{preamble}Question: how do I delete a user account?");
+    s.store(
+        KEY_A,
+        json!({"prompt": long_a, "response": answer("rotate")}),
+    )
+    .await?;
+    s.store(
+        KEY_A,
+        json!({"prompt": "What is 17 times 23?", "response": answer("391")}),
+    )
+    .await?;
+
+    let v = s.lookup(KEY_A, json!({"prompt": long_b})).await?;
+    assert_eq!(
+        v["hit"], false,
+        "another question after the same preamble hit: {v}"
+    );
+    assert!(
+        v["best_similarity"].as_f64().unwrap_or(0.0) > 0.99,
+        "the vectors cannot tell them apart: {v}"
+    );
+    let v = s
+        .lookup(
+            KEY_A,
+            json!({"prompt": format!("{preamble} Question: how do I rotate the signing keys ?")}),
+        )
+        .await?;
+    assert_eq!(v["hit"], false, "a different text past the window hit: {v}");
+    let v = s
+        .lookup(
+            KEY_A,
+            json!({"prompt": format!("{preamble}Question: how do I rotate the signing keys?")}),
+        )
+        .await?;
+    assert_eq!(
+        (v["hit"].as_bool(), v["path"].as_str()),
+        (Some(true), Some("exact")),
+        "{v}"
+    );
+
+    let v = s
+        .lookup(KEY_A, json!({"prompt": "What is 17 times 24?"}))
+        .await?;
+    assert_eq!(
+        v["hit"], false,
+        "17 × 24 was answered with 17 × 23's answer: {v}"
+    );
+    let v = s
+        .lookup(KEY_A, json!({"prompt": "what is 17 times 23"}))
+        .await?;
+    assert_eq!(
+        (v["hit"].as_bool(), v["path"].as_str(), &v["response"]),
+        (Some(true), Some("semantic"), &answer("391")),
+        "{v}"
+    );
+    let metrics = s.metrics().await?;
+    for reason in ["beyond_window", "numbers"] {
+        let n = metric_sum(
+            &metrics,
+            "semantis_cache_rejected_candidates_total",
+            &[("reason", reason)],
+        );
+        assert!(n >= 1.0, "{reason}: {n}");
+    }
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! Checks a semantic candidate must pass before it is served, after the nearest-neighbour
+//! search: the embedding alone cannot see them. Pure functions of the two prompts.
+//!
+//! - **Beyond the window**: an embedder reads a prompt only up to its window (256 tokens for
+//!   the local model) and ignores the rest, so two long prompts that share a preamble embed
+//!   the same however their endings differ. The text past each prompt's window must match
+//!   (after white-space folding), or the candidate is not a hit.
+//! - **Numbers**: "What is 17 times 23?" and "…24?" are near-identical vectors. The numbers
+//!   of the two prompts must be the same, as a multiset.
+
+use crate::scope::normalize_prompt;
+
+/// Why a candidate above the threshold was not served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The prompts differ past the embedder's window, where the vectors cannot see.
+    BeyondWindow,
+    /// The prompts hold different numbers.
+    Numbers,
+}
+
+impl Rejection {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BeyondWindow => "beyond_window",
+            Self::Numbers => "numbers",
+        }
+    }
+}
+
+/// One side of a comparison: a prompt and where the embedder stopped reading it (a byte
+/// offset on a char boundary), `None` when it read all of it.
+#[derive(Debug, Clone, Copy)]
+pub struct Read<'a> {
+    pub prompt: &'a str,
+    pub window: Option<usize>,
+}
+
+impl<'a> Read<'a> {
+    /// The text the embedder did not see, folded like the exact path folds a prompt.
+    fn unseen(&self) -> String {
+        let rest = self
+            .window
+            .and_then(|w| self.prompt.get(w..))
+            .unwrap_or_default();
+        normalize_prompt(rest)
+    }
+}
+
+/// The first check `candidate` fails against `query`, if any.
+pub fn check(query: Read<'_>, candidate: Read<'_>) -> Option<Rejection> {
+    if query.unseen() != candidate.unseen() {
+        return Some(Rejection::BeyondWindow);
+    }
+    if numbers(query.prompt) != numbers(candidate.prompt) {
+        return Some(Rejection::Numbers);
+    }
+    None
+}
+
+/// The numbers in `text`, sorted: runs of digits with their decimal separators (`1,000`,
+/// `3.14`), written without group separators and leading zeros, so `1,000` and `1000` are
+/// the same number. Digits inside words (`gpt4`, `h2o`) count too: they name things.
+pub fn numbers(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let chars: Vec<char> = text.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        if !chars[i].is_ascii_digit() {
+            i += 1;
+            continue;
+        }
+        let mut int = String::new();
+        let mut frac = String::new();
+        let mut in_frac = false;
+        while i < chars.len() {
+            let c = chars[i];
+            let next_digit = chars.get(i + 1).is_some_and(char::is_ascii_digit);
+            if c.is_ascii_digit() {
+                if in_frac {
+                    frac.push(c);
+                } else {
+                    int.push(c);
+                }
+            } else if c == ',' && !in_frac && next_digit {
+                // a group separator: 1,000
+            } else if c == '.' && !in_frac && next_digit {
+                in_frac = true;
+            } else {
+                break;
+            }
+            i += 1;
+        }
+        let int = int.trim_start_matches('0');
+        let frac = frac.trim_end_matches('0');
+        let int = if int.is_empty() { "0" } else { int };
+        out.push(if frac.is_empty() {
+            int.to_owned()
+        } else {
+            format!("{int}.{frac}")
+        });
+    }
+    out.sort();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn whole(prompt: &str) -> Read<'_> {
+        Read {
+            prompt,
+            window: None,
+        }
+    }
+
+    #[test]
+    fn numbers_are_read_as_numbers() {
+        assert_eq!(numbers("What is 17 times 23?"), ["17", "23"]);
+        assert_eq!(
+            numbers("1,000 or 1000.0 or 01000"),
+            ["1000", "1000", "1000"]
+        );
+        assert_eq!(numbers("pi is 3.14, e is 2.718."), ["2.718", "3.14"]);
+        assert_eq!(numbers("gpt4 vs h2o"), ["2", "4"]);
+        assert!(numbers("no digits here").is_empty());
+    }
+
+    #[test]
+    fn different_numbers_reject_and_reordered_ones_pass() {
+        assert_eq!(
+            check(whole("What is 17 times 23?"), whole("What is 17 times 24?")),
+            Some(Rejection::Numbers)
+        );
+        assert_eq!(
+            check(
+                whole("What is 17 times 23?"),
+                whole("what's 23 multiplied by 17")
+            ),
+            None
+        );
+        assert_eq!(
+            check(
+                whole("How do I learn Rust?"),
+                whole("How can I learn Rust?")
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn text_past_the_window_must_match() {
+        let a = "shared preamble. Question: how do I sort a list?";
+        let b = "shared preamble. Question: how do I reverse a list?";
+        let window = Some("shared preamble.".len());
+        let read = |prompt| Read { prompt, window };
+        assert_eq!(check(read(a), read(b)), Some(Rejection::BeyondWindow));
+        assert_eq!(check(read(a), read(a)), None);
+        // Only one of them was cut: the other had nothing past its window.
+        assert_eq!(check(read(a), whole(a)), Some(Rejection::BeyondWindow));
+        // White space past the window is folded like the exact path's.
+        let spaced = "shared preamble.   Question:  how do I sort a list? ";
+        assert_eq!(check(read(a), read(spaced)), None);
+    }
+}
