@@ -233,6 +233,45 @@ pub fn is_paused(cache: &SemanticCache) -> bool {
             .is_some_and(|v| v == "true")
 }
 
+/// The `spec.postgres` part alone: deletion needs it to drop what the operator created even
+/// when another part of the spec has become invalid.
+pub fn postgres(cache: &SemanticCache) -> Result<Option<Postgres>, InvalidSpec> {
+    let name = cache.name_any();
+    let namespace = cache
+        .namespace()
+        .ok_or_else(|| invalid("metadata.namespace", "a SemanticCache is namespaced"))?;
+    Ok(match &cache.spec.postgres {
+        None => None,
+        Some(p) => {
+            let source = match (&p.admin_secret, &p.credentials_secret) {
+                (Some(a), None) => PostgresSource::Admin(a.clone()),
+                (None, Some(c)) => PostgresSource::Existing(c.clone()),
+                _ => {
+                    return Err(invalid(
+                        "spec.postgres.adminSecret",
+                        "exactly one of adminSecret or credentialsSecret is required",
+                    ));
+                }
+            };
+            let database = p.database.clone().unwrap_or_else(|| {
+                let raw = format!(
+                    "semantis_{}_{}",
+                    sanitize_identifier(&namespace),
+                    sanitize_identifier(&name)
+                );
+                raw.chars().take(63).collect()
+            });
+            Some(Postgres {
+                host: p.host.clone(),
+                port: p.port.unwrap_or(5432),
+                database,
+                source,
+                deletion_policy: p.deletion_policy.unwrap_or(DeletionPolicy::Retain),
+            })
+        }
+    })
+}
+
 pub fn validate(
     cache: &SemanticCache,
     defaults: &OperatorDefaults,
@@ -365,36 +404,7 @@ pub fn validate(
         }
     }
 
-    let postgres = match &spec.postgres {
-        None => None,
-        Some(p) => {
-            let source = match (&p.admin_secret, &p.credentials_secret) {
-                (Some(a), None) => PostgresSource::Admin(a.clone()),
-                (None, Some(c)) => PostgresSource::Existing(c.clone()),
-                _ => {
-                    return Err(invalid(
-                        "spec.postgres.adminSecret",
-                        "exactly one of adminSecret or credentialsSecret is required",
-                    ));
-                }
-            };
-            let database = p.database.clone().unwrap_or_else(|| {
-                let raw = format!(
-                    "semantis_{}_{}",
-                    sanitize_identifier(&namespace),
-                    sanitize_identifier(&name)
-                );
-                raw.chars().take(63).collect()
-            });
-            Some(Postgres {
-                host: p.host.clone(),
-                port: p.port.unwrap_or(5432),
-                database,
-                source,
-                deletion_policy: p.deletion_policy.unwrap_or(DeletionPolicy::Retain),
-            })
-        }
-    };
+    let postgres = postgres(cache)?;
 
     let backup = match &spec.backup {
         None => None,

@@ -221,6 +221,107 @@ async fn deleting_removes_children_and_drops_postgres_only_with_policy_delete() 
     Ok(())
 }
 
+/// The note of the first event `reason` about SemanticCache `name`, waiting for it.
+async fn wait_event(w: &World, name: &str, reason: &str) -> anyhow::Result<String> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = w.api();
+    let started = Instant::now();
+    loop {
+        let list = events.list(&Default::default()).await?;
+        let found = list.items.into_iter().find(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+        });
+        if let Some(e) = found {
+            return Ok(e.note.unwrap_or_default());
+        }
+        if started.elapsed() > DEADLINE {
+            bail!("no {reason} event about {name} within {DEADLINE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Deletion converges. A spec made invalid after the database was created still drops it
+/// (before, cleanup gave up on any invalid spec and left the database silently); with the
+/// admin Secret gone the deletion finishes (before, it retried forever and held the cache)
+/// and an event names the database and role left behind.
+#[tokio::test]
+async fn deletion_converges_with_an_invalid_spec_and_without_the_admin_secret() -> anyhow::Result<()>
+{
+    let w = World::new("converge").await?;
+    w.secret("team-a-key", &[("api-key", "key-a")]).await?;
+    w.secret(
+        "pg-admin",
+        &[("username", "postgres"), ("password", "admin")],
+    )
+    .await?;
+    let _op = Operator::start(false, &w.ns).await?;
+    let tag = std::process::id();
+    let (invalid_db, orphan_db) = (format!("e2e_invalid_{tag}"), format!("e2e_orphan_{tag}"));
+    w.apply_cache(&manifest(
+        "invalid",
+        &postgres_section(&invalid_db, "Delete"),
+    ))
+    .await?;
+    w.apply_cache(&manifest("orphan", &postgres_section(&orphan_db, "Delete")))
+        .await?;
+    for name in ["invalid", "orphan"] {
+        w.wait_ready(name).await?;
+    }
+    assert_eq!(pg_exists(&invalid_db, &invalid_db).await?, (true, true));
+    assert_eq!(pg_exists(&orphan_db, &orphan_db).await?, (true, true));
+
+    // A remote provider without a model name: the operator refuses it, the API's rules do not.
+    w.caches()
+        .patch(
+            "invalid",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"embedding": {"provider": "tei", "endpoint": "http://127.0.0.1:9"}}})),
+        )
+        .await?;
+    wait_for(&w.caches(), "invalid", "the spec refused", |c| {
+        condition_now(c, "Ready", "False")
+    })
+    .await?;
+    w.caches()
+        .delete("invalid", &DeleteParams::foreground())
+        .await?;
+    wait_gone(&w.caches(), "invalid").await?;
+    assert_eq!(
+        pg_exists(&invalid_db, &invalid_db).await?,
+        (false, false),
+        "an invalid spec still drops the database"
+    );
+
+    w.api::<Secret>()
+        .delete("pg-admin", &DeleteParams::default())
+        .await?;
+    w.caches()
+        .delete("orphan", &DeleteParams::foreground())
+        .await?;
+    wait_gone(&w.caches(), "orphan").await?;
+    let note = wait_event(&w, "orphan", "PostgresLeftBehind").await?;
+    assert!(
+        note.contains(&orphan_db) && note.contains("pg-admin"),
+        "the event names what was left and why: {note}"
+    );
+    assert_eq!(pg_exists(&orphan_db, &orphan_db).await?, (true, true));
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&postgres_url())
+        .await?;
+    sqlx::raw_sql(&format!(
+        "DROP DATABASE IF EXISTS \"{orphan_db}\" WITH (FORCE)"
+    ))
+    .execute(&pool)
+    .await?;
+    sqlx::raw_sql(&format!("DROP ROLE IF EXISTS \"{orphan_db}\""))
+        .execute(&pool)
+        .await?;
+    delete_namespace(&w.client, &w.ns).await;
+    Ok(())
+}
+
 fn service_monitor_crd() -> anyhow::Result<CustomResourceDefinition> {
     // The part of prometheus-operator's CRD the operator relies on: the kind exists.
     Ok(serde_json::from_value(json!({

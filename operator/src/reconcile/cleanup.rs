@@ -3,6 +3,7 @@
 //! and database created in admin mode with `deletionPolicy: Delete`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
@@ -19,11 +20,14 @@ use crate::validate::{self, PostgresSource};
 pub enum CleanupError {
     #[error(transparent)]
     Read(#[from] ObserveError),
-    #[error("failed to drop the Postgres database: Secret {name}: {message}")]
-    AdminSecret { name: String, message: String },
     #[error("failed to drop the Postgres database: {0}")]
     Postgres(#[from] PostgresError),
 }
+
+/// How long a deletion retries dropping the database (Postgres unreachable, refusing) before
+/// it finishes anyway and says what it left behind: a finalizer must not hold a namespace
+/// deletion forever.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(600);
 
 pub async fn cleanup(cache: Arc<SemanticCache>, ctx: Arc<Context>) -> Result<Action, CleanupError> {
     ctx.metrics.observe_cache(
@@ -31,42 +35,94 @@ pub async fn cleanup(cache: Arc<SemanticCache>, ctx: Arc<Context>) -> Result<Act
         &cache.name_any(),
         None,
     );
-    let Ok(valid) = validate::validate(&cache, &ctx.defaults) else {
+    // Only the Postgres part matters here: the rest of the spec may be invalid by now.
+    let pg = match validate::postgres(&cache) {
+        Ok(Some(pg)) => pg,
+        Ok(None) => return Ok(Action::await_change()),
+        Err(invalid) => {
+            let note = format!(
+                "nothing dropped in Postgres: {} is invalid ({}); drop the cache's database and role by hand if it had any",
+                invalid.field, invalid.message
+            );
+            publish(&ctx, &cache, EventType::Warning, "CleanupSkipped", note).await;
+            return Ok(Action::await_change());
+        }
+    };
+    let PostgresSource::Admin(admin_secret) = &pg.source else {
         return Ok(Action::await_change());
     };
-    if let Some(pg) = &valid.postgres
-        && let PostgresSource::Admin(admin_secret) = &pg.source
-        && pg.deletion_policy == DeletionPolicy::Delete
-    {
-        let secret =
-            observe::read_secret(&ctx.client, &valid.namespace, &admin_secret.name).await?;
-        let admin =
-            match observe::admin_login(secret.as_ref(), &admin_secret.name, &pg.host, pg.port) {
-                Ok(admin) => admin,
-                Err((reason, _)) => {
-                    return Err(CleanupError::AdminSecret {
-                        name: admin_secret.name.clone(),
-                        message: if reason == "AdminSecretMissing" {
-                            "the admin Secret is gone; cannot drop the database".into()
-                        } else {
-                            "needs username and password keys".into()
-                        },
-                    });
-                }
+    if pg.deletion_policy != DeletionPolicy::Delete {
+        return Ok(Action::await_change());
+    }
+    let left_behind = |why: String| {
+        format!(
+            "left database {} and role {} in Postgres {}:{}: {why}",
+            pg.database,
+            pg.managed_role(),
+            pg.host,
+            pg.port
+        )
+    };
+    let namespace = cache.namespace().unwrap_or_default();
+    let secret = observe::read_secret(&ctx.client, &namespace, &admin_secret.name).await?;
+    let admin = match observe::admin_login(secret.as_ref(), &admin_secret.name, &pg.host, pg.port) {
+        Ok(admin) => admin,
+        Err((reason, _)) => {
+            // Nothing to wait for: the Secret went with the namespace, or never had the keys.
+            let why = if reason == "AdminSecretMissing" {
+                format!("the admin Secret {} is gone", admin_secret.name)
+            } else {
+                format!(
+                    "the admin Secret {} has no username and password keys",
+                    admin_secret.name
+                )
             };
-        postgres::drop_spawned(admin, pg.managed_role(), pg.database.clone()).await?;
-        publish(
-            &ctx,
-            &cache,
-            EventType::Normal,
-            "PostgresDropped",
-            format!(
+            publish(
+                &ctx,
+                &cache,
+                EventType::Warning,
+                "PostgresLeftBehind",
+                left_behind(why),
+            )
+            .await;
+            return Ok(Action::await_change());
+        }
+    };
+    match postgres::drop_spawned(admin, pg.managed_role(), pg.database.clone()).await {
+        Ok(()) => {
+            let note = format!(
                 "dropped database {} and role {}",
                 pg.database,
                 pg.managed_role()
-            ),
-        )
-        .await;
+            );
+            publish(&ctx, &cache, EventType::Normal, "PostgresDropped", note).await;
+            Ok(Action::await_change())
+        }
+        Err(e) if deleting_for(&cache) >= GIVE_UP_AFTER => {
+            let why = format!("still failing after {} s: {e}", GIVE_UP_AFTER.as_secs());
+            publish(
+                &ctx,
+                &cache,
+                EventType::Warning,
+                "PostgresLeftBehind",
+                left_behind(why),
+            )
+            .await;
+            Ok(Action::await_change())
+        }
+        Err(e) => Err(e.into()),
     }
-    Ok(Action::await_change())
+}
+
+/// How long ago the deletion was asked for.
+fn deleting_for(cache: &SemanticCache) -> Duration {
+    cache
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .and_then(|t| {
+            let since = jiff::Timestamp::now().duration_since(t.0);
+            Duration::try_from(since).ok()
+        })
+        .unwrap_or_default()
 }

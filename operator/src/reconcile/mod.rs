@@ -63,7 +63,6 @@ impl Error {
             Self::Build(_) => "build",
             Self::Apply(_) => "apply",
             Self::Cleanup(CleanupError::Postgres(_)) => "postgres",
-            Self::Cleanup(CleanupError::AdminSecret { .. }) => "secret",
             Self::Cleanup(CleanupError::Read(_)) => "kube",
             Self::Finalizer(_) => "finalizer",
         }
