@@ -53,6 +53,7 @@ pub async fn provision_postgres(plan: &PostgresPlan) -> PostgresState {
         admin,
         login,
         database,
+        owner,
     } = plan
     else {
         return PostgresState::Embedded;
@@ -63,10 +64,15 @@ pub async fn provision_postgres(plan: &PostgresPlan) -> PostgresState {
         login.username.clone(),
         password,
         database.clone(),
+        owner.clone(),
     )
     .await
     {
         Ok(()) => PostgresState::Ready,
+        Err(e @ postgres::PostgresError::NotOurs { .. }) => PostgresState::Failed {
+            reason: "RoleNotOurs".into(),
+            message: e.to_string(),
+        },
         Err(e) => PostgresState::Failed {
             reason: "ProvisioningFailed".into(),
             message: e.to_string(),

@@ -88,7 +88,8 @@ pub async fn cleanup(cache: Arc<SemanticCache>, ctx: Arc<Context>) -> Result<Act
             return Ok(Action::await_change());
         }
     };
-    match postgres::drop_spawned(admin, pg.managed_role(), pg.database.clone()).await {
+    let owner = format!("{namespace}/{}", cache.name_any());
+    match postgres::drop_spawned(admin, pg.managed_role(), pg.database.clone(), owner).await {
         Ok(()) => {
             let note = format!(
                 "dropped database {} and role {}",
@@ -96,6 +97,17 @@ pub async fn cleanup(cache: Arc<SemanticCache>, ctx: Arc<Context>) -> Result<Act
                 pg.managed_role()
             );
             publish(&ctx, &cache, EventType::Normal, "PostgresDropped", note).await;
+            Ok(Action::await_change())
+        }
+        Err(e @ PostgresError::NotOurs { .. }) => {
+            publish(
+                &ctx,
+                &cache,
+                EventType::Warning,
+                "PostgresLeftBehind",
+                left_behind(e.to_string()),
+            )
+            .await;
             Ok(Action::await_change())
         }
         Err(e) if deleting_for(&cache) >= GIVE_UP_AFTER => {

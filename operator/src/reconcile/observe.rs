@@ -43,6 +43,8 @@ pub enum PostgresPlan {
         admin: Admin,
         login: PostgresLogin,
         database: String,
+        /// The cache, `namespace/name`: the mark on the role it owns.
+        owner: String,
     },
     /// Nothing to provision with; `login` is what build can still render.
     Unusable {
@@ -185,6 +187,7 @@ async fn postgres_plan(client: &Client, c: &ValidatedCache) -> Result<PostgresPl
                     admin,
                     login,
                     database: pg.database.clone(),
+                    owner: format!("{}/{}", c.namespace, c.name),
                 },
                 Err((reason, message)) => PostgresPlan::Unusable {
                     login: Some(login),
