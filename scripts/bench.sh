@@ -66,7 +66,7 @@ fi
 # The resident index's startup load runs after /readyz; its gauge appears when it is done.
 wait_resident() {
   local t0; t0=$(date +%s%N)
-  until curl -s "$url/metrics" | grep -q '^semantis_index_resident_entries{tenant="bench"}'; do
+  until curl -s "http://127.0.0.1:8091/metrics" | grep -q '^semantis_index_resident_entries{tenant="bench"}'; do
     sleep 0.2
   done
   echo "resident index loaded $(( ($(date +%s%N) - t0) / 1000000 )) ms after that" >&2

@@ -18,7 +18,7 @@ use semantis_dataplane::embed::layers::{Batched, Cached};
 use semantis_dataplane::embed::local::LocalEmbedder;
 use semantis_dataplane::embed::remote::RemoteEmbedder;
 use semantis_dataplane::embed::{EmbedError, Embedder, fingerprint};
-use semantis_dataplane::http::{AppState, router};
+use semantis_dataplane::http::{AppState, metrics_router, router};
 use semantis_dataplane::metrics::Metrics;
 use semantis_dataplane::store::dual::DualEntryStore;
 use semantis_dataplane::store::hot::InProcessHotLayer;
@@ -528,6 +528,21 @@ pub async fn run(cfg: DataplaneConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
         .await
         .with_context(|| format!("failed to listen on {}", cfg.server.listen))?;
+    let metrics_listener = tokio::net::TcpListener::bind(&cfg.server.metrics_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "failed to listen on {} (server.metrics_listen)",
+                cfg.server.metrics_listen
+            )
+        })?;
+    let metrics_app = metrics_router(state.clone());
+    // Served until the process ends: the scraper sees the shutdown too.
+    let metrics_server = tokio::spawn(async move {
+        if let Err(e) = axum::serve(metrics_listener, metrics_app).await {
+            tracing::error!(error = %e, "failed to serve metrics");
+        }
+    });
     let addr = listener
         .local_addr()
         .context("failed to read the bound address")?;
@@ -572,6 +587,7 @@ pub async fn run(cfg: DataplaneConfig) -> anyhow::Result<()> {
     for m in maintainers {
         m.abort();
     }
+    metrics_server.abort();
     // A flush waits for maintenance in progress, and a vector index build can take minutes:
     // past the grace period the tail stays in the write-ahead log, durable, and is replayed at
     // the next start.

@@ -37,6 +37,8 @@ pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
 pub const TARGET_FINGERPRINT_LABEL: &str = "semantis.dev/target-fingerprint";
 pub const CONFIG_HASH_ANNOTATION: &str = "semantis.dev/config-hash";
 pub const DATAPLANE_PORT: i32 = 8080;
+/// The dataplane's metrics port (`server.metrics_listen`): `/metrics`, the detailed `/readyz`.
+pub const DATAPLANE_METRICS_PORT: i32 = 9464;
 pub const CONFIG_KEY: &str = "dataplane.toml";
 const CONFIG_DIR: &str = "/etc/semantis/config";
 const DATA_DIR: &str = "/var/lib/semantis";
@@ -511,6 +513,7 @@ pub fn dataplane_config(c: &ValidatedCache, o: &Observed, n: &ChildNames) -> Dat
     DataplaneConfig {
         server: ServerConfig {
             listen: format!("0.0.0.0:{DATAPLANE_PORT}"),
+            metrics_listen: format!("0.0.0.0:{DATAPLANE_METRICS_PORT}"),
             // Endpoint removal races SIGTERM: keep serving until kube-proxies have caught up.
             // With the 10 s drain this stays inside the default 30 s termination grace.
             shutdown_delay_ms: 5_000,
@@ -598,12 +601,20 @@ fn dataplane_service(c: &ValidatedCache, n: &ChildNames) -> Service {
         metadata: meta(c, &n.dataplane, "dataplane"),
         spec: Some(ServiceSpec {
             selector: Some(selector(c, "dataplane")),
-            ports: Some(vec![ServicePort {
-                name: Some("http".to_owned()),
-                port: DATAPLANE_PORT,
-                target_port: Some(IntOrString::String("http".to_owned())),
-                ..ServicePort::default()
-            }]),
+            ports: Some(vec![
+                ServicePort {
+                    name: Some("http".to_owned()),
+                    port: DATAPLANE_PORT,
+                    target_port: Some(IntOrString::String("http".to_owned())),
+                    ..ServicePort::default()
+                },
+                ServicePort {
+                    name: Some("metrics".to_owned()),
+                    port: DATAPLANE_METRICS_PORT,
+                    target_port: Some(IntOrString::String("metrics".to_owned())),
+                    ..ServicePort::default()
+                },
+            ]),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -748,11 +759,18 @@ fn http_probe(path: &str) -> Probe {
 fn dataplane_deployment(c: &ValidatedCache, n: &ChildNames, config_hash: &str) -> Deployment {
     let (volumes, mounts) = dataplane_volumes(c, n);
     let mut container = dataplane_container(c, "dataplane", config_args("serve"), mounts);
-    container.ports = Some(vec![ContainerPort {
-        name: Some("http".to_owned()),
-        container_port: DATAPLANE_PORT,
-        ..ContainerPort::default()
-    }]);
+    container.ports = Some(vec![
+        ContainerPort {
+            name: Some("http".to_owned()),
+            container_port: DATAPLANE_PORT,
+            ..ContainerPort::default()
+        },
+        ContainerPort {
+            name: Some("metrics".to_owned()),
+            container_port: DATAPLANE_METRICS_PORT,
+            ..ContainerPort::default()
+        },
+    ]);
     container.readiness_probe = Some(http_probe("/readyz"));
     container.liveness_probe = Some(Probe {
         failure_threshold: Some(6),
@@ -924,7 +942,7 @@ fn service_monitor(c: &ValidatedCache, n: &ChildNames) -> Child {
     // workspace and sorts in others, and the snapshot must not depend on which.
     object.data = serde_json::json!({
         "spec": {
-            "endpoints": [{ "interval": "30s", "path": "/metrics", "port": "http" }],
+            "endpoints": [{ "interval": "30s", "path": "/metrics", "port": "metrics" }],
             "selector": { "matchLabels": selector(c, "dataplane") },
         }
     });

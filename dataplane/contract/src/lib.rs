@@ -33,6 +33,10 @@ pub struct DataplaneConfig {
 pub struct ServerConfig {
     /// Address the HTTP API listens on.
     pub listen: String,
+    /// Address `/metrics` and the detailed `/readyz` are served on, apart from the API: every
+    /// tenant's series are there, so only the scraper should reach it (the operator's
+    /// ServiceMonitor scrapes this port; its NetworkPolicy is the cluster's to set).
+    pub metrics_listen: String,
     /// Requests with a larger body are refused with 413 `payload_too_large`.
     pub max_body_bytes: usize,
     /// Whole-request deadline, in milliseconds.
@@ -53,6 +57,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8080".to_owned(),
+            metrics_listen: "127.0.0.1:9464".to_owned(),
             max_body_bytes: 1024 * 1024,
             request_timeout_ms: 10_000,
             shutdown_delay_ms: 0,

@@ -352,6 +352,16 @@ async fn healthz() -> &'static str {
 /// a cache outage.
 #[utoipa::path(get, path = "/readyz", responses((status = 200, body = ReadyResponse), (status = 503, body = ReadyResponse)))]
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    readiness(&state, false).await
+}
+
+/// The metrics port's `/readyz`: the same answer with each check's detail (dependency errors,
+/// the index version), which the API port keeps to itself.
+async fn readyz_detailed(State(state): State<Arc<AppState>>) -> Response {
+    readiness(&state, true).await
+}
+
+async fn readiness(state: &AppState, detailed: bool) -> Response {
     let mut checks = vec![Check {
         name: "server".into(),
         ok: state.accepting.load(Ordering::Relaxed),
@@ -402,6 +412,11 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         .filter(|c| !c.ok && !c.critical)
         .map(|c| c.name.clone())
         .collect();
+    if !detailed {
+        for c in &mut checks {
+            c.detail = None;
+        }
+    }
     let status = if ready {
         StatusCode::OK
     } else {
@@ -459,6 +474,16 @@ async fn not_found() -> ApiError {
     ApiError::not_found()
 }
 
+/// The metrics port: Prometheus's scrape, and readiness with its details.
+pub fn metrics_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/readyz", get(readyz_detailed))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .with_state(state)
+}
+
 pub fn router(state: Arc<AppState>, max_body_bytes: usize, timeout: Duration) -> Router {
     let api = Router::new()
         .route("/v1/lookup", post(lookup))
@@ -472,7 +497,6 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize, timeout: Duration) ->
         .merge(api)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
         .layer(axum::middleware::map_response(error::rewrite_plain_errors))

@@ -646,3 +646,54 @@ async fn an_entry_id_in_any_uuid_spelling_deletes_it() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `/metrics` names every tenant with its entries, hits and savings, and `/readyz`'s details
+/// name dependency errors and the index version: the API port, which every tenant reaches,
+/// serves neither. The metrics port serves both, for the scraper and the operator.
+#[tokio::test]
+async fn metrics_and_readiness_details_are_only_on_the_metrics_port() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &Setup::default()).await?;
+    s.store(
+        KEY_A,
+        json!({"prompt": "p", "vector": axis(8, 1, 0.0), "response": answer("a")}),
+    )
+    .await?;
+    let on_api = s.http.get(format!("{}/metrics", s.url)).send().await?;
+    assert_eq!(on_api.status(), 404, "the API port serves /metrics");
+    let text = s.metrics().await?;
+    assert!(
+        text.contains("semantis_cache_stores_total{tenant=\"team-a\"}"),
+        "{text}"
+    );
+
+    let public: serde_json::Value = s
+        .http
+        .get(format!("{}/readyz", s.url))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(public["ready"], true, "{public}");
+    let details = |v: &serde_json::Value| {
+        v["checks"]
+            .as_array()
+            .map(|c| c.iter().filter(|c| !c["detail"].is_null()).count())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        details(&public),
+        0,
+        "the API port's /readyz carries details: {public}"
+    );
+    let private: serde_json::Value = s
+        .http
+        .get(format!("{}/readyz", s.metrics_url))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(private["ready"], true, "{private}");
+    assert!(details(&private) > 0, "{private}");
+    Ok(())
+}

@@ -86,6 +86,7 @@ impl Setup {
 {redis}
 [server]
 listen = "127.0.0.1:{port}"
+metrics_listen = "127.0.0.1:0"
 max_body_bytes = {body}
 shutdown_grace_ms = 5000
 admin_key_sha256 = ["{admin}"]
@@ -213,6 +214,8 @@ pub fn model_dir() -> PathBuf {
 pub struct Server {
     child: Option<Child>,
     pub url: String,
+    /// The metrics port: `/metrics` and the detailed `/readyz`.
+    pub metrics_url: String,
     pub http: reqwest::Client,
     pub config_path: PathBuf,
     pub data_dir: PathBuf,
@@ -234,23 +237,35 @@ impl Server {
     /// their LanceDB directory, as pods sharing a ReadWriteMany volume do.
     pub async fn start_replica(root: &Path, name: &str, setup: &Setup) -> anyhow::Result<Self> {
         let data_dir = root.join("data");
-        let port = free_port()?;
+        let (port, metrics_port) = (free_port()?, free_port()?);
         let config_path = root.join(format!("{name}.toml"));
-        std::fs::write(&config_path, setup.config(port, &data_dir))?;
-        Self::launch(config_path, data_dir, port).await
+        let text = regex_port(&setup.config(port, &data_dir), port, metrics_port);
+        std::fs::write(&config_path, text)?;
+        Self::launch(config_path, data_dir, port, metrics_port).await
     }
 
     /// Start again on the same config and data (after a stop or a kill).
     pub async fn restart(mut self) -> anyhow::Result<Self> {
         self.kill_hard();
         let text = std::fs::read_to_string(&self.config_path)?;
-        let port = free_port()?;
-        let re = regex_port(&text, port);
+        let (port, metrics_port) = (free_port()?, free_port()?);
+        let re = regex_port(&text, port, metrics_port);
         std::fs::write(&self.config_path, re)?;
-        Self::launch(self.config_path.clone(), self.data_dir.clone(), port).await
+        Self::launch(
+            self.config_path.clone(),
+            self.data_dir.clone(),
+            port,
+            metrics_port,
+        )
+        .await
     }
 
-    async fn launch(config_path: PathBuf, data_dir: PathBuf, port: u16) -> anyhow::Result<Self> {
+    async fn launch(
+        config_path: PathBuf,
+        data_dir: PathBuf,
+        port: u16,
+        metrics_port: u16,
+    ) -> anyhow::Result<Self> {
         let log_path = config_path.with_extension(format!("{port}.log"));
         let log = std::fs::File::create(&log_path)?;
         let child = Command::new(env!("CARGO_BIN_EXE_semantis-dataplane"))
@@ -265,6 +280,7 @@ impl Server {
         let mut server = Self {
             child: Some(child),
             url: format!("http://127.0.0.1:{port}"),
+            metrics_url: format!("http://127.0.0.1:{metrics_port}"),
             http: reqwest::Client::new(),
             config_path,
             data_dir,
@@ -412,7 +428,7 @@ impl Server {
     pub async fn metrics(&self) -> anyhow::Result<String> {
         Ok(self
             .http
-            .get(format!("{}/metrics", self.url))
+            .get(format!("{}/metrics", self.metrics_url))
             .send()
             .await?
             .text()
@@ -449,12 +465,14 @@ impl Drop for Server {
     }
 }
 
-fn regex_port(config: &str, port: u16) -> String {
+fn regex_port(config: &str, port: u16, metrics_port: u16) -> String {
     config
         .lines()
         .map(|l| {
             if l.starts_with("listen = ") {
                 format!("listen = \"127.0.0.1:{port}\"")
+            } else if l.starts_with("metrics_listen = ") {
+                format!("metrics_listen = \"127.0.0.1:{metrics_port}\"")
             } else {
                 l.to_owned()
             }

@@ -394,7 +394,7 @@ async fn the_service_monitor_appears_once_its_crd_is_installed() -> anyhow::Resu
             .map(String::as_str),
         Some("prom")
     );
-    assert_eq!(sm.data["spec"]["endpoints"][0]["port"], "http");
+    assert_eq!(sm.data["spec"]["endpoints"][0]["port"], "metrics");
     w.wait_cache("mon", "MonitoringReady=True", |c| {
         condition_now(c, "MonitoringReady", "True")
     })
