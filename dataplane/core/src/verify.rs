@@ -63,38 +63,34 @@ pub fn check(query: Read<'_>, candidate: Read<'_>) -> Option<Rejection> {
 /// `3.14`), written without group separators and leading zeros, so `1,000` and `1000` are
 /// the same number. Digits inside words (`gpt4`, `h2o`) count too: they name things.
 pub fn numbers(text: &str) -> Vec<String> {
+    // Digits and separators are ASCII, so bytes are enough (and UTF-8 never puts an ASCII
+    // byte inside another character).
+    let bytes = text.as_bytes();
     let mut out = Vec::new();
-    let chars: Vec<char> = text.chars().collect();
     let mut i = 0;
-    while i < chars.len() {
-        if !chars[i].is_ascii_digit() {
+    while i < bytes.len() {
+        if !bytes[i].is_ascii_digit() {
             i += 1;
             continue;
         }
-        let mut int = String::new();
-        let mut frac = String::new();
+        let (mut int, mut frac) = (String::new(), String::new());
         let mut in_frac = false;
-        while i < chars.len() {
-            let c = chars[i];
-            let next_digit = chars.get(i + 1).is_some_and(char::is_ascii_digit);
-            if c.is_ascii_digit() {
-                if in_frac {
-                    frac.push(c);
-                } else {
-                    int.push(c);
-                }
-            } else if c == ',' && !in_frac && next_digit {
-                // a group separator: 1,000
-            } else if c == '.' && !in_frac && next_digit {
-                in_frac = true;
-            } else {
-                break;
+        while let Some(&c) = bytes.get(i) {
+            let next_digit = bytes.get(i + 1).is_some_and(u8::is_ascii_digit);
+            match c {
+                b'0'..=b'9' if in_frac => frac.push(char::from(c)),
+                b'0'..=b'9' => int.push(char::from(c)),
+                b',' if !in_frac && next_digit => {} // a group separator: 1,000
+                b'.' if !in_frac && next_digit => in_frac = true,
+                _ => break,
             }
             i += 1;
         }
-        let int = int.trim_start_matches('0');
+        let int = match int.trim_start_matches('0') {
+            "" => "0",
+            s => s,
+        };
         let frac = frac.trim_end_matches('0');
-        let int = if int.is_empty() { "0" } else { int };
         out.push(if frac.is_empty() {
             int.to_owned()
         } else {

@@ -205,40 +205,54 @@ async fn deleting_removes_children_and_drops_postgres_only_with_policy_delete() 
         "policy Retain keeps"
     );
     // Leave the shared Postgres as we found it.
+    drop_by_hand(&keep_db).await?;
+    delete_namespace(&w.client, &w.ns).await;
+    Ok(())
+}
+
+/// The note of the first event `reason` about SemanticCache `name`: watched until it appears.
+async fn wait_event(w: &World, name: &str, reason: &str) -> anyhow::Result<String> {
+    use futures::StreamExt as _;
+    use kube::runtime::{WatchStreamExt as _, watcher};
+    let events: Api<k8s_openapi::api::events::v1::Event> = w.api();
+    let mut stream = watcher(events, watcher::Config::default())
+        .applied_objects()
+        .boxed();
+    let found = async {
+        while let Some(e) = stream.next().await {
+            let Ok(e) = e else { continue };
+            if e.reason.as_deref() == Some(reason)
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+            {
+                return Some(e.note.unwrap_or_default());
+            }
+        }
+        None
+    };
+    match tokio::time::timeout(DEADLINE, found).await {
+        Ok(Some(note)) => Ok(note),
+        Ok(None) => bail!("the event watch ended before a {reason} event about {name}"),
+        Err(_) => bail!("no {reason} event about {name} within {DEADLINE:?}"),
+    }
+}
+
+/// Drop a database and the role of the same name by hand: what a test leaves in the shared
+/// Postgres on purpose.
+async fn drop_by_hand(database: &str) -> anyhow::Result<()> {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .connect(&postgres_url())
         .await?;
     sqlx::raw_sql(&format!(
-        "DROP DATABASE IF EXISTS \"{keep_db}\" WITH (FORCE)"
+        "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
     ))
     .execute(&pool)
     .await?;
-    sqlx::raw_sql(&format!("DROP ROLE IF EXISTS \"{keep_db}\""))
+    sqlx::raw_sql(&format!("DROP ROLE IF EXISTS \"{database}\""))
         .execute(&pool)
         .await?;
-    delete_namespace(&w.client, &w.ns).await;
+    pool.close().await;
     Ok(())
-}
-
-/// The note of the first event `reason` about SemanticCache `name`, waiting for it.
-async fn wait_event(w: &World, name: &str, reason: &str) -> anyhow::Result<String> {
-    let events: Api<k8s_openapi::api::events::v1::Event> = w.api();
-    let started = Instant::now();
-    loop {
-        let list = events.list(&Default::default()).await?;
-        let found = list.items.into_iter().find(|e| {
-            e.reason.as_deref() == Some(reason)
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
-        });
-        if let Some(e) = found {
-            return Ok(e.note.unwrap_or_default());
-        }
-        if started.elapsed() > DEADLINE {
-            bail!("no {reason} event about {name} within {DEADLINE:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Deletion converges. A spec made invalid after the database was created still drops it
@@ -306,18 +320,7 @@ async fn deletion_converges_with_an_invalid_spec_and_without_the_admin_secret() 
         "the event names what was left and why: {note}"
     );
     assert_eq!(pg_exists(&orphan_db, &orphan_db).await?, (true, true));
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&postgres_url())
-        .await?;
-    sqlx::raw_sql(&format!(
-        "DROP DATABASE IF EXISTS \"{orphan_db}\" WITH (FORCE)"
-    ))
-    .execute(&pool)
-    .await?;
-    sqlx::raw_sql(&format!("DROP ROLE IF EXISTS \"{orphan_db}\""))
-        .execute(&pool)
-        .await?;
+    drop_by_hand(&orphan_db).await?;
     delete_namespace(&w.client, &w.ns).await;
     Ok(())
 }

@@ -54,14 +54,20 @@ pub async fn cleanup(cache: Arc<SemanticCache>, ctx: Arc<Context>) -> Result<Act
     if pg.deletion_policy != DeletionPolicy::Delete {
         return Ok(Action::await_change());
     }
-    let left_behind = |why: String| {
-        format!(
+    // Finish the deletion anyway, saying what stays in Postgres and why.
+    let leave_behind = |why: String| {
+        let note = format!(
             "left database {} and role {} in Postgres {}:{}: {why}",
             pg.database,
             pg.managed_role(),
             pg.host,
             pg.port
-        )
+        );
+        let (ctx, cache) = (ctx.clone(), cache.clone());
+        async move {
+            publish(&ctx, &cache, EventType::Warning, "PostgresLeftBehind", note).await;
+            Ok(Action::await_change())
+        }
     };
     let namespace = cache.namespace().unwrap_or_default();
     let secret = observe::read_secret(&ctx.client, &namespace, &admin_secret.name).await?;
@@ -77,15 +83,7 @@ pub async fn cleanup(cache: Arc<SemanticCache>, ctx: Arc<Context>) -> Result<Act
                     admin_secret.name
                 )
             };
-            publish(
-                &ctx,
-                &cache,
-                EventType::Warning,
-                "PostgresLeftBehind",
-                left_behind(why),
-            )
-            .await;
-            return Ok(Action::await_change());
+            return leave_behind(why).await;
         }
     };
     let owner = format!("{namespace}/{}", cache.name_any());
@@ -99,28 +97,13 @@ pub async fn cleanup(cache: Arc<SemanticCache>, ctx: Arc<Context>) -> Result<Act
             publish(&ctx, &cache, EventType::Normal, "PostgresDropped", note).await;
             Ok(Action::await_change())
         }
-        Err(e @ PostgresError::NotOurs { .. }) => {
-            publish(
-                &ctx,
-                &cache,
-                EventType::Warning,
-                "PostgresLeftBehind",
-                left_behind(e.to_string()),
-            )
-            .await;
-            Ok(Action::await_change())
-        }
+        Err(e @ PostgresError::NotOurs { .. }) => leave_behind(e.to_string()).await,
         Err(e) if deleting_for(&cache) >= GIVE_UP_AFTER => {
-            let why = format!("still failing after {} s: {e}", GIVE_UP_AFTER.as_secs());
-            publish(
-                &ctx,
-                &cache,
-                EventType::Warning,
-                "PostgresLeftBehind",
-                left_behind(why),
-            )
-            .await;
-            Ok(Action::await_change())
+            leave_behind(format!(
+                "still failing after {} s: {e}",
+                GIVE_UP_AFTER.as_secs()
+            ))
+            .await
         }
         Err(e) => Err(e.into()),
     }

@@ -91,6 +91,10 @@ impl LanceEntryStore {
             .as_ref()
             .filter(|r| !r.disabled())
             .map(|r| (r.clone(), r.restart_loading()));
+        // The tail may hold entries deleted in the gap: gone at once (a miss until the refresh
+        // shows the flushed ones). Pending deletes stay until the refresh: the table handle
+        // may still be older than the flushes that applied them.
+        self.state.lock().forget_tail(after);
         if let Err(e) = self.table.refresh().await {
             tracing::warn!(table = %self.table.name(), error = %e, "failed to refresh the table after a log gap; the next flush record refreshes it");
         }

@@ -97,6 +97,20 @@ impl LogState {
         self.oldest = (!self.tail.is_empty()).then(Instant::now);
     }
 
+    /// Drop the tail's entries up to `upto` but keep the pending deletes (a replica that
+    /// missed records: the table holds those entries, or their deletes).
+    pub fn forget_tail(&mut self, upto: Pos) {
+        let ids = &mut self.tail_ids;
+        self.tail.retain(|(pos, e)| {
+            let keep = *pos > upto;
+            if !keep {
+                ids.remove(&e.id);
+            }
+            keep
+        });
+        self.oldest = (!self.tail.is_empty()).then(Instant::now);
+    }
+
     /// What a flush up to `upto` must write.
     pub fn flush_batch(&self, upto: Pos) -> FlushBatch {
         FlushBatch {
@@ -226,6 +240,20 @@ mod tests {
         assert_eq!(st.hidden_sql().as_deref(), Some("(scope = 't')"));
         st.apply_flushed(4);
         assert_eq!(st.visible("true".into()), "true");
+    }
+
+    #[test]
+    fn forgetting_the_tail_after_a_gap_keeps_the_pending_deletes() {
+        let mut st = LogState::default();
+        st.apply_put(1, entry("a", "s"));
+        st.apply_delete(2, PendingDelete::Ids(vec!["x".into()]));
+        st.apply_put(3, entry("b", "s"));
+        st.forget_tail(2);
+        assert_eq!(tail_ids(&st), ["b"], "only what came after the cut stays");
+        assert!(st.has_pending_deletes(), "table rows stay hidden until the refresh");
+        st.apply_flushed(2);
+        assert!(!st.has_pending_deletes());
+        assert_eq!(tail_ids(&st), ["b"]);
     }
 
     #[test]
