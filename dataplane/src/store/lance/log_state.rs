@@ -250,7 +250,10 @@ mod tests {
         st.apply_put(3, entry("b", "s"));
         st.forget_tail(2);
         assert_eq!(tail_ids(&st), ["b"], "only what came after the cut stays");
-        assert!(st.has_pending_deletes(), "table rows stay hidden until the refresh");
+        assert!(
+            st.has_pending_deletes(),
+            "table rows stay hidden until the refresh"
+        );
         st.apply_flushed(2);
         assert!(!st.has_pending_deletes());
         assert_eq!(tail_ids(&st), ["b"]);
