@@ -443,17 +443,21 @@ impl EntryStore for LanceEntryStore {
     }
 
     async fn count_live(&self, now_ms: i64) -> Result<u64, StoreError> {
-        let in_tail = self
+        let in_tail: Vec<String> = self
             .state
             .lock()
             .tail()
             .filter(|e| e.is_live(now_ms))
-            .count();
-        let in_table = self
-            .table
-            .count(Some(self.visible(sql::live(now_ms))))
-            .await?;
-        Ok((in_tail + in_table) as u64)
+            .map(|e| e.id.clone())
+            .collect();
+        // A flushed entry is in the table before this replica applies the `flushed` record
+        // that drops it from the tail: count it once.
+        let base = match in_tail.is_empty() {
+            true => sql::live(now_ms),
+            false => format!("{} AND NOT ({})", sql::live(now_ms), sql::ids_in(&in_tail)),
+        };
+        let in_table = self.table.count(Some(self.visible(base))).await?;
+        Ok((in_tail.len() + in_table) as u64)
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
