@@ -23,7 +23,7 @@ use kube::Resource;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use semantis_contract::{
     CacheDefaults, DataplaneConfig, EmbedderConfig, EmbeddingProvider, PostgresConfig, RedisConfig,
-    ServerConfig, StorageConfig, TenantConfig,
+    ServerConfig, StorageConfig, TenantConfig, VerifierConfig,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -541,11 +541,16 @@ pub fn dataplane_config(c: &ValidatedCache, o: &Observed, n: &ChildNames) -> Dat
         target_embedder: o.target.as_ref().map(embedder),
         cache: CacheDefaults {
             min_similarity: c.min_similarity,
+            verifier: c.verifier.clone(),
+            verifier_budget_ms: c
+                .verifier_budget_ms
+                .unwrap_or(CacheDefaults::default().verifier_budget_ms),
             default_ttl_secs: c.default_ttl_secs,
             max_entries: c.max_entries,
             eviction: c.eviction,
             ..CacheDefaults::default()
         },
+        verifiers: verifiers_config(c),
         tenants: c
             .tenants
             .iter()
@@ -557,9 +562,53 @@ pub fn dataplane_config(c: &ValidatedCache, o: &Observed, n: &ChildNames) -> Dat
                 default_ttl_secs: t.default_ttl_secs,
                 max_entries: t.max_entries,
                 eviction: None,
+                verifier: t.verifier.clone(),
+                verifier_min_score: t.verifier_min_score,
+                verifier_budget_ms: t.verifier_budget_ms,
+                target_error_rate: t.target_error_rate,
             })
             .collect(),
     }
+}
+
+/// Where a verifier's API key is mounted.
+fn verifier_key_file(name: &str) -> String {
+    format!("/etc/semantis/verifiers/{name}/api-key")
+}
+
+/// spec.verifiers in the contract's form, and the built-in `local` one pointed at the image's
+/// model directory (which holds the verifier file beside the embedder's weights) unless the
+/// spec defines its own `local`.
+fn verifiers_config(c: &ValidatedCache) -> BTreeMap<String, VerifierConfig> {
+    let mut out: BTreeMap<String, VerifierConfig> = c
+        .verifiers
+        .iter()
+        .map(|v| {
+            let local = v.provider == semantis_contract::VerifierProvider::Local;
+            (
+                v.name.clone(),
+                VerifierConfig {
+                    provider: v.provider,
+                    model_dir: local.then(|| MODEL_DIR.to_owned()),
+                    endpoint: v.endpoint.clone(),
+                    model: v.model.clone(),
+                    api_key_file: v
+                        .api_key_secret
+                        .as_ref()
+                        .map(|_| verifier_key_file(&v.name)),
+                    min_score: v.min_score,
+                    min_similarity: v.min_similarity,
+                    ..VerifierConfig::default()
+                },
+            )
+        })
+        .collect();
+    out.entry(semantis_contract::LOCAL_VERIFIER.to_owned())
+        .or_insert_with(|| VerifierConfig {
+            model_dir: Some(MODEL_DIR.to_owned()),
+            ..VerifierConfig::default()
+        });
+    out
 }
 
 fn dataplane_configmap(c: &ValidatedCache, n: &ChildNames, toml: &str) -> ConfigMap {
@@ -658,6 +707,36 @@ fn dataplane_volumes(c: &ValidatedCache, n: &ChildNames) -> (Vec<Volume>, Vec<Vo
     if let Some(key) = &c.embedding.api_key_secret {
         volumes.push(secret_volume("embedder", &key.name, &key.key, "api-key"));
         mounts.push(mount("embedder", "/etc/semantis/embedder"));
+    }
+    let verifier_keys: Vec<VolumeProjection> = c
+        .verifiers
+        .iter()
+        .filter_map(|v| {
+            let key = v.api_key_secret.as_ref()?;
+            Some(VolumeProjection {
+                secret: Some(SecretProjection {
+                    name: key.name.clone(),
+                    items: Some(vec![KeyToPath {
+                        key: key.key.clone(),
+                        path: format!("{}/api-key", v.name),
+                        mode: None,
+                    }]),
+                    optional: None,
+                }),
+                ..VolumeProjection::default()
+            })
+        })
+        .collect();
+    if !verifier_keys.is_empty() {
+        volumes.push(Volume {
+            name: "verifier-keys".to_owned(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(verifier_keys),
+                default_mode: None,
+            }),
+            ..Volume::default()
+        });
+        mounts.push(mount("verifier-keys", "/etc/semantis/verifiers"));
     }
     if !c.tenants.is_empty() {
         volumes.push(Volume {

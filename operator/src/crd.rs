@@ -31,7 +31,10 @@ use serde::{Deserialize, Serialize};
 #[x_kube(
     validation = Rule::new("!has(self.dataplane) || !has(self.dataplane.replicas) || self.dataplane.replicas <= 1 || has(self.postgres)").message("spec.dataplane.replicas above 1 needs spec.postgres: the embedded SQLite metadata store serves one replica").field_path(".dataplane.replicas"),
     validation = Rule::new("!has(self.dataplane) || !has(self.dataplane.replicas) || self.dataplane.replicas <= 1 || (has(self.dataplane.storage) && has(self.dataplane.storage.accessMode) && self.dataplane.storage.accessMode == 'ReadWriteMany')").message("spec.dataplane.replicas above 1 needs spec.dataplane.storage.accessMode ReadWriteMany: every replica reads the same LanceDB volume").field_path(".dataplane.storage.accessMode"),
-    validation = Rule::new("self.tenants.all(t, self.tenants.exists_one(u, u.name == t.name))").message("spec.tenants: tenant names must be unique").field_path(".tenants")
+    validation = Rule::new("self.tenants.all(t, self.tenants.exists_one(u, u.name == t.name))").message("spec.tenants: tenant names must be unique").field_path(".tenants"),
+    validation = Rule::new("!has(self.verifiers) || self.verifiers.all(v, self.verifiers.exists_one(u, u.name == v.name))").message("spec.verifiers: verifier names must be unique").field_path(".verifiers"),
+    validation = Rule::new("self.tenants.all(t, !has(t.verifier) || t.verifier in ['none', 'local'] || (has(self.verifiers) && self.verifiers.exists(v, v.name == t.verifier)))").message("spec.tenants[].verifier must be none, local or the name of one of spec.verifiers").field_path(".tenants"),
+    validation = Rule::new("!has(self.cache) || !has(self.cache.verifier) || self.cache.verifier in ['none', 'local'] || (has(self.verifiers) && self.verifiers.exists(v, v.name == self.cache.verifier))").message("spec.cache.verifier must be none, local or the name of one of spec.verifiers").field_path(".cache.verifier")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SemanticCacheSpec {
@@ -44,6 +47,12 @@ pub struct SemanticCacheSpec {
     /// The tenants: hard partitions, each with its own API keys and tables.
     #[schemars(length(max = 64))]
     pub tenants: Vec<TenantSpec>,
+    /// Verifiers besides the built-in `local` one (a cross-encoder shipped in the dataplane
+    /// image): rerankers that check a semantic candidate before it is served. Tenants pick one
+    /// with `verifier`; `spec.cache.verifier` sets the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    pub verifiers: Option<Vec<VerifierSpec>>,
     /// The Redis the operator runs for this cache (hot layer, write-ahead log, notifications).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisSpec>,
@@ -148,15 +157,76 @@ pub enum EvictionPolicy {
     Lfu,
 }
 
+/// Verifier providers.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifierProvider {
+    /// The cross-encoder in the dataplane image, run in-process.
+    Local,
+    /// Hugging Face Text Embeddings Inference `POST /rerank`.
+    Tei,
+    /// The `/v1/rerank` protocol (Cohere, Jina, Voyage, vLLM, Infinity).
+    Rerank,
+}
+
+/// A verifier: reads (query, cached prompt) and scores 0..1 whether the cached answer answers
+/// the query.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(
+    validation = Rule::new("self.provider == 'local' || has(self.endpoint)").message("spec.verifiers[].endpoint is required for the tei and rerank providers").field_path(".endpoint")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifierSpec {
+    /// The name tenants use; `none` is reserved.
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"),
+        length(min = 1, max = 63)
+    )]
+    #[x_kube(validation = Rule::new("self != 'none'").message("spec.verifiers[].name `none` is reserved: it turns verification off"))]
+    pub name: String,
+    /// local, tei or rerank.
+    pub provider: VerifierProvider,
+    /// Base URL (tei, rerank).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("spec.verifiers[].endpoint must be an http:// or https:// URL"))]
+    pub endpoint: Option<String>,
+    /// Model name sent with each request (rerank).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Secret holding the API key (tei, rerank).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret: Option<SecretKeyRef>,
+    /// Score (0..1) a candidate needs. Default: the local verifier's calibrated value; 0.5
+    /// for remote ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub min_score: Option<f64>,
+    /// Cosine similarity a candidate needs to reach this verifier (below what embeddings
+    /// alone would need). Default: the local verifier's calibrated value; 0.8 for remote ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = -1.0, max = 1.0))]
+    pub min_similarity: Option<f64>,
+}
+
 /// Cache behaviour.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CacheSpec {
-    /// Cosine similarity (-1..1) a semantic candidate needs to be a hit. A floor: requests may
-    /// raise it, never lower it. Default: 0.9.
+    /// Cosine similarity (-1..1) a semantic candidate needs. A floor: requests may raise it,
+    /// never lower it. Default: 0.9 for tenants without a verifier, the verifier's own
+    /// (lower) floor for tenants with one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = -1.0, max = 1.0))]
     pub min_similarity: Option<f64>,
+    /// The verifier semantic hits must pass: `local` (default), `none`, or a name from
+    /// spec.verifiers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verifier: Option<String>,
+    /// How long a lookup may wait for its verifier, in milliseconds; past it the lookup is a
+    /// miss. Default: 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 60000))]
+    pub verifier_budget_ms: Option<u64>,
     /// Entry lifetime in seconds unless a store says otherwise; a hit never extends it.
     /// Default: 86400.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -200,6 +270,23 @@ pub struct TenantSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub default_ttl_seconds: Option<u64>,
+    /// This tenant's verifier: `local`, `none`, or a name from spec.verifiers. Default:
+    /// spec.cache.verifier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verifier: Option<String>,
+    /// Score (0..1) a candidate needs from the verifier. Default: the verifier's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub verifier_min_score: Option<f64>,
+    /// How long a lookup may wait for the verifier, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 60000))]
+    pub verifier_budget_ms: Option<u64>,
+    /// Raise the verifier's threshold from feedback until at most this share of the verified
+    /// hits reported on were wrong (for example 0.02), instead of stating a score.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0001, max = 0.5))]
+    pub target_error_rate: Option<f64>,
     /// Quotas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quotas: Option<TenantQuotas>,

@@ -13,7 +13,7 @@ use semantis_contract::{EmbedderConfig, EvictionPolicy as ContractEviction};
 
 use crate::crd::{
     AccessMode, DeletionPolicy, EmbeddingProvider, EmbeddingSpec, EvictionPolicy, LocalSecretRef,
-    Pooling, SecretKeyRef, SemanticCache,
+    Pooling, SecretKeyRef, SemanticCache, VerifierProvider,
 };
 
 pub const DEFAULT_REDIS_IMAGE: &str = "redis:7.4-alpine";
@@ -51,7 +51,13 @@ pub struct ValidatedCache {
     pub embedding: EmbeddingSpec,
     /// The contract form of `embedding`, whose fingerprint names the wanted index version.
     pub embedder: EmbedderConfig,
-    pub min_similarity: f32,
+    /// Absent: the dataplane's default (0.9 unverified, the verifier's floor verified).
+    pub min_similarity: Option<f32>,
+    /// The tenants' default verifier (absent: `local` when its weights are in the image).
+    pub verifier: Option<String>,
+    pub verifier_budget_ms: Option<u64>,
+    /// spec.verifiers, sorted by name.
+    pub verifiers: Vec<Verifier>,
     pub default_ttl_secs: u64,
     pub max_entries: u64,
     pub eviction: ContractEviction,
@@ -73,6 +79,21 @@ pub struct Tenant {
     pub min_similarity: Option<f32>,
     pub default_ttl_secs: Option<u64>,
     pub max_entries: Option<u64>,
+    pub verifier: Option<String>,
+    pub verifier_min_score: Option<f32>,
+    pub verifier_budget_ms: Option<u64>,
+    pub target_error_rate: Option<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verifier {
+    pub name: String,
+    pub provider: semantis_contract::VerifierProvider,
+    pub endpoint: Option<String>,
+    pub model: Option<String>,
+    pub api_key_secret: Option<SecretKeyRef>,
+    pub min_score: Option<f32>,
+    pub min_similarity: Option<f32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -320,11 +341,60 @@ pub fn validate(
 
     let cache_spec = spec.cache.clone().unwrap_or(crate::crd::CacheSpec {
         min_similarity: None,
+        verifier: None,
+        verifier_budget_ms: None,
         default_ttl_seconds: None,
         eviction: None,
     });
-    let min_similarity =
-        similarity("spec.cache.minSimilarity", cache_spec.min_similarity)?.unwrap_or(0.9);
+    let min_similarity = similarity("spec.cache.minSimilarity", cache_spec.min_similarity)?;
+    let mut verifiers = Vec::new();
+    for (i, v) in spec.verifiers.iter().flatten().enumerate() {
+        if v.provider != VerifierProvider::Local && v.endpoint.is_none() {
+            return Err(invalid(
+                &format!("spec.verifiers[{i}].endpoint"),
+                "required for the tei and rerank providers",
+            ));
+        }
+        if verifiers.iter().any(|x: &Verifier| x.name == v.name)
+            || v.name == semantis_contract::NO_VERIFIER
+        {
+            return Err(invalid(
+                &format!("spec.verifiers[{i}].name"),
+                format!("{:?} is reserved or appears twice", v.name),
+            ));
+        }
+        verifiers.push(Verifier {
+            name: v.name.clone(),
+            provider: match v.provider {
+                VerifierProvider::Local => semantis_contract::VerifierProvider::Local,
+                VerifierProvider::Tei => semantis_contract::VerifierProvider::Tei,
+                VerifierProvider::Rerank => semantis_contract::VerifierProvider::Rerank,
+            },
+            endpoint: v.endpoint.clone(),
+            model: v.model.clone(),
+            api_key_secret: v.api_key_secret.clone(),
+            min_score: v.min_score.map(|x| x as f32),
+            min_similarity: similarity(
+                &format!("spec.verifiers[{i}].minSimilarity"),
+                v.min_similarity,
+            )?,
+        });
+    }
+    verifiers.sort_by(|a, b| a.name.cmp(&b.name));
+    let known = |field: &str, name: &Option<String>| match name {
+        Some(n)
+            if n != semantis_contract::NO_VERIFIER
+                && n != semantis_contract::LOCAL_VERIFIER
+                && !verifiers.iter().any(|v| &v.name == n) =>
+        {
+            Err(invalid(
+                field,
+                format!("{n:?} is neither none, local nor one of spec.verifiers"),
+            ))
+        }
+        _ => Ok(()),
+    };
+    known("spec.cache.verifier", &cache_spec.verifier)?;
     let eviction = cache_spec.eviction.as_ref();
 
     let mut tenants = Vec::with_capacity(spec.tenants.len());
@@ -335,6 +405,7 @@ pub fn validate(
                 format!("tenant {:?} appears twice", t.name),
             ));
         }
+        known(&format!("spec.tenants[{i}].verifier"), &t.verifier)?;
         tenants.push(Tenant {
             name: t.name.clone(),
             api_key_secret: t.api_key_secret.clone(),
@@ -344,6 +415,10 @@ pub fn validate(
             )?,
             default_ttl_secs: t.default_ttl_seconds,
             max_entries: t.quotas.as_ref().and_then(|q| q.max_entries),
+            verifier: t.verifier.clone(),
+            verifier_min_score: t.verifier_min_score.map(|x| x as f32),
+            verifier_budget_ms: t.verifier_budget_ms,
+            target_error_rate: t.target_error_rate.map(|x| x as f32),
         });
     }
     tenants.sort_by(|a, b| a.name.cmp(&b.name));
@@ -437,6 +512,9 @@ pub fn validate(
         embedding: e.clone(),
         embedder: embedder_config(e),
         min_similarity,
+        verifier: cache_spec.verifier.clone(),
+        verifier_budget_ms: cache_spec.verifier_budget_ms,
+        verifiers,
         default_ttl_secs: cache_spec.default_ttl_seconds.unwrap_or(86_400),
         max_entries: eviction
             .and_then(|e| e.max_entries_per_tenant)
@@ -482,7 +560,7 @@ mod tests {
     #[test]
     fn defaults_resolve_in_one_place() {
         let v = validate(&cache(BASE), &defaults()).expect("valid");
-        assert_eq!(v.min_similarity, 0.9);
+        assert_eq!(v.min_similarity, None, "the dataplane resolves the default");
         assert_eq!(v.redis.replicas, 1);
         assert_eq!(v.dataplane.replicas, 1);
         assert_eq!(v.dataplane.image, "img");

@@ -257,6 +257,15 @@ async fn missing_secrets(client: &Client, c: &ValidatedCache) -> Result<Vec<Stri
     if let Some(k) = &c.embedding.api_key_secret {
         references.push((k.name.clone(), Some(k.key.clone()), "the embedder".into()));
     }
+    for v in &c.verifiers {
+        if let Some(k) = &v.api_key_secret {
+            references.push((
+                k.name.clone(),
+                Some(k.key.clone()),
+                format!("verifier {}", v.name),
+            ));
+        }
+    }
     if let Some(b) = &c.backup {
         references.push((b.credentials_secret.name.clone(), None, "backups".into()));
     }
