@@ -7,8 +7,15 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use semantis_contract::{DataplaneConfig, EmbedderConfig, EmbeddingProvider};
 
-const SECTIONS: [&str; 7] = [
-    "server", "storage", "redis", "postgres", "embedder", "cache", "tenants",
+const SECTIONS: [&str; 8] = [
+    "server",
+    "storage",
+    "redis",
+    "postgres",
+    "embedder",
+    "cache",
+    "tenants",
+    "verifiers",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -54,11 +61,34 @@ fn validate(cfg: &DataplaneConfig) -> Result<(), ConfigError> {
     if cfg.embedder.dimension == 0 {
         return fail("embedder.dimension must be at least 1".into());
     }
-    if !(-1.0..=1.0).contains(&cfg.cache.min_similarity) {
+    if let Some(m) = cfg.cache.min_similarity
+        && !(-1.0..=1.0).contains(&m)
+    {
         return fail(format!(
-            "cache.min_similarity must be within -1..1, got {}",
-            cfg.cache.min_similarity
+            "cache.min_similarity must be within -1..1, got {m}"
         ));
+    }
+    if cfg.cache.verifier_budget_ms == 0 {
+        return fail("cache.verifier_budget_ms must be at least 1".into());
+    }
+    for (name, v) in &cfg.verifiers {
+        if name == semantis_contract::NO_VERIFIER {
+            return fail("`none` turns verification off; it cannot name a verifier".into());
+        }
+        if let Some(m) = v.min_similarity
+            && !(-1.0..=1.0).contains(&m)
+        {
+            return fail(format!(
+                "verifiers.{name}.min_similarity must be within -1..1, got {m}"
+            ));
+        }
+        if let Some(m) = v.min_score
+            && !(0.0..=1.0).contains(&m)
+        {
+            return fail(format!(
+                "verifiers.{name}.min_score must be within 0..1, got {m}"
+            ));
+        }
     }
     if cfg.server.max_body_bytes < 1024 {
         return fail("server.max_body_bytes must be at least 1024".into());
@@ -86,6 +116,11 @@ pub fn embedder_model_dir(embedder: &EmbedderConfig) -> Option<PathBuf> {
     if let Some(dir) = &embedder.model_dir {
         return Some(PathBuf::from(dir));
     }
+    default_model_dir()
+}
+
+/// Where `scripts/fetch-model.sh` puts all-MiniLM-L6-v2 (and the local verifier's file).
+pub fn default_model_dir() -> Option<PathBuf> {
     let home = std::env::var_os("HOME")?;
     Some(PathBuf::from(home).join(".cache/semantis/models/all-MiniLM-L6-v2"))
 }

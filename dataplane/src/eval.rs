@@ -1,8 +1,23 @@
 //! `eval`: how often is a hit the right answer? For each `{"a", "b", "duplicate"}` line it
 //! stores `a` and looks up `b` through the same cache code path that serves requests (one
 //! tenant, every `a` stored first), then reports hit rate, precision, recall and F1 for a
-//! range of thresholds: a table on stdout, a CSV and a PNG of precision against hit rate.
+//! range of thresholds: a table on stdout, a CSV and a PNG of precision against recall.
+//!
+//! A hit is **right** when the served prompt is the query's question: the same text, or one
+//! the file labels a duplicate of it, directly or through other labelled duplicates (the
+//! file's duplicate pairs joined into clusters). Anything else counts wrong, unlabelled pairs
+//! included. **Recall** is the share of pairs labelled duplicate whose lookup was served a
+//! right answer. The stricter figure of earlier reports — right only when the pair's own `a`
+//! was served — is printed beside it (`own`): it counts a hit on the same question stored
+//! by another pair as wrong.
+//!
+//! Each lookup keeps every candidate at or above `--from` with what became of it (the text
+//! checks, the verifier's score), so one pass gives both curves: cosine similarity alone
+//! (the first candidate that passes the checks, at each threshold) and the verifier (at each
+//! cosine floor, the first candidate that passes the checks and reaches each score) — the
+//! same rule the lookup serves by.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,8 +25,8 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use semantis_cache::scope::Scope;
-use semantis_cache::{LookupQuery, StoreCommand};
-use semantis_contract::{DataplaneConfig, TenantConfig};
+use semantis_cache::{HitPath, LookupQuery, StoreCommand};
+use semantis_contract::{DataplaneConfig, NO_VERIFIER, TenantConfig};
 use semantis_dataplane::metrics::Metrics;
 use serde::Deserialize;
 
@@ -43,6 +58,15 @@ pub struct EvalArgs {
     /// Stores and lookups in flight at once.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Skip the first N pairs (with `--limit`, any slice of the file).
+    #[arg(long, default_value_t = 0)]
+    skip: usize,
+    /// Measure cosine similarity alone, without the verifier the configuration would use.
+    #[arg(long)]
+    no_verifier: bool,
+    /// Cosine floors of the verifier's curves (each a curve over verifier scores).
+    #[arg(long, value_delimiter = ',', default_values_t = [0.70, 0.75, 0.80, 0.85])]
+    floors: Vec<f32>,
 }
 
 #[derive(Deserialize)]
@@ -52,12 +76,94 @@ struct Pair {
     duplicate: bool,
 }
 
-/// One looked-up `b`: the best candidate's similarity and whether it was the pair's own `a`.
+/// One candidate of a looked-up `b`, at or above the lowest threshold measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Outcome {
+pub struct Seen {
     pub similarity: f32,
+    /// Its prompt is the query's question (the same, or labelled a duplicate, transitively).
+    pub right: bool,
+    /// It is the pair's own `a`.
     pub own: bool,
+    /// It failed a text check (numbers, window) or feedback: never served.
+    pub rejected: bool,
+    /// The verifier's score, when it read this candidate.
+    pub score: Option<f32>,
+}
+
+/// One looked-up `b`: its candidates, best first, and whether the pair is a duplicate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub candidates: Vec<Seen>,
     pub duplicate: bool,
+    /// An exact-path hit (the same text was stored): similarity 1, no verifier; whether it
+    /// was the pair's own `a`.
+    pub exact: Option<bool>,
+}
+
+impl Outcome {
+    /// What the lookup would serve with cosine floor `floor` and, when given, verifier score
+    /// `min_score`: Some((right, own)) on a hit.
+    fn served(&self, floor: f32, min_score: Option<f32>) -> Option<(bool, bool)> {
+        if let Some(own) = self.exact {
+            return Some((true, own));
+        }
+        self.candidates
+            .iter()
+            .take_while(|c| c.similarity >= floor)
+            .find(|c| !c.rejected && min_score.is_none_or(|m| c.score.is_some_and(|s| s >= m)))
+            .map(|c| (c.right, c.own))
+    }
+}
+
+/// The file's questions grouped by its duplicate labels (union-find over case- and
+/// space-folded text).
+#[derive(Default)]
+pub struct Clusters {
+    index: HashMap<String, usize>,
+    parent: Vec<usize>,
+}
+
+fn fold(text: &str) -> String {
+    text.to_lowercase()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl Clusters {
+    fn id(&mut self, text: &str) -> usize {
+        let next = self.parent.len();
+        let id = *self.index.entry(fold(text)).or_insert(next);
+        if id == next {
+            self.parent.push(id);
+        }
+        id
+    }
+
+    fn root(&self, mut x: usize) -> usize {
+        while self.parent[x] != x {
+            x = self.parent[x];
+        }
+        x
+    }
+
+    pub fn join(&mut self, a: &str, b: &str) {
+        let (a, b) = (self.id(a), self.id(b));
+        let (ra, rb) = (self.root(a), self.root(b));
+        self.parent[ra] = rb;
+    }
+
+    /// Whether `served` answers `query`: the same question, or one labelled its duplicate.
+    pub fn right(&self, query: &str, served: &str) -> bool {
+        let (q, s) = (fold(query), fold(served));
+        if q == s {
+            return true;
+        }
+        match (self.index.get(&q), self.index.get(&s)) {
+            (Some(&a), Some(&b)) => self.root(a) == self.root(b),
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -67,23 +173,46 @@ pub struct Row {
     pub precision: f64,
     pub recall: f64,
     pub f1: f64,
+    /// Precision when only the pair's own `a` counts as right (and only for duplicates).
+    pub precision_own: f64,
 }
 
-/// The curve: at threshold t a lookup hits when its best similarity ≥ t; a hit is right when
-/// it returned the pair's own `a` and the pair is a duplicate.
+/// The cosine curve: at threshold t a lookup hits with its first candidate at or above t that
+/// passed the checks. A hit is right when it returned the pair's own `a` and the pair is a
+/// duplicate.
 pub fn curve(outcomes: &[Outcome], thresholds: &[f32]) -> Vec<Row> {
+    rows(outcomes, thresholds, |o, t| o.served(t, None))
+}
+
+/// The verifier's curve at cosine floor `floor`: at score s a lookup hits with its first
+/// candidate at or above the floor that passed the checks and scored at least s.
+pub fn verified_curve(outcomes: &[Outcome], floor: f32, scores: &[f32]) -> Vec<Row> {
+    rows(outcomes, scores, |o, s| o.served(floor, Some(s)))
+}
+
+fn rows(
+    outcomes: &[Outcome],
+    thresholds: &[f32],
+    served: impl Fn(&Outcome, f32) -> Option<(bool, bool)>,
+) -> Vec<Row> {
     let duplicates = outcomes.iter().filter(|o| o.duplicate).count() as f64;
     thresholds
         .iter()
         .map(|&t| {
-            let hits: Vec<&Outcome> = outcomes.iter().filter(|o| o.similarity >= t).collect();
-            let right = hits.iter().filter(|o| o.own && o.duplicate).count() as f64;
+            // (right, own, labelled duplicate) of every hit
+            let hits: Vec<(bool, bool, bool)> = outcomes
+                .iter()
+                .filter_map(|o| served(o, t).map(|(right, own)| (right, own, o.duplicate)))
+                .collect();
+            let right = hits.iter().filter(|h| h.0).count() as f64;
+            let recalled = hits.iter().filter(|h| h.0 && h.2).count() as f64;
+            let own = hits.iter().filter(|h| h.1 && h.2).count() as f64;
             let n = hits.len() as f64;
             let precision = if n == 0.0 { 1.0 } else { right / n };
             let recall = if duplicates == 0.0 {
                 0.0
             } else {
-                right / duplicates
+                recalled / duplicates
             };
             let f1 = if precision + recall == 0.0 {
                 0.0
@@ -96,12 +225,18 @@ pub fn curve(outcomes: &[Outcome], thresholds: &[f32]) -> Vec<Row> {
                 precision,
                 recall,
                 f1,
+                precision_own: if n == 0.0 { 1.0 } else { own / n },
             }
         })
         .collect()
 }
 
-fn read_pairs(path: &Path, limit: Option<usize>) -> anyhow::Result<Vec<Pair>> {
+/// The pairs from `skip` on (at most `limit`), and the clusters of the whole file's labels.
+fn read_pairs(
+    path: &Path,
+    skip: usize,
+    limit: Option<usize>,
+) -> anyhow::Result<(Vec<Pair>, Clusters)> {
     let file = std::fs::File::open(path)
         .with_context(|| format!("failed to open the dataset {}", path.display()))?;
     let reader: Box<dyn BufRead> = if path.extension().is_some_and(|e| e == "gz") {
@@ -110,25 +245,34 @@ fn read_pairs(path: &Path, limit: Option<usize>) -> anyhow::Result<Vec<Pair>> {
         Box::new(BufReader::new(file))
     };
     let mut pairs = Vec::new();
+    let mut clusters = Clusters::default();
+    let mut seen = 0;
     for (n, line) in reader.lines().enumerate() {
-        if limit.is_some_and(|l| pairs.len() >= l) {
-            break;
-        }
         let line = line.with_context(|| format!("failed to read line {}", n + 1))?;
         if line.trim().is_empty() {
             continue;
         }
         let pair: Pair = serde_json::from_str(&line)
             .with_context(|| format!("failed to parse line {} of {}", n + 1, path.display()))?;
-        pairs.push(pair);
+        if pair.duplicate {
+            clusters.join(&pair.a, &pair.b);
+        }
+        seen += 1;
+        if seen > skip && limit.is_none_or(|l| pairs.len() < l) {
+            pairs.push(pair);
+        }
     }
     if pairs.is_empty() {
-        bail!("the dataset {} holds no pairs", path.display());
+        bail!(
+            "the dataset {} holds no pairs past the first {skip}",
+            path.display()
+        );
     }
-    Ok(pairs)
+    Ok((pairs, clusters))
 }
 
-fn plot(rows: &[Row], path: &Path, label: &str) -> anyhow::Result<()> {
+/// Precision against recall: the cosine curve and each verifier curve, thresholds labelled.
+fn plot(curves: &[(String, Vec<Row>)], path: &Path, label: &str) -> anyhow::Result<()> {
     use plotters::prelude::*;
     const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
     let font = std::fs::read(FONT).with_context(|| {
@@ -145,40 +289,71 @@ fn plot(rows: &[Row], path: &Path, label: &str) -> anyhow::Result<()> {
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.0f64..1.0, 0.0f64..1.0)?;
+        .build_cartesian_2d(0.0f64..1.0, 0.3f64..1.0)?;
     chart
         .configure_mesh()
-        .x_desc("hit rate (share of lookups that hit)")
+        .x_desc("recall (share of duplicates that hit their own a)")
         .y_desc("precision (share of hits that are right)")
         .draw()?;
-    chart.draw_series(LineSeries::new(
-        rows.iter().map(|r| (r.hit_rate, r.precision)),
-        &BLUE,
-    ))?;
-    chart.draw_series(
-        rows.iter()
-            .map(|r| Circle::new((r.hit_rate, r.precision), 3, BLUE.filled())),
-    )?;
-    for r in rows
-        .iter()
-        .filter(|r| ((r.threshold * 100.0).round() as i32) % 5 == 0)
-    {
-        chart.draw_series(std::iter::once(Text::new(
-            format!("{:.2}", r.threshold),
-            (r.hit_rate + 0.01, r.precision + 0.01),
-            ("sans-serif", 14),
-        )))?;
+    let goal = [(0.6, 0.3), (0.6, 0.9), (1.0, 0.9)];
+    chart.draw_series(LineSeries::new(goal, BLACK.mix(0.4)))?;
+    let colours = [BLUE, RED, GREEN, MAGENTA, CYAN];
+    for (i, (name, rows)) in curves.iter().enumerate() {
+        let colour = colours[i % colours.len()];
+        chart
+            .draw_series(LineSeries::new(
+                rows.iter().map(|r| (r.recall, r.precision)),
+                colour,
+            ))?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour));
+        chart.draw_series(
+            rows.iter()
+                .map(|r| Circle::new((r.recall, r.precision), 3, colour.filled())),
+        )?;
+        for r in rows
+            .iter()
+            .filter(|r| ((r.threshold * 100.0).round() as i32) % 10 == 0)
+        {
+            chart.draw_series(std::iter::once(Text::new(
+                format!("{:.1}", r.threshold),
+                (r.recall + 0.005, r.precision + 0.008),
+                ("sans-serif", 12),
+            )))?;
+        }
     }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerLeft)
+        .draw()?;
     root.present()
         .with_context(|| format!("failed to write {}", path.display()))?;
     Ok(())
+}
+
+fn grid(from: f32, to: f32, step: f32) -> Vec<f32> {
+    let mut out = Vec::new();
+    let mut t = from;
+    while t <= to + 1e-6 {
+        out.push((t * 1000.0).round() / 1000.0);
+        t += step;
+    }
+    out
 }
 
 pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
     if !(args.step > 0.0 && args.from <= args.to) {
         bail!("--from must not exceed --to, and --step must be positive");
     }
-    let pairs = read_pairs(&args.dataset, args.limit)?;
+    if args.floors.iter().any(|f| *f < args.from) {
+        bail!(
+            "every --floors value must be at least --from ({})",
+            args.from
+        );
+    }
+    let (pairs, clusters) = read_pairs(&args.dataset, args.skip, args.limit)?;
     let mut cfg = semantis_dataplane::config::load_unchecked(args.config.as_deref())?;
     let data = tempfile::tempdir().context("failed to create a scratch data directory")?;
     cfg.storage.data_dir = data.path().display().to_string();
@@ -186,30 +361,57 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
     cfg.postgres = None;
     cfg.tenants = vec![TenantConfig {
         name: "eval".into(),
-        // Every lookup returns its best candidate; thresholds are applied afterwards.
-        min_similarity: Some(-1.0),
+        // Every candidate from the lowest threshold up is kept; thresholds apply afterwards.
+        min_similarity: Some(args.from),
         max_entries: Some(u64::MAX),
+        verifier: args.no_verifier.then(|| NO_VERIFIER.to_owned()),
+        // The verifier reads every candidate; scores are thresholded afterwards.
+        verifier_min_score: Some(0.0),
+        // Measure the verifier, not a budget: a miss for want of time would count as its fault.
+        verifier_budget_ms: Some(600_000),
         ..Default::default()
     }];
     cfg.cache.default_ttl_secs = 30 * 86_400;
-    eval_with(cfg, pairs, &args).await
+    // Timeouts would be deferred stores and degraded lookups, measuring the machine's load.
+    cfg.embedder.timeout_ms = cfg.embedder.timeout_ms.max(600_000);
+    eval_with(cfg, pairs, &clusters, &args).await
 }
 
-async fn eval_with(cfg: DataplaneConfig, pairs: Vec<Pair>, args: &EvalArgs) -> anyhow::Result<()> {
+fn progress(len: usize, what: &'static str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>8} [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(what);
+    bar
+}
+
+async fn eval_with(
+    cfg: DataplaneConfig,
+    pairs: Vec<Pair>,
+    clusters: &Clusters,
+    args: &EvalArgs,
+) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new().context("failed to register metrics")?);
     let built = crate::serve::build(&cfg, metrics).await?;
     let cache = built.cache;
     let tenant = cache.tenant("eval").context("the eval tenant is missing")?;
+    let verifier = tenant.verification.as_ref().map(|v| v.verifier.clone());
     let scope = Scope {
         namespace: Some("eval".into()),
         ..Scope::default()
     };
     let started = std::time::Instant::now();
+    let bar = progress(pairs.len(), "stores");
     let stored: Vec<anyhow::Result<()>> = futures::stream::iter(pairs.iter().enumerate())
         .map(|(i, p)| {
-            let (cache, tenant, scope) = (cache.clone(), tenant.clone(), scope.clone());
+            let (cache, tenant, scope, bar) =
+                (cache.clone(), tenant.clone(), scope.clone(), bar.clone());
             async move {
-                cache
+                let stored = cache
                     .store(
                         &tenant,
                         StoreCommand {
@@ -226,12 +428,15 @@ async fn eval_with(cfg: DataplaneConfig, pairs: Vec<Pair>, args: &EvalArgs) -> a
                     )
                     .await
                     .map(|_| ())
-                    .with_context(|| format!("failed to store pair {i}"))
+                    .with_context(|| format!("failed to store pair {i}"));
+                bar.inc(1);
+                stored
             }
         })
         .buffer_unordered(args.concurrency.max(1))
         .collect()
         .await;
+    bar.finish();
     stored.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
     // Stores whose embedding timed out were accepted for later; embed them now, or the
     // lookups would be measured against an incomplete index.
@@ -257,89 +462,161 @@ async fn eval_with(cfg: DataplaneConfig, pairs: Vec<Pair>, args: &EvalArgs) -> a
     cache.maintain().await;
 
     let started = std::time::Instant::now();
-    let looked: Vec<anyhow::Result<Outcome>> = futures::stream::iter(pairs.iter().enumerate())
-        .map(|(i, p)| {
-            let (cache, tenant, scope) = (cache.clone(), tenant.clone(), scope.clone());
-            async move {
-                let out = cache
-                    .lookup(
-                        &tenant,
-                        LookupQuery {
-                            prompt: Some(p.b.clone()),
-                            vector: None,
-                            scope,
-                            min_similarity: None,
-                            request_id: format!("eval-{i}"),
+    let bar = progress(pairs.len(), "lookups");
+    let looked: Vec<anyhow::Result<(Outcome, Option<f64>)>> =
+        futures::stream::iter(pairs.iter().enumerate())
+            .map(|(i, p)| {
+                let (cache, tenant, scope, bar) =
+                    (cache.clone(), tenant.clone(), scope.clone(), bar.clone());
+                async move {
+                    let out = cache
+                        .lookup(
+                            &tenant,
+                            LookupQuery {
+                                prompt: Some(p.b.clone()),
+                                vector: None,
+                                scope,
+                                min_similarity: None,
+                                request_id: format!("eval-{i}"),
+                            },
+                        )
+                        .await
+                        .with_context(|| format!("failed to look up pair {i}"))?;
+                    bar.inc(1);
+                    if let Some(reason) = out.degraded {
+                        bail!("lookup {i} was degraded: {reason}");
+                    }
+                    let own = |e: &semantis_cache::entry::Entry| {
+                        e.response.as_ref() == i.to_string().as_bytes()
+                    };
+                    let exact = out
+                        .hit
+                        .as_ref()
+                        .filter(|h| h.path == HitPath::Exact)
+                        .map(|h| own(&h.entry));
+                    let candidates = out
+                        .considered
+                        .iter()
+                        .map(|c| Seen {
+                            similarity: c.similarity,
+                            right: clusters.right(&p.b, &c.entry.prompt),
+                            own: own(&c.entry),
+                            rejected: c.rejection.is_some(),
+                            score: c.score,
+                        })
+                        .collect();
+                    let verify_ms = out
+                        .verification
+                        .filter(|v| v.best_score.is_some())
+                        .map(|v| v.elapsed.as_secs_f64() * 1000.0);
+                    Ok((
+                        Outcome {
+                            candidates,
+                            duplicate: p.duplicate,
+                            exact,
                         },
-                    )
-                    .await
-                    .with_context(|| format!("failed to look up pair {i}"))?;
-                if let Some(reason) = out.degraded {
-                    bail!("lookup {i} was degraded: {reason}");
+                        verify_ms,
+                    ))
                 }
-                let (similarity, own) = match &out.hit {
-                    Some(h) => (
-                        h.similarity,
-                        h.entry.response.as_ref() == i.to_string().as_bytes(),
-                    ),
-                    None => (-1.0, false),
-                };
-                Ok(Outcome {
-                    similarity,
-                    own,
-                    duplicate: p.duplicate,
-                })
-            }
-        })
-        .buffer_unordered(args.concurrency.max(1))
-        .collect()
-        .await;
-    let outcomes = looked.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+            })
+            .buffer_unordered(args.concurrency.max(1))
+            .collect()
+            .await;
+    bar.finish();
+    let looked = looked.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
     let lookup_secs = started.elapsed().as_secs_f64();
+    let mut verify_ms: Vec<f64> = looked.iter().filter_map(|(_, ms)| *ms).collect();
+    let outcomes: Vec<Outcome> = looked.into_iter().map(|(o, _)| o).collect();
 
-    let mut thresholds = Vec::new();
-    let mut t = args.from;
-    while t <= args.to + 1e-6 {
-        thresholds.push((t * 1000.0).round() / 1000.0);
-        t += args.step;
-    }
-    let rows = curve(&outcomes, &thresholds);
+    let rows = curve(&outcomes, &grid(args.from, args.to, args.step));
     let duplicates = outcomes.iter().filter(|o| o.duplicate).count();
     println!(
-        "pairs {}  duplicates {duplicates}  embedder {} {}  stores {:.0}/s  lookups {:.0}/s",
+        "pairs {} (from pair {})  duplicates {duplicates}  embedder {} {}  verifier {}  stores {:.0}/s  lookups {:.0}/s",
         outcomes.len(),
+        args.skip,
         cfg.embedder.provider.as_str(),
         cfg.embedder.model,
+        verifier.as_deref().unwrap_or("none"),
         outcomes.len() as f64 / store_secs,
         outcomes.len() as f64 / lookup_secs,
     );
-    println!("threshold  hit_rate  precision  recall      f1");
+    let print = |title: &str, rows: &[Row]| {
+        println!("{title}");
+        println!("threshold  hit_rate  precision  recall      f1    own");
+        for r in rows {
+            println!(
+                "{:>9.2}  {:>8.3}  {:>9.3}  {:>6.3}  {:>6.3}  {:>5.3}",
+                r.threshold, r.hit_rate, r.precision, r.recall, r.f1, r.precision_own
+            );
+        }
+    };
+    print("cosine similarity alone (threshold = cosine):", &rows);
+    let mut curves = vec![("cosine".to_owned(), rows.clone())];
+    let mut csv =
+        String::from("curve,floor,threshold,hit_rate,precision,recall,f1,precision_own\n");
     for r in &rows {
+        csv.push_str(&format!(
+            "cosine,,{:.2},{:.4},{:.4},{:.4},{:.4},{:.4}\n",
+            r.threshold, r.hit_rate, r.precision, r.recall, r.f1, r.precision_own
+        ));
+    }
+    if let Some(name) = &verifier {
+        verify_ms.sort_by(f64::total_cmp);
+        let pct = |p: f64| {
+            verify_ms
+                .get(((verify_ms.len() as f64 - 1.0) * p).round() as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
         println!(
-            "{:>9.2}  {:>8.3}  {:>9.3}  {:>6.3}  {:>6.3}",
-            r.threshold, r.hit_rate, r.precision, r.recall, r.f1
+            "verifier `{name}`: asked on {} lookups, waited p50 {:.1} ms, p99 {:.1} ms (queueing behind {} concurrent lookups included)",
+            verify_ms.len(),
+            pct(0.5),
+            pct(0.99),
+            args.concurrency
         );
+        let scores = grid(0.05, 0.95, 0.05);
+        let mut best: Option<(f32, Row)> = None;
+        for &floor in &args.floors {
+            let rows = verified_curve(&outcomes, floor, &scores);
+            print(
+                &format!(
+                    "verifier `{name}` at cosine floor {floor:.2} (threshold = verifier score):"
+                ),
+                &rows,
+            );
+            for r in &rows {
+                csv.push_str(&format!(
+                    "{name},{floor:.2},{:.2},{:.4},{:.4},{:.4},{:.4},{:.4}\n",
+                    r.threshold, r.hit_rate, r.precision, r.recall, r.f1, r.precision_own
+                ));
+                if r.precision >= 0.9 && best.as_ref().is_none_or(|(_, b)| r.recall > b.recall) {
+                    best = Some((floor, r.clone()));
+                }
+            }
+            curves.push((format!("{name}, cosine ≥ {floor:.2}"), rows));
+        }
+        match best {
+            Some((floor, r)) => println!(
+                "best with precision ≥ 0.90: cosine floor {floor:.2}, score {:.2}: precision {:.3}, recall {:.3}, hit rate {:.3}",
+                r.threshold, r.precision, r.recall, r.hit_rate
+            ),
+            None => println!("no point of the verifier's curves reaches precision 0.90"),
+        }
     }
     if let Some(path) = &args.csv {
-        let mut text = String::from("threshold,hit_rate,precision,recall,f1\n");
-        for r in &rows {
-            text.push_str(&format!(
-                "{:.2},{:.4},{:.4},{:.4},{:.4}\n",
-                r.threshold, r.hit_rate, r.precision, r.recall, r.f1
-            ));
-        }
-        std::fs::write(path, text)
-            .with_context(|| format!("failed to write {}", path.display()))?;
+        std::fs::write(path, csv).with_context(|| format!("failed to write {}", path.display()))?;
     }
     if let Some(path) = &args.plot {
         let label = format!(
-            "{} ({} pairs)",
+            "{} (pairs {}..{})",
             args.dataset
                 .file_name()
                 .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
-            outcomes.len()
+            args.skip,
+            args.skip + outcomes.len()
         );
-        plot(&rows, path, &label)?;
+        plot(&curves, path, &label)?;
     }
     Ok(())
 }
@@ -351,9 +628,15 @@ mod tests {
     #[test]
     fn the_curve_counts_right_hits_only() {
         let o = |similarity, own, duplicate| Outcome {
-            similarity,
-            own,
+            candidates: vec![Seen {
+                similarity,
+                right: own && duplicate,
+                own,
+                rejected: false,
+                score: None,
+            }],
             duplicate,
+            exact: None,
         };
         let outcomes = [
             o(0.99, true, true),  // right
@@ -372,5 +655,67 @@ mod tests {
             (rows[2].hit_rate, rows[2].precision, rows[2].recall),
             (0.0, 1.0, 0.0)
         );
+    }
+
+    #[test]
+    fn the_verifier_curve_serves_the_first_candidate_that_passes_checks_and_score() {
+        let seen = |similarity, own, rejected, score| Seen {
+            similarity,
+            right: own,
+            own,
+            rejected,
+            score: Some(score),
+        };
+        let outcomes = [
+            // The nearest is another `a` the verifier doubts; the own `a` it trusts.
+            Outcome {
+                candidates: vec![seen(0.95, false, false, 0.2), seen(0.85, true, false, 0.9)],
+                duplicate: true,
+                exact: None,
+            },
+            // The nearest failed the number check: never served, however it scored.
+            Outcome {
+                candidates: vec![seen(0.97, false, true, 0.99)],
+                duplicate: false,
+                exact: None,
+            },
+            // An exact hit needs no verifier.
+            Outcome {
+                candidates: vec![],
+                duplicate: true,
+                exact: Some(true),
+            },
+        ];
+        let rows = verified_curve(&outcomes, 0.8, &[0.5, 0.1]);
+        assert_eq!((rows[0].hit_rate, rows[0].precision), (2.0 / 3.0, 1.0));
+        assert_eq!(rows[0].recall, 1.0);
+        // At 0.1 the nearer, wrong candidate is served first.
+        assert_eq!(rows[1].precision, 0.5);
+        // Above the own `a`'s similarity only the exact hit is left.
+        let rows = verified_curve(&outcomes, 0.9, &[0.5]);
+        assert_eq!((rows[0].hit_rate, rows[0].recall), (1.0 / 3.0, 0.5));
+        // Cosine alone serves the nearest that passed the checks.
+        let rows = curve(&outcomes, &[0.8]);
+        assert_eq!(rows[0].precision, 0.5);
+    }
+
+    #[test]
+    fn labelled_duplicates_join_into_clusters_and_nothing_else_counts_right() {
+        let mut c = Clusters::default();
+        c.join(
+            "How do I learn Rust?",
+            "What is the best way to learn Rust?",
+        );
+        c.join(
+            "What is the best way to learn Rust?",
+            "Learning Rust: where to start?",
+        );
+        assert!(c.right("how do I  learn rust?", "Learning Rust: where to start?"));
+        assert!(
+            c.right("Unseen question", "unseen  QUESTION"),
+            "the same text"
+        );
+        assert!(!c.right("How do I learn Rust?", "How do I learn Go?"));
+        assert!(!c.right("Unseen question", "How do I learn Rust?"));
     }
 }

@@ -17,6 +17,7 @@ pub struct Metrics {
     pub resident_entries: IntGaugeVec,
     pub resident_pending: IntGaugeVec,
     pub embedder_circuit_open: IntGaugeVec,
+    pub verifier_circuit_open: IntGaugeVec,
     pub embed_cache: IntCounterVec,
     pub embed_batch_size: HistogramVec,
     pub store_flush_duration: HistogramVec,
@@ -57,6 +58,14 @@ impl Metrics {
             &["provider"],
         )?;
         r.register(Box::new(circuit.clone()))?;
+        let verifier_circuit = IntGaugeVec::new(
+            Opts::new(
+                "semantis_verifier_circuit_open",
+                "1 while a remote verifier's circuit breaker refuses calls.",
+            ),
+            &["verifier"],
+        )?;
+        r.register(Box::new(verifier_circuit.clone()))?;
         let dropped = IntCounter::new(
             "semantis_usage_events_dropped_total",
             "Usage and audit events dropped because the metadata store was unavailable.",
@@ -67,6 +76,7 @@ impl Metrics {
             resident_entries,
             resident_pending,
             embedder_circuit_open: circuit,
+            verifier_circuit_open: verifier_circuit,
             embed_cache: counter(
                 &r,
                 "semantis_embedder_cache_requests_total",

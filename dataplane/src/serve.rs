@@ -144,7 +144,20 @@ pub async fn open_metadata(
 }
 
 pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Result<Built> {
-    let registry = TenantRegistry::from_config(cfg).context("failed to load the tenants")?;
+    let verifiers =
+        semantis_dataplane::verify::load(cfg, &metrics).context("failed to load the verifiers")?;
+    let registry = TenantRegistry::with_verifiers(cfg, &verifiers.defaults)
+        .context("failed to load the tenants")?;
+    for t in registry.all() {
+        match &t.verification {
+            Some(v) => {
+                tracing::info!(tenant = %t.name, verifier = %v.verifier, min_score = v.min_score, min_similarity = t.min_similarity, "semantic hits are verified")
+            }
+            None => {
+                tracing::info!(tenant = %t.name, min_similarity = t.min_similarity, "semantic hits are decided by cosine similarity alone")
+            }
+        }
+    }
     let data_dir = PathBuf::from(&cfg.storage.data_dir);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("failed to create the data directory {}", data_dir.display()))?;
@@ -303,8 +316,14 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
         usage,
         usage_report: Arc::new(metadata.clone()),
         pending: Arc::new(metadata.clone()),
+        verifiers: verifiers.verifiers,
+        feedback: Arc::new(metadata.clone()),
         metrics: metrics.cache.clone(),
     }));
+    cache
+        .sync_feedback()
+        .await
+        .context("failed to read the feedback on earlier hits")?;
     // Only now: the loads read every table in full and would compete with the reads above.
     for store in &resident_loads {
         store.start_resident_load();
@@ -423,6 +442,18 @@ fn spawn_maintainers(
         }
     });
     let c = cache.clone();
+    // Verdicts recorded by other replicas apply here within a second.
+    let feedback = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(Duration::from_secs(1));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            if let Err(e) = c.sync_feedback().await {
+                tracing::warn!(error = %e, "failed to read new feedback; will retry");
+            }
+        }
+    });
+    let c = cache.clone();
     let pending = tokio::spawn(async move {
         let mut interval = tokio::time::interval(Duration::from_secs(1));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -458,7 +489,7 @@ fn spawn_maintainers(
             }
         }
     });
-    vec![maintain, expire, pending, retire]
+    vec![maintain, expire, feedback, pending, retire]
 }
 
 /// SIGTERM and Ctrl-C, listened for from startup on, so a second signal during the shutdown

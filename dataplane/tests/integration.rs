@@ -19,3 +19,5 @@ mod migration;
 mod postgres;
 #[path = "integration/tools.rs"]
 mod tools;
+#[path = "integration/verifiers.rs"]
+mod verifiers;

@@ -6,6 +6,8 @@
 //!
 //! Every field has a default, so an empty file is a valid embedded-mode configuration.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -26,6 +28,91 @@ pub struct DataplaneConfig {
     /// Defaults that apply to every tenant unless the tenant overrides them.
     pub cache: CacheDefaults,
     pub tenants: Vec<TenantConfig>,
+    /// Named verifiers that tenants pick with `cache.verifier` or `tenants[].verifier`. A
+    /// `local` verifier with default settings exists even when this map does not name it.
+    pub verifiers: BTreeMap<String, VerifierConfig>,
+}
+
+/// The name of the built-in verifier (the local cross-encoder) and of the setting that turns
+/// verification off.
+pub const LOCAL_VERIFIER: &str = "local";
+pub const NO_VERIFIER: &str = "none";
+
+/// What checks a semantic candidate before it is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifierProvider {
+    /// A cross-encoder run in-process: the local embedder's weights plus the verifier file.
+    #[default]
+    Local,
+    /// Hugging Face Text Embeddings Inference `POST /rerank`.
+    Tei,
+    /// The `/v1/rerank` protocol (Cohere, Jina, Voyage, vLLM, Infinity).
+    Rerank,
+}
+
+impl VerifierProvider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Tei => "tei",
+            Self::Rerank => "rerank",
+        }
+    }
+}
+
+/// One verifier: a model that reads (query, cached prompt) and scores, 0..1, whether the
+/// cached answer answers the query.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VerifierConfig {
+    pub provider: VerifierProvider,
+    /// `local`: the verifier file. Default: `semantis-verifier.safetensors` in `model_dir`.
+    pub weights: Option<String>,
+    /// `local`: the directory of the base model the verifier file adapts (all-MiniLM-L6-v2).
+    /// Default: the local embedder's.
+    pub model_dir: Option<String>,
+    /// `tei`, `rerank`: base URL.
+    pub endpoint: Option<String>,
+    /// `rerank`: the model name sent with each request.
+    pub model: Option<String>,
+    /// `tei`, `rerank`: file holding the API key (a mounted Secret).
+    pub api_key_file: Option<String>,
+    /// `tei`, `rerank`: environment variable holding the API key (when no file is given).
+    pub api_key_env: Option<String>,
+    /// Score (0..1) a candidate needs to be served. Default: the value the local verifier
+    /// file was calibrated with; 0.5 for remote verifiers.
+    pub min_score: Option<f32>,
+    /// Cosine similarity a candidate needs to reach this verifier (the recall stage, so
+    /// below what embeddings alone would need). Default: the local verifier file's; 0.8
+    /// for remote verifiers.
+    pub min_similarity: Option<f32>,
+    /// `local`: longest (query, candidate) pair in tokens; longer pairs are cut, the longer
+    /// side first.
+    pub max_tokens: usize,
+    /// Consecutive failures that open the circuit breaker (remote verifiers).
+    pub breaker_failures: u32,
+    /// How long an open breaker refuses calls before letting one through, in milliseconds.
+    pub breaker_cooldown_ms: u64,
+}
+
+impl Default for VerifierConfig {
+    fn default() -> Self {
+        Self {
+            provider: VerifierProvider::Local,
+            weights: None,
+            model_dir: None,
+            endpoint: None,
+            model: None,
+            api_key_file: None,
+            api_key_env: None,
+            min_score: None,
+            min_similarity: None,
+            max_tokens: 256,
+            breaker_failures: 5,
+            breaker_cooldown_ms: 10_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -275,9 +362,16 @@ pub enum EvictionPolicy {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CacheDefaults {
-    /// Cosine similarity a semantic candidate needs to be a hit (-1..1). A floor: requests may
-    /// raise it, never lower it.
-    pub min_similarity: f32,
+    /// Cosine similarity a semantic candidate needs (-1..1). A floor: requests may raise it,
+    /// never lower it. Default: 0.9 for tenants without a verifier; the verifier's own
+    /// `min_similarity` for tenants with one (a lower floor, since the verifier decides).
+    pub min_similarity: Option<f32>,
+    /// The verifier tenants use (a name in `verifiers`, or `none`). Default: `local` when its
+    /// weights are present, otherwise none.
+    pub verifier: Option<String>,
+    /// How long a lookup may wait for its verifier, in milliseconds; past it the lookup is a
+    /// miss (never an unverified hit).
+    pub verifier_budget_ms: u64,
     /// Entries live this long unless the store says otherwise, in seconds.
     pub default_ttl_secs: u64,
     pub max_entries: u64,
@@ -289,7 +383,9 @@ pub struct CacheDefaults {
 impl Default for CacheDefaults {
     fn default() -> Self {
         Self {
-            min_similarity: 0.9,
+            min_similarity: None,
+            verifier: None,
+            verifier_budget_ms: 300,
             default_ttl_secs: 86_400,
             max_entries: 1_000_000,
             eviction: EvictionPolicy::Lru,
@@ -311,6 +407,15 @@ pub struct TenantConfig {
     pub default_ttl_secs: Option<u64>,
     pub max_entries: Option<u64>,
     pub eviction: Option<EvictionPolicy>,
+    /// This tenant's verifier (a name in `verifiers`, or `none`); default `cache.verifier`.
+    pub verifier: Option<String>,
+    /// Score (0..1) a candidate needs from the verifier; default the verifier's `min_score`.
+    pub verifier_min_score: Option<f32>,
+    /// How long a lookup may wait for the verifier, in milliseconds.
+    pub verifier_budget_ms: Option<u64>,
+    /// Raise `verifier_min_score` from feedback until at most this share (0..1) of the
+    /// verified hits reported on were wrong.
+    pub target_error_rate: Option<f32>,
 }
 
 #[cfg(test)]

@@ -9,19 +9,22 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::Serialize;
 
 use crate::access::AccessTracker;
-use crate::entry::{Entry, EntryFilter, Removed};
+use crate::entry::{Candidate, Entry, EntryFilter, Removed};
 use crate::error::{CacheError, StoreError};
+use crate::feedback::{Judgements, ServedHit};
 use crate::metrics::CacheMetrics;
 use crate::ports::{
-    Embedder, EntryStore, HotLayer, ModelUsage, PendingStore, UsageEvent, UsageReport, UsageSink,
+    Embedder, EntryStore, Feedback, FeedbackStore, HotLayer, ModelUsage, PendingStore, UsageEvent,
+    UsageReport, UsageSink, Verifier,
 };
 use crate::scope::{Scope, exact_key, normalize_prompt};
-use crate::tenants::{Tenant, TenantRegistry};
+use crate::tenants::{Tenant, TenantRegistry, Verification};
 use crate::vector::now_ms;
 use crate::verify;
 
@@ -54,6 +57,8 @@ pub struct Hit {
     pub path: HitPath,
     pub similarity: f32,
     pub entry: Arc<Entry>,
+    /// The verifier's score, when one accepted the hit.
+    pub score: Option<f32>,
 }
 
 pub struct LookupOutcome {
@@ -64,6 +69,93 @@ pub struct LookupOutcome {
     pub threshold: f32,
     /// Set when a component failed and the answer comes from what was still reachable.
     pub degraded: Option<&'static str>,
+    /// What the tenant's verifier said, when it has one and a candidate reached it.
+    pub verification: Option<VerificationReport>,
+    /// The semantic candidates at or above the threshold, best first, with what became of
+    /// each (for `eval` and for explaining a miss).
+    pub considered: Vec<Considered>,
+}
+
+/// One semantic candidate at or above the threshold.
+pub struct Considered {
+    pub entry: Arc<Entry>,
+    pub similarity: f32,
+    /// The check it failed before the verifier (`beyond_window`, `numbers`, `feedback`).
+    pub rejection: Option<&'static str>,
+    /// The verifier's score, when it read this candidate.
+    pub score: Option<f32>,
+}
+
+/// What became of the verifier stage of one lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyOutcome {
+    /// A candidate reached the score it needed: a hit.
+    Accepted,
+    /// No candidate did: a miss.
+    Rejected,
+    /// The verifier failed: a miss.
+    Unavailable,
+    /// The verifier did not answer within the tenant's budget: a miss.
+    OverBudget,
+    /// A lookup by vector alone has no text to verify: a miss.
+    NoPrompt,
+}
+
+impl VerifyOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Rejected => "rejected",
+            Self::Unavailable => "unavailable",
+            Self::OverBudget => "over_budget",
+            Self::NoPrompt => "no_prompt",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct VerificationReport {
+    pub verifier: String,
+    /// The score a candidate needed (the tenant's, raised by feedback toward its target).
+    pub min_score: f32,
+    /// The best score the verifier gave, when it answered.
+    pub best_score: Option<f32>,
+    pub outcome: VerifyOutcome,
+    /// Time spent waiting for the verifier.
+    pub elapsed: Duration,
+}
+
+/// `POST /v1/feedback`: whether a served hit was right. Names the hit by the lookup's
+/// request id, or by entry id (then `prompt` says which query it was wrong for).
+pub struct FeedbackCommand {
+    pub request_id: Option<String>,
+    pub entry_id: Option<String>,
+    pub correct: bool,
+    pub prompt: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FeedbackScope {
+    /// Wrong for this query and its close paraphrases.
+    Query,
+    /// Reported without its query: the entry is not served again for any query.
+    Entry,
+}
+
+#[derive(Debug)]
+pub struct FeedbackRecorded {
+    pub entry_id: String,
+    pub applies_to: FeedbackScope,
+    /// The verifier threshold the tenant uses now.
+    pub verifier_min_score: Option<f32>,
+}
+
+/// Verdicts users gave on served hits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct FeedbackCounts {
+    pub right: u64,
+    pub wrong: u64,
 }
 
 pub struct StoreCommand {
@@ -110,6 +202,11 @@ pub struct TenantStats {
     pub usd_saved: f64,
     /// The same figures per model.
     pub by_model: Vec<ModelUsage>,
+    /// The verifier semantic hits must pass, if any.
+    pub verifier: Option<String>,
+    /// The score it asks for now (feedback may have raised it).
+    pub verifier_min_score: Option<f32>,
+    pub feedback: FeedbackCounts,
 }
 
 /// One tenant's slice of the cache: its entry store and eviction bookkeeping.
@@ -121,6 +218,8 @@ pub struct Partition {
     /// A hot-layer write that read the store before a removal sees it changed afterwards and
     /// takes its copy back out, so a delete racing a lookup's write-back stays done.
     removals: AtomicU64,
+    /// Feedback on this tenant's hits, and its recent hits.
+    judgements: Mutex<Judgements>,
 }
 
 /// The most tokens one side of a cached call may report: far above any model's window, far
@@ -140,6 +239,7 @@ impl Partition {
             store,
             access: Mutex::new(access),
             removals: AtomicU64::new(0),
+            judgements: Mutex::new(Judgements::default()),
         }
     }
 
@@ -158,6 +258,10 @@ pub struct Cache {
     usage: Arc<dyn UsageSink>,
     usage_report: Arc<dyn UsageReport>,
     pending: Arc<dyn PendingStore>,
+    verifiers: HashMap<String, Arc<dyn Verifier>>,
+    feedback: Arc<dyn FeedbackStore>,
+    /// The highest feedback seq applied; one reader at a time.
+    feedback_seen: tokio::sync::Mutex<i64>,
     metrics: CacheMetrics,
 }
 
@@ -171,7 +275,7 @@ fn removed_of(p: &Entry) -> Removed {
     }
 }
 
-/// How many semantic candidates to fetch; only the best decides, the rest feed metrics later.
+/// How many semantic candidates to fetch: the best that passes every check is served.
 const CANDIDATES: usize = 4;
 
 pub struct CacheParts {
@@ -185,6 +289,9 @@ pub struct CacheParts {
     /// Where `stats` reads the usage totals back from.
     pub usage_report: Arc<dyn UsageReport>,
     pub pending: Arc<dyn PendingStore>,
+    /// The verifiers tenants name, by name.
+    pub verifiers: HashMap<String, Arc<dyn Verifier>>,
+    pub feedback: Arc<dyn FeedbackStore>,
     pub metrics: CacheMetrics,
 }
 
@@ -211,6 +318,9 @@ impl Cache {
             usage: parts.usage,
             usage_report: parts.usage_report,
             pending: parts.pending,
+            verifiers: parts.verifiers,
+            feedback: parts.feedback,
+            feedback_seen: tokio::sync::Mutex::new(0),
             metrics: parts.metrics,
         }
     }
@@ -347,13 +457,32 @@ impl Cache {
                     }
                 },
             };
+            let found = found.filter(|e| {
+                let reported = {
+                    let j = part.judgements.lock();
+                    j.has_negatives() && j.rejects(&e.id, Some(norm), None, &self.index_version)
+                };
+                if reported {
+                    self.reject(tenant, "feedback");
+                }
+                !reported
+            });
             if let Some(entry) = found {
                 let hit = Hit {
                     path: HitPath::Exact,
                     similarity: 1.0,
                     entry,
+                    score: None,
                 };
-                return Ok(self.finish(part, &q, Some(hit), None, threshold, degraded, started));
+                let outcome = LookupOutcome {
+                    hit: Some(hit),
+                    best_similarity: None,
+                    threshold,
+                    degraded,
+                    verification: None,
+                    considered: Vec::new(),
+                };
+                return Ok(self.finish(part, &q, outcome, normalized, None, started));
             }
         }
 
@@ -375,8 +504,16 @@ impl Cache {
                 _ => None,
             },
         };
+        let miss = |degraded| LookupOutcome {
+            hit: None,
+            best_similarity: None,
+            threshold,
+            degraded,
+            verification: None,
+            considered: Vec::new(),
+        };
         let Some(vector) = vector else {
-            return Ok(self.finish(part, &q, None, None, threshold, degraded, started));
+            return Ok(self.finish(part, &q, miss(degraded), normalized, None, started));
         };
         let candidates = match part
             .store
@@ -386,49 +523,229 @@ impl Cache {
             Ok(c) => c,
             Err(e) => {
                 self.store_failed(tenant, "search", &e);
-                return Ok(self.finish(
-                    part,
-                    &q,
-                    None,
-                    None,
-                    threshold,
-                    Some("store_unavailable"),
-                    started,
-                ));
+                let outcome = miss(Some("store_unavailable"));
+                return Ok(self.finish(part, &q, outcome, normalized, Some(vector), started));
             }
         };
         let best_similarity = candidates.first().map(|c| c.similarity);
-        let embedded_here = q.vector.is_none();
-        let hit = candidates
-            .into_iter()
-            .take_while(|c| c.similarity >= threshold)
-            .find(|c| self.verified(tenant, q.prompt.as_deref(), embedded_here, &c.entry))
-            .map(|c| Hit {
-                path: HitPath::Semantic,
-                similarity: c.similarity,
-                entry: c.entry,
-            });
-        Ok(self.finish(part, &q, hit, best_similarity, threshold, degraded, started))
+        let considered = self.checked(
+            part,
+            &q,
+            normalized.as_deref(),
+            &vector,
+            candidates,
+            threshold,
+        );
+        let mut outcome = LookupOutcome {
+            hit: None,
+            best_similarity,
+            threshold,
+            degraded,
+            verification: None,
+            considered,
+        };
+        match (&tenant.verification, q.prompt.as_deref()) {
+            // Nothing passed the checks: no verifier to ask.
+            _ if outcome.considered.iter().all(|c| c.rejection.is_some()) => {}
+            (None, _) => {
+                outcome.hit = outcome
+                    .considered
+                    .iter()
+                    .find(|c| c.rejection.is_none())
+                    .map(|c| Hit {
+                        path: HitPath::Semantic,
+                        similarity: c.similarity,
+                        entry: c.entry.clone(),
+                        score: None,
+                    });
+            }
+            (Some(v), None) => {
+                outcome.verification = Some(VerificationReport {
+                    verifier: v.verifier.clone(),
+                    min_score: self.min_score(part, v),
+                    best_score: None,
+                    outcome: VerifyOutcome::NoPrompt,
+                    elapsed: Duration::ZERO,
+                });
+            }
+            (Some(v), Some(prompt)) => self.verify_candidates(part, v, prompt, &mut outcome).await,
+        }
+        Ok(self.finish(part, &q, outcome, normalized, Some(vector), started))
     }
 
-    /// Whether a candidate above the threshold may be served for `prompt` ([`verify`]).
-    /// A lookup by vector alone has no text to compare: nothing to check. With a vector the
-    /// client embedded itself, this embedder's window says nothing about it.
-    fn verified(
+    /// The candidates at or above `threshold`, each with the first check it failed before
+    /// the verifier: the text checks of [`verify`], then feedback that reported it wrong for
+    /// this query.
+    fn checked(
         &self,
-        tenant: &Tenant,
+        part: &Partition,
+        q: &LookupQuery,
+        normalized: Option<&str>,
+        vector: &[f32],
+        candidates: Vec<Candidate>,
+        threshold: f32,
+    ) -> Vec<Considered> {
+        let tenant = &part.tenant;
+        let embedded_here = q.vector.is_none();
+        let j = part.judgements.lock();
+        let reported = j.has_negatives();
+        candidates
+            .into_iter()
+            .take_while(|c| c.similarity >= threshold)
+            .map(|c| {
+                let mut rejection = self
+                    .text_check(q.prompt.as_deref(), embedded_here, &c.entry)
+                    .map(verify::Rejection::as_str);
+                if rejection.is_none()
+                    && reported
+                    && j.rejects(&c.entry.id, normalized, Some(vector), &self.index_version)
+                {
+                    rejection = Some("feedback");
+                }
+                if let Some(r) = rejection {
+                    self.reject(tenant, r);
+                }
+                Considered {
+                    entry: c.entry,
+                    similarity: c.similarity,
+                    rejection,
+                    score: None,
+                }
+            })
+            .collect()
+    }
+
+    /// The verifier threshold of `part`'s tenant now: its own, raised by feedback.
+    fn min_score(&self, part: &Partition, v: &Verification) -> f32 {
+        part.judgements
+            .lock()
+            .threshold(v.min_score, v.target_error_rate)
+    }
+
+    fn reject(&self, tenant: &Tenant, reason: &str) {
+        self.metrics
+            .rejected_candidates
+            .with_label_values(&[&tenant.name, reason])
+            .inc();
+    }
+
+    /// Ask the tenant's verifier about the candidates that passed the checks, within its
+    /// budget; the first (by similarity) that reaches the score is the hit. A verifier that
+    /// fails or runs over makes the lookup a miss, never an unverified hit.
+    async fn verify_candidates(
+        &self,
+        part: &Partition,
+        v: &Verification,
+        prompt: &str,
+        outcome: &mut LookupOutcome,
+    ) {
+        let tenant = &part.tenant;
+        let min_score = self.min_score(part, v);
+        let texts: Vec<String> = outcome
+            .considered
+            .iter()
+            .filter(|c| c.rejection.is_none())
+            .map(|c| c.entry.prompt.clone())
+            .collect();
+        // Tokio's clock, so the budget and the time it reports agree (and tests can pause it).
+        let started = tokio::time::Instant::now();
+        let answer = match self.verifiers.get(&v.verifier) {
+            Some(verifier) => {
+                let budget = Duration::from_millis(v.budget_ms);
+                let provider = verifier.provider();
+                let answer = tokio::time::timeout(budget, verifier.score(prompt, &texts)).await;
+                self.metrics
+                    .verify_duration
+                    .with_label_values(&[provider])
+                    .observe(started.elapsed().as_secs_f64());
+                answer
+            }
+            None => Ok(Err(crate::ports::VerifyError::Unavailable {
+                provider: "none",
+                reason: format!("the verifier `{}` is not loaded", v.verifier),
+            })),
+        };
+        let elapsed = started.elapsed();
+        let scores = match answer {
+            Ok(Ok(scores)) if scores.len() == texts.len() => Ok(scores),
+            Ok(Ok(scores)) => Err((
+                VerifyOutcome::Unavailable,
+                format!("{} scores for {} candidates", scores.len(), texts.len()),
+            )),
+            Ok(Err(e)) => Err((VerifyOutcome::Unavailable, e.to_string())),
+            Err(_) => Err((
+                VerifyOutcome::OverBudget,
+                format!("no answer within {} ms", v.budget_ms),
+            )),
+        };
+        let mut report = VerificationReport {
+            verifier: v.verifier.clone(),
+            min_score,
+            best_score: None,
+            outcome: VerifyOutcome::Rejected,
+            elapsed,
+        };
+        match scores {
+            Err((what, reason)) => {
+                tracing::warn!(tenant = %tenant.name, verifier = %v.verifier, %reason, "verifier failed; the lookup is a miss");
+                self.metrics
+                    .verify_failures
+                    .with_label_values(&[&tenant.name, what.as_str()])
+                    .inc();
+                report.outcome = what;
+                outcome.degraded = Some(match what {
+                    VerifyOutcome::OverBudget => "verifier_over_budget",
+                    _ => "verifier_unavailable",
+                });
+            }
+            Ok(scores) => {
+                let mut scores = scores.into_iter();
+                for c in outcome
+                    .considered
+                    .iter_mut()
+                    .filter(|c| c.rejection.is_none())
+                {
+                    let score = scores.next().filter(|s| s.is_finite()).unwrap_or(0.0);
+                    c.score = Some(score);
+                    report.best_score =
+                        Some(report.best_score.map_or(score, |b: f32| b.max(score)));
+                    if outcome.hit.is_some() {
+                        continue;
+                    }
+                    if score >= min_score {
+                        report.outcome = VerifyOutcome::Accepted;
+                        outcome.hit = Some(Hit {
+                            path: HitPath::Semantic,
+                            similarity: c.similarity,
+                            entry: c.entry.clone(),
+                            score: Some(score),
+                        });
+                    } else {
+                        self.reject(tenant, "verifier");
+                    }
+                }
+            }
+        }
+        outcome.verification = Some(report);
+    }
+
+    /// The text checks ([`verify`]) a candidate fails for `prompt`, if any. A lookup by
+    /// vector alone has no text to compare: nothing to check. With a vector the client
+    /// embedded itself, this embedder's window says nothing about it.
+    fn text_check(
+        &self,
         prompt: Option<&str>,
         embedded_here: bool,
         candidate: &Entry,
-    ) -> bool {
-        let Some(prompt) = prompt else { return true };
+    ) -> Option<verify::Rejection> {
+        let prompt = prompt?;
         let window = |text: &str| {
             self.embedder
                 .as_ref()
                 .filter(|_| embedded_here)
                 .and_then(|e| e.window(text))
         };
-        let rejection = verify::check(
+        verify::check(
             verify::Read {
                 prompt,
                 window: window(prompt),
@@ -437,14 +754,7 @@ impl Cache {
                 prompt: &candidate.prompt,
                 window: window(&candidate.prompt),
             },
-        );
-        if let Some(r) = rejection {
-            self.metrics
-                .rejected_candidates
-                .with_label_values(&[&tenant.name, r.as_str()])
-                .inc();
-        }
-        rejection.is_none()
+        )
     }
 
     /// The exact path's store read, warming the hot layer with what it found. A removal that
@@ -473,18 +783,19 @@ impl Cache {
         }
     }
 
-    /// Account for a lookup: eviction bookkeeping, metrics, usage and audit.
-    #[allow(clippy::too_many_arguments)]
+    /// Account for a lookup: eviction bookkeeping, metrics, usage and audit, and remember a
+    /// hit for feedback that names its request.
     fn finish(
         &self,
         part: &Partition,
         q: &LookupQuery,
-        hit: Option<Hit>,
-        best_similarity: Option<f32>,
-        threshold: f32,
-        degraded: Option<&'static str>,
-        started: std::time::Instant,
+        outcome: LookupOutcome,
+        normalized: Option<String>,
+        vector: Option<Vec<f32>>,
+        started: Instant,
     ) -> LookupOutcome {
+        let (hit, best_similarity, threshold) =
+            (&outcome.hit, outcome.best_similarity, outcome.threshold);
         let tenant: &str = &part.tenant.name;
         let m = &self.metrics;
         if let Some(s) = best_similarity {
@@ -512,8 +823,19 @@ impl Cache {
             tokens_saved: 0,
             usd_saved: 0.0,
         };
-        match &hit {
+        match hit {
             Some(h) => {
+                part.judgements.lock().remember(
+                    &q.request_id,
+                    ServedHit {
+                        entry_id: h.entry.id.clone(),
+                        prompt: normalized,
+                        vector: vector
+                            .filter(|_| h.path == HitPath::Semantic)
+                            .map(Arc::from),
+                        score: h.score,
+                    },
+                );
                 part.access.lock().touch(&h.entry.id);
                 let tokens = h
                     .entry
@@ -536,12 +858,7 @@ impl Cache {
             }
         }
         self.usage.record(event);
-        LookupOutcome {
-            hit,
-            best_similarity,
-            threshold,
-            degraded,
-        }
+        outcome
     }
 
     fn store_failed(&self, tenant: &Tenant, operation: &str, e: &StoreError) {
@@ -686,6 +1003,9 @@ impl Cache {
                 access.remove(&r.id);
             }
         }
+        part.judgements
+            .lock()
+            .forget_entries(removed.iter().map(|r| r.id.as_str()));
         for r in removed {
             self.hot.remove(&part.tenant.name, &r.exact_key).await;
         }
@@ -777,7 +1097,147 @@ impl Cache {
             tokens_saved: total(|u| u.tokens_saved),
             usd_saved: by_model.iter().map(|u| u.usd_saved).sum(),
             by_model,
+            verifier: tenant.verification.as_ref().map(|v| v.verifier.clone()),
+            verifier_min_score: tenant
+                .verification
+                .as_ref()
+                .map(|v| self.min_score(part, v)),
+            feedback: {
+                let j = part.judgements.lock();
+                FeedbackCounts {
+                    right: j.right,
+                    wrong: j.wrong,
+                }
+            },
         })
+    }
+
+    /// Record whether a served hit was right. A wrong one is never served again for its
+    /// query and close paraphrases (or, reported without its query, for any query); with a
+    /// target error rate, verdicts on verified hits move the tenant's verifier threshold.
+    pub async fn feedback(
+        &self,
+        tenant: &Tenant,
+        cmd: FeedbackCommand,
+    ) -> Result<FeedbackRecorded, CacheError> {
+        let part = self.partition(tenant)?;
+        let canonical = |id: &str| {
+            uuid::Uuid::parse_str(id)
+                .map(|u| u.hyphenated().to_string())
+                .map_err(|_| CacheError::EntryNotFound(id.to_owned()))
+        };
+        let named = cmd.entry_id.as_deref().map(canonical).transpose()?;
+        let served = match &cmd.request_id {
+            Some(request) => {
+                let here = part.judgements.lock().served(request).cloned();
+                let served = match here {
+                    Some(hit) => hit,
+                    // Served by another replica (or before a restart): the audit trail knows
+                    // the entry, not the query.
+                    None => ServedHit {
+                        entry_id: self
+                            .feedback
+                            .served(&tenant.name, request)
+                            .await?
+                            .ok_or_else(|| CacheError::RequestNotFound(request.clone()))?,
+                        prompt: None,
+                        vector: None,
+                        score: None,
+                    },
+                };
+                if let Some(named) = &named
+                    && *named != served.entry_id
+                {
+                    return Err(CacheError::InvalidRequest(format!(
+                        "request `{request}` was served entry `{}`, not `{named}`",
+                        served.entry_id
+                    )));
+                }
+                served
+            }
+            None => ServedHit {
+                entry_id: named.ok_or(CacheError::FeedbackTargetRequired)?,
+                prompt: None,
+                vector: None,
+                score: None,
+            },
+        };
+        let (prompt, vector) = match cmd.prompt.as_deref().map(normalize_prompt) {
+            Some(p) if p.is_empty() => return Err(CacheError::EmptyPrompt),
+            Some(p) => {
+                // Close paraphrases are found by vector: embed the query when it is new.
+                let vector = match &self.embedder {
+                    Some(_) => self.embed_one(&p).await.ok(),
+                    None => None,
+                };
+                (Some(p), vector)
+            }
+            None => (served.prompt, served.vector.map(|v| v.to_vec())),
+        };
+        let applies_to = if prompt.is_some() || vector.is_some() {
+            FeedbackScope::Query
+        } else {
+            FeedbackScope::Entry
+        };
+        let verdict = Feedback {
+            seq: 0,
+            tenant: tenant.name.clone(),
+            entry_id: served.entry_id.clone(),
+            request_id: cmd.request_id,
+            correct: cmd.correct,
+            prompt,
+            vector,
+            index_version: self.index_version.clone(),
+            score: served.score,
+            at_ms: now_ms(),
+        };
+        self.feedback.record(&verdict).await?;
+        // Read back through the one path every replica uses, so it is applied exactly once.
+        self.sync_feedback().await?;
+        Ok(FeedbackRecorded {
+            entry_id: served.entry_id,
+            applies_to,
+            verifier_min_score: tenant
+                .verification
+                .as_ref()
+                .map(|v| self.min_score(part, v)),
+        })
+    }
+
+    /// Apply the feedback recorded since the last call (by any replica). Called after each
+    /// verdict here and periodically, so every replica sees a verdict within its period.
+    pub async fn sync_feedback(&self) -> Result<usize, StoreError> {
+        let mut seen = self.feedback_seen.lock().await;
+        let mut applied = 0;
+        loop {
+            let batch = self.feedback.since(*seen, 1000).await?;
+            let Some(last) = batch.last().map(|f| f.seq) else {
+                break;
+            };
+            for f in &batch {
+                if let Some(part) = self.partitions.get(&f.tenant) {
+                    part.judgements.lock().apply(f);
+                    self.metrics
+                        .feedback
+                        .with_label_values(&[
+                            f.tenant.as_str(),
+                            if f.correct { "right" } else { "wrong" },
+                        ])
+                        .inc();
+                }
+            }
+            applied += batch.len();
+            *seen = last;
+        }
+        for part in self.partitions.values() {
+            if let Some(v) = &part.tenant.verification {
+                self.metrics
+                    .verifier_min_score
+                    .with_label_values(&[&part.tenant.name])
+                    .set(f64::from(self.min_score(part, v)));
+            }
+        }
+        Ok(applied)
     }
 
     /// Drop expired entries of every tenant (at most `limit` each per call).

@@ -43,6 +43,12 @@ pub enum CacheError {
     InvalidRequest(String),
     #[error("entry `{0}` not found")]
     EntryNotFound(String),
+    #[error(
+        "no hit was served for request `{0}` (feedback can name a request this tenant was served a hit for, or an entry by `entry_id`)"
+    )]
+    RequestNotFound(String),
+    #[error("feedback needs a `request_id` (from the lookup) or an `entry_id`")]
+    FeedbackTargetRequired,
     #[error("the embedder is unavailable and no vector was supplied: {0}")]
     EmbedderUnavailable(String),
     #[error("the store is unavailable: {0}")]

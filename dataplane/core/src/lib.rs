@@ -11,6 +11,7 @@ pub mod access;
 pub mod cache;
 pub mod entry;
 pub mod error;
+pub mod feedback;
 pub mod index_version;
 pub mod metrics;
 pub mod ports;
@@ -20,7 +21,8 @@ pub mod vector;
 pub mod verify;
 
 pub use cache::{
-    Cache, CacheParts, Hit, HitPath, LookupOutcome, LookupQuery, MAX_TOKENS, Partition,
-    StoreCommand, Stored, TenantStats,
+    Cache, CacheParts, Considered, FeedbackCommand, FeedbackCounts, FeedbackRecorded,
+    FeedbackScope, Hit, HitPath, LookupOutcome, LookupQuery, MAX_TOKENS, Partition, StoreCommand,
+    Stored, TenantStats, VerificationReport, VerifyOutcome,
 };
 pub use error::{CacheError, StoreError, StoreErrorKind};

@@ -25,6 +25,10 @@ pub struct CacheMetrics {
     pub embed_errors: IntCounterVec,
     pub embedder_fallbacks: IntCounterVec,
     pub store_errors: IntCounterVec,
+    pub verify_duration: HistogramVec,
+    pub verify_failures: IntCounterVec,
+    pub feedback: IntCounterVec,
+    pub verifier_min_score: prometheus::GaugeVec,
 }
 
 pub fn counter(
@@ -62,6 +66,14 @@ impl CacheMetrics {
             &["tenant"],
         )?;
         r.register(Box::new(entries.clone()))?;
+        let verifier_min_score = prometheus::GaugeVec::new(
+            Opts::new(
+                "semantis_cache_verifier_min_score",
+                "The verifier score a semantic candidate needs now, per tenant (feedback toward a target error rate may raise it).",
+            ),
+            &["tenant"],
+        )?;
+        r.register(Box::new(verifier_min_score.clone()))?;
         Ok(Self {
             lookups: counter(
                 r,
@@ -157,6 +169,26 @@ impl CacheMetrics {
                 "Store operations that failed, by operation.",
                 &["tenant", "operation"],
             )?,
+            verify_duration: histogram(
+                r,
+                "semantis_verifier_duration_seconds",
+                "Time one lookup waited for its verifier.",
+                &["provider"],
+                slow,
+            )?,
+            verify_failures: counter(
+                r,
+                "semantis_cache_verifier_failures_total",
+                "Lookups made a miss because the verifier failed (unavailable) or ran over the tenant's budget (over_budget).",
+                &["tenant", "reason"],
+            )?,
+            feedback: counter(
+                r,
+                "semantis_cache_feedback_total",
+                "Verdicts on served hits, by verdict (right, wrong).",
+                &["tenant", "verdict"],
+            )?,
+            verifier_min_score,
         })
     }
 }

@@ -187,3 +187,71 @@ pub struct ModelUsage {
 pub trait UsageReport: Send + Sync {
     async fn usage(&self, tenant: &str) -> Result<Vec<ModelUsage>, StoreError>;
 }
+
+/// Why a verifier gave no scores. Providers put their context into the strings.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("failed to load the verifier from {path}: {reason}")]
+    Load { path: String, reason: String },
+    #[error("failed to verify: {0}")]
+    Inference(String),
+    #[error("failed to verify with `{provider}`: HTTP {status}: {body}")]
+    Http {
+        provider: &'static str,
+        status: u16,
+        body: String,
+    },
+    #[error("failed to verify with `{provider}`: {reason}")]
+    Protocol {
+        provider: &'static str,
+        reason: String,
+    },
+    #[error("failed to verify with `{provider}`: {reason}")]
+    Unavailable {
+        provider: &'static str,
+        reason: String,
+    },
+    #[error("failed to verify: the `{0}` circuit breaker is open after repeated failures")]
+    CircuitOpen(&'static str),
+}
+
+/// The second stage of a semantic lookup: reads the query beside each candidate's prompt and
+/// scores whether the candidate's cached answer answers the query.
+#[async_trait]
+pub trait Verifier: Send + Sync {
+    /// One score in 0..1 per candidate, in the candidates' order.
+    async fn score(&self, query: &str, candidates: &[String]) -> Result<Vec<f32>, VerifyError>;
+    fn provider(&self) -> &'static str;
+}
+
+/// One verdict on a served hit (`POST /v1/feedback`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Feedback {
+    /// Assigned by the store, increasing: replicas read what they have not seen by it.
+    pub seq: i64,
+    pub tenant: String,
+    pub entry_id: String,
+    pub request_id: Option<String>,
+    /// Whether the served answer was right for the query.
+    pub correct: bool,
+    /// The query the entry was served for, normalised; `None` when not known (the verdict
+    /// then concerns the entry for any query).
+    pub prompt: Option<String>,
+    /// The query's vector, from the index version named next to it.
+    pub vector: Option<Vec<f32>>,
+    pub index_version: String,
+    /// The verifier's score of the served hit, when one was verified.
+    pub score: Option<f32>,
+    pub at_ms: i64,
+}
+
+/// Where feedback is kept durably and shared between replicas.
+#[async_trait]
+pub trait FeedbackStore: Send + Sync {
+    /// Keep `feedback` (its `seq` is ignored); returns the seq it was given.
+    async fn record(&self, feedback: &Feedback) -> Result<i64, StoreError>;
+    /// Feedback with a seq above `after`, oldest first, at most `limit`.
+    async fn since(&self, after: i64, limit: usize) -> Result<Vec<Feedback>, StoreError>;
+    /// The entry a request was served (the audit trail), when it was a hit.
+    async fn served(&self, tenant: &str, request_id: &str) -> Result<Option<String>, StoreError>;
+}

@@ -2,10 +2,12 @@
 //! hashed at startup); a request's key is hashed and looked up, so plaintext keys are never
 //! kept or compared.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use semantis_contract::{CacheDefaults, DataplaneConfig, EvictionPolicy};
+use semantis_contract::{
+    CacheDefaults, DataplaneConfig, EvictionPolicy, LOCAL_VERIFIER, NO_VERIFIER,
+};
 use sha2::{Digest, Sha256};
 
 use crate::error::CacheError;
@@ -19,8 +21,51 @@ pub struct Tenant {
     pub max_entries: u64,
     pub eviction: EvictionPolicy,
     pub near_miss_margin: f32,
+    /// The verifier that must accept a semantic candidate before it is served; `None`: the
+    /// cosine threshold alone decides.
+    pub verification: Option<Verification>,
 }
 
+/// A tenant's verifier settings, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verification {
+    /// The verifier's name (a key of the configuration's `verifiers`).
+    pub verifier: String,
+    /// Score (0..1) a candidate needs; feedback may raise it (`target_error_rate`).
+    pub min_score: f32,
+    /// How long a lookup waits for the verifier before it is a miss.
+    pub budget_ms: u64,
+    pub target_error_rate: Option<f32>,
+}
+
+/// What a built verifier brings to tenants that use it without saying otherwise.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VerifierDefaults {
+    pub min_score: f32,
+    pub min_similarity: f32,
+}
+
+/// Tenants without a verifier need this cosine similarity unless configured otherwise.
+pub const UNVERIFIED_MIN_SIMILARITY: f32 = 0.9;
+
+/// Which verifiers a configuration names explicitly (`cache.verifier`, `tenants[].verifier`),
+/// and whether some tenant takes the default (`local` when it can be built).
+pub fn verifiers_named(cfg: &DataplaneConfig) -> (Vec<String>, bool) {
+    let mut named: Vec<String> = Vec::new();
+    let mut auto = false;
+    for t in &cfg.tenants {
+        match t.verifier.as_ref().or(cfg.cache.verifier.as_ref()) {
+            Some(n) if n == NO_VERIFIER => {}
+            Some(n) => {
+                if !named.contains(n) {
+                    named.push(n.clone());
+                }
+            }
+            None => auto = true,
+        }
+    }
+    (named, auto)
+}
 #[derive(Debug, thiserror::Error)]
 pub enum TenantConfigError {
     #[error(
@@ -43,6 +88,17 @@ pub enum TenantConfigError {
     Similarity { tenant: String, value: f32 },
     #[error("invalid max_entries 0 for `{0}`: it must be at least 1")]
     MaxEntries(String),
+    #[error(
+        "tenant `{tenant}` names the verifier `{verifier}`, which is not configured or could not be built"
+    )]
+    UnknownVerifier { tenant: String, verifier: String },
+    #[error("invalid {field} {value} for `{tenant}`: it must be within {range}")]
+    Verifier {
+        tenant: String,
+        field: &'static str,
+        value: f64,
+        range: &'static str,
+    },
 }
 
 pub fn hash_key(key: &str) -> String {
@@ -68,7 +124,16 @@ pub struct TenantRegistry {
 }
 
 impl TenantRegistry {
+    /// Tenants with no verifier (tools that never look up: `reindex`, `backup`).
     pub fn from_config(cfg: &DataplaneConfig) -> Result<Self, TenantConfigError> {
+        Self::with_verifiers(cfg, &BTreeMap::new())
+    }
+
+    /// Tenants whose verifier is one of `available` (the verifiers the process built).
+    pub fn with_verifiers(
+        cfg: &DataplaneConfig,
+        available: &BTreeMap<String, VerifierDefaults>,
+    ) -> Result<Self, TenantConfigError> {
         let mut reg = Self::default();
         for hash in &cfg.server.admin_key_sha256 {
             if !is_sha256_hex(hash) {
@@ -109,7 +174,7 @@ impl TenantRegistry {
                     return Err(TenantConfigError::SharedKey(other, t.name.clone()));
                 }
             }
-            let tenant = resolve(&cfg.cache, t)?;
+            let tenant = resolve(&cfg.cache, t, available)?;
             reg.tenants.insert(t.name.clone(), Arc::new(tenant));
         }
         Ok(reg)
@@ -159,8 +224,58 @@ fn is_sha256_hex(s: &str) -> bool {
 fn resolve(
     defaults: &CacheDefaults,
     t: &semantis_contract::TenantConfig,
+    available: &BTreeMap<String, VerifierDefaults>,
 ) -> Result<Tenant, TenantConfigError> {
-    let min_similarity = t.min_similarity.unwrap_or(defaults.min_similarity);
+    let verifier = match t.verifier.as_ref().or(defaults.verifier.as_ref()) {
+        Some(n) if n == NO_VERIFIER => None,
+        Some(n) => Some((
+            n.clone(),
+            *available
+                .get(n)
+                .ok_or_else(|| TenantConfigError::UnknownVerifier {
+                    tenant: t.name.clone(),
+                    verifier: n.clone(),
+                })?,
+        )),
+        None => available
+            .get(LOCAL_VERIFIER)
+            .map(|d| (LOCAL_VERIFIER.to_owned(), *d)),
+    };
+    let out_of = |field, value: f64, range| TenantConfigError::Verifier {
+        tenant: t.name.clone(),
+        field,
+        value,
+        range,
+    };
+    let (verification, default_similarity) = match verifier {
+        None => (None, UNVERIFIED_MIN_SIMILARITY),
+        Some((name, d)) => {
+            let min_score = t.verifier_min_score.unwrap_or(d.min_score);
+            if !(0.0..=1.0).contains(&min_score) {
+                return Err(out_of("verifier_min_score", min_score.into(), "0..1"));
+            }
+            let budget_ms = t.verifier_budget_ms.unwrap_or(defaults.verifier_budget_ms);
+            if budget_ms == 0 {
+                return Err(out_of("verifier_budget_ms", 0.0, "1.."));
+            }
+            if let Some(r) = t.target_error_rate
+                && !(r > 0.0 && r < 1.0)
+            {
+                return Err(out_of("target_error_rate", r.into(), "0..1 (exclusive)"));
+            }
+            let v = Verification {
+                verifier: name,
+                min_score,
+                budget_ms,
+                target_error_rate: t.target_error_rate,
+            };
+            (Some(v), d.min_similarity)
+        }
+    };
+    let min_similarity = t
+        .min_similarity
+        .or(defaults.min_similarity)
+        .unwrap_or(default_similarity);
     if !(-1.0..=1.0).contains(&min_similarity) || min_similarity.is_nan() {
         return Err(TenantConfigError::Similarity {
             tenant: t.name.clone(),
@@ -178,6 +293,7 @@ fn resolve(
         max_entries,
         eviction: t.eviction.unwrap_or(defaults.eviction),
         near_miss_margin: defaults.near_miss_margin,
+        verification,
     })
 }
 
@@ -255,8 +371,49 @@ mod tests {
         assert_eq!(reg.get("team-a").expect("a").min_similarity, 0.95);
         assert_eq!(
             reg.get("team-b").expect("b").min_similarity,
-            CacheDefaults::default().min_similarity
+            UNVERIFIED_MIN_SIMILARITY
         );
+    }
+
+    #[test]
+    fn tenants_take_the_local_verifier_when_it_was_built_and_its_floor_with_it() {
+        let local = VerifierDefaults {
+            min_score: 0.6,
+            min_similarity: 0.75,
+        };
+        let available = BTreeMap::from([(LOCAL_VERIFIER.to_owned(), local)]);
+        let mut cfg = config();
+        cfg.tenants[1].verifier_min_score = Some(0.8);
+        cfg.tenants.push(TenantConfig {
+            name: "team-c".into(),
+            verifier: Some(NO_VERIFIER.into()),
+            ..Default::default()
+        });
+        let reg = TenantRegistry::with_verifiers(&cfg, &available).expect("valid config");
+        let a = reg.get("team-a").expect("a");
+        assert_eq!(a.min_similarity, 0.95, "an explicit floor stays");
+        assert_eq!(a.verification.as_ref().map(|v| v.min_score), Some(0.6));
+        let b = reg.get("team-b").expect("b");
+        assert_eq!(b.min_similarity, 0.75, "the verifier's floor");
+        assert_eq!(b.verification.as_ref().map(|v| v.min_score), Some(0.8));
+        let c = reg.get("team-c").expect("c");
+        assert_eq!((c.min_similarity, c.verification.is_none()), (0.9, true));
+        // Without the local verifier nobody verifies, and the unverified floor applies.
+        let reg = TenantRegistry::from_config(&cfg).expect("valid config");
+        assert!(reg.all().all(|t| t.verification.is_none()));
+        assert_eq!(reg.get("team-b").expect("b").min_similarity, 0.9);
+        // A verifier named but not built is refused.
+        cfg.tenants[1].verifier = Some("tei".into());
+        assert!(matches!(
+            TenantRegistry::with_verifiers(&cfg, &available),
+            Err(TenantConfigError::UnknownVerifier { .. })
+        ));
+        cfg.tenants[1].verifier = None;
+        cfg.tenants[1].target_error_rate = Some(1.5);
+        assert!(matches!(
+            TenantRegistry::with_verifiers(&cfg, &available),
+            Err(TenantConfigError::Verifier { .. })
+        ));
     }
 
     #[test]

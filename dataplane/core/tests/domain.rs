@@ -10,14 +10,15 @@ use parking_lot::Mutex;
 use semantis_cache::entry::{Candidate, Entry, EntryFilter, Removed};
 use semantis_cache::metrics::CacheMetrics;
 use semantis_cache::ports::{
-    EmbedError, Embedder, EntryStore, HotLayer, ModelUsage, PendingStore, UsageEvent, UsageReport,
-    UsageSink,
+    EmbedError, Embedder, EntryStore, Feedback, FeedbackStore, HotLayer, ModelUsage, PendingStore,
+    UsageEvent, UsageReport, UsageSink, Verifier, VerifyError,
 };
 use semantis_cache::scope::Scope;
-use semantis_cache::tenants::{Tenant, TenantRegistry, hash_key};
+use semantis_cache::tenants::{Tenant, TenantRegistry, VerifierDefaults, hash_key};
 use semantis_cache::vector::{cosine_similarity, now_ms};
 use semantis_cache::{
-    Cache, CacheError, CacheParts, HitPath, LookupQuery, Partition, StoreCommand, StoreError,
+    Cache, CacheError, CacheParts, FeedbackCommand, FeedbackScope, HitPath, LookupQuery, Partition,
+    StoreCommand, StoreError, VerifyOutcome,
 };
 use semantis_contract::{DataplaneConfig, EvictionPolicy, TenantConfig};
 
@@ -346,6 +347,90 @@ impl Embedder for TableEmbedder {
     }
 }
 
+/// Scores (query, candidate) pairs from a table (unknown pairs score 0), switchable to
+/// failing or to answering after a delay, like a reranker that went down or is overloaded.
+#[derive(Default)]
+struct TableVerifier {
+    scores: Mutex<HashMap<(String, String), f32>>,
+    down: AtomicBool,
+    slow: AtomicBool,
+    calls: AtomicU64,
+}
+
+impl TableVerifier {
+    fn set(&self, query: &str, candidate: &str, score: f32) {
+        self.scores
+            .lock()
+            .insert((query.to_owned(), candidate.to_owned()), score);
+    }
+}
+
+#[async_trait]
+impl Verifier for TableVerifier {
+    async fn score(&self, query: &str, candidates: &[String]) -> Result<Vec<f32>, VerifyError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.down.load(Ordering::Relaxed) {
+            return Err(VerifyError::Unavailable {
+                provider: "table",
+                reason: "down for the test".into(),
+            });
+        }
+        if self.slow.load(Ordering::Relaxed) {
+            // Paused test time: this advances the clock past the budget at once.
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        }
+        let scores = self.scores.lock();
+        Ok(candidates
+            .iter()
+            .map(|c| {
+                scores
+                    .get(&(query.to_owned(), c.clone()))
+                    .copied()
+                    .unwrap_or(0.0)
+            })
+            .collect())
+    }
+
+    fn provider(&self) -> &'static str {
+        "table"
+    }
+}
+
+/// Feedback in a Vec, with an audit trail of served requests.
+#[derive(Default)]
+struct MemFeedback {
+    rows: Mutex<Vec<Feedback>>,
+    served: Mutex<HashMap<String, String>>,
+}
+
+#[async_trait]
+impl FeedbackStore for MemFeedback {
+    async fn record(&self, feedback: &Feedback) -> Result<i64, StoreError> {
+        let mut rows = self.rows.lock();
+        let seq = rows.len() as i64 + 1;
+        rows.push(Feedback {
+            seq,
+            ..feedback.clone()
+        });
+        Ok(seq)
+    }
+
+    async fn since(&self, after: i64, limit: usize) -> Result<Vec<Feedback>, StoreError> {
+        Ok(self
+            .rows
+            .lock()
+            .iter()
+            .filter(|f| f.seq > after)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn served(&self, _tenant: &str, request_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.served.lock().get(request_id).cloned())
+    }
+}
+
 struct World {
     cache: Cache,
     store: Arc<MemStore>,
@@ -354,10 +439,14 @@ struct World {
     usage: Arc<MemUsage>,
     embedder: Arc<TableEmbedder>,
     tenant: Arc<Tenant>,
+    /// Tenant `v`: verified by `verifier` (min score 0.5, budget 100 ms, floor 0.8).
+    verified: Arc<Tenant>,
+    verifier: Arc<TableVerifier>,
+    feedback: Arc<MemFeedback>,
 }
 
 fn world_with(max_entries: u64, eviction: EvictionPolicy) -> World {
-    let cfg = DataplaneConfig {
+    let mut cfg = DataplaneConfig {
         tenants: vec![
             TenantConfig {
                 name: "a".into(),
@@ -370,13 +459,31 @@ fn world_with(max_entries: u64, eviction: EvictionPolicy) -> World {
             TenantConfig {
                 name: "b".into(),
                 api_key_sha256: vec![hash_key("key-b")],
+                verifier: Some("none".into()),
+                ..TenantConfig::default()
+            },
+            TenantConfig {
+                name: "v".into(),
+                api_key_sha256: vec![hash_key("key-v")],
+                verifier: Some("table".into()),
+                verifier_budget_ms: Some(100),
+                target_error_rate: Some(0.1),
                 ..TenantConfig::default()
             },
         ],
         ..DataplaneConfig::default()
     };
-    let registry = TenantRegistry::from_config(&cfg).expect("valid tenants");
+    cfg.tenants[0].verifier = Some("none".into());
+    let available = std::collections::BTreeMap::from([(
+        "table".to_owned(),
+        VerifierDefaults {
+            min_score: 0.5,
+            min_similarity: 0.8,
+        },
+    )]);
+    let registry = TenantRegistry::with_verifiers(&cfg, &available).expect("valid tenants");
     let tenant = registry.get("a").expect("tenant a").clone();
+    let verified = registry.get("v").expect("tenant v").clone();
     let store = Arc::new(MemStore::default());
     let partitions = registry
         .all()
@@ -386,6 +493,7 @@ fn world_with(max_entries: u64, eviction: EvictionPolicy) -> World {
             } else {
                 Arc::new(MemStore::default())
             };
+            // Tenant v shares nothing with a but the embedder: its own store.
             Arc::new(Partition::new(t.clone(), s, &[]))
         })
         .collect();
@@ -406,6 +514,10 @@ fn world_with(max_entries: u64, eviction: EvictionPolicy) -> World {
     let pending = Arc::new(MemPending::default());
     let usage = Arc::new(MemUsage::default());
     let registry_prom = prometheus::Registry::new();
+    let verifier = Arc::new(TableVerifier::default());
+    let feedback = Arc::new(MemFeedback::default());
+    let verifiers: HashMap<String, Arc<dyn Verifier>> =
+        HashMap::from([("table".to_owned(), verifier.clone() as Arc<dyn Verifier>)]);
     let cache = Cache::new(CacheParts {
         registry,
         partitions,
@@ -416,6 +528,8 @@ fn world_with(max_entries: u64, eviction: EvictionPolicy) -> World {
         usage: usage.clone(),
         usage_report: usage.clone(),
         pending: pending.clone(),
+        verifiers,
+        feedback: feedback.clone(),
         metrics: CacheMetrics::register(&registry_prom).expect("metrics register"),
     });
     World {
@@ -426,6 +540,9 @@ fn world_with(max_entries: u64, eviction: EvictionPolicy) -> World {
         usage,
         embedder,
         tenant,
+        verified,
+        verifier,
+        feedback,
     }
 }
 
@@ -1106,4 +1223,408 @@ async fn prompts_with_other_numbers_never_hit_each_other() {
         .await
         .expect("lookup");
     assert_eq!(para.hit.map(|h| h.entry.id.clone()), Some(stored.id));
+}
+
+fn query_as(prompt: &str, scope: Scope, request_id: &str) -> LookupQuery {
+    LookupQuery {
+        request_id: request_id.into(),
+        ..query(prompt, scope)
+    }
+}
+
+const RESET: &str = "How do I reset my password?";
+const RESET_2: &str = "How can I reset my password?";
+
+#[tokio::test]
+async fn a_semantic_candidate_is_served_only_when_the_verifier_accepts_it() {
+    let w = world();
+    let v = &w.verified;
+    assert_eq!(v.min_similarity, 0.8, "the verifier's floor");
+    w.cache
+        .store(v, store_cmd(RESET, scope("m")))
+        .await
+        .expect("store");
+    // The verifier has not seen this pair: score 0, a miss although the vectors are close.
+    let out = w
+        .cache
+        .lookup(v, query(RESET_2, scope("m")))
+        .await
+        .expect("lookup");
+    assert!(out.hit.is_none(), "unverified candidates are not served");
+    let report = out.verification.expect("the verifier was asked");
+    assert_eq!(report.outcome, VerifyOutcome::Rejected);
+    assert_eq!(report.best_score, Some(0.0));
+    assert!(out.best_similarity.is_some_and(|s| s > 0.9));
+    w.verifier.set(RESET_2, RESET, 0.93);
+    let out = w
+        .cache
+        .lookup(v, query(RESET_2, scope("m")))
+        .await
+        .expect("lookup");
+    let hit = out.hit.expect("accepted: a hit");
+    assert_eq!((hit.path, hit.score), (HitPath::Semantic, Some(0.93)));
+    assert_eq!(
+        out.verification.map(|r| r.outcome),
+        Some(VerifyOutcome::Accepted)
+    );
+    // The exact path needs no verifier.
+    let calls = w.verifier.calls.load(Ordering::SeqCst);
+    let out = w
+        .cache
+        .lookup(v, query(RESET, scope("m")))
+        .await
+        .expect("lookup");
+    assert_eq!(out.hit.map(|h| h.path), Some(HitPath::Exact));
+    assert_eq!(w.verifier.calls.load(Ordering::SeqCst), calls);
+}
+
+#[tokio::test]
+async fn the_first_candidate_the_verifier_accepts_is_served_not_the_nearest() {
+    let w = world();
+    let v = &w.verified;
+    // Both near "Is the capital of France Paris?"; the nearer one is the wrong answer.
+    let wrong = "What is the capital of France?";
+    let right = "Is Paris the capital of France?";
+    w.cache
+        .store(v, store_cmd(wrong, scope("m")))
+        .await
+        .expect("store");
+    let mut cmd = store_cmd(right, scope("m"));
+    cmd.vector = Some(vec![0.3, 0.8, 0.4, 0.0]);
+    w.cache.store(v, cmd).await.expect("store");
+    let q = "Is the capital of France Paris?";
+    w.verifier.set(q, wrong, 0.1);
+    w.verifier.set(q, right, 0.8);
+    let out = w
+        .cache
+        .lookup(v, query(q, scope("m")))
+        .await
+        .expect("lookup");
+    assert_eq!(out.considered.len(), 2);
+    assert!(out.considered[0].entry.prompt == wrong, "the nearest first");
+    let hit = out.hit.expect("the second candidate passes");
+    assert_eq!(hit.entry.prompt, right);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_verifier_that_is_down_or_over_budget_makes_a_miss_never_an_unverified_hit() {
+    let w = world();
+    let v = &w.verified;
+    w.cache
+        .store(v, store_cmd(RESET, scope("m")))
+        .await
+        .expect("store");
+    w.verifier.set(RESET_2, RESET, 0.99);
+    w.verifier.down.store(true, Ordering::Relaxed);
+    let out = w
+        .cache
+        .lookup(v, query(RESET_2, scope("m")))
+        .await
+        .expect("lookup");
+    assert!(out.hit.is_none());
+    assert_eq!(out.degraded, Some("verifier_unavailable"));
+    assert_eq!(
+        out.verification.map(|r| r.outcome),
+        Some(VerifyOutcome::Unavailable)
+    );
+    w.verifier.down.store(false, Ordering::Relaxed);
+    w.verifier.slow.store(true, Ordering::Relaxed);
+    let out = w
+        .cache
+        .lookup(v, query(RESET_2, scope("m")))
+        .await
+        .expect("lookup");
+    assert!(out.hit.is_none());
+    assert_eq!(out.degraded, Some("verifier_over_budget"));
+    let report = out.verification.expect("report");
+    assert_eq!(report.outcome, VerifyOutcome::OverBudget);
+    assert!(report.elapsed >= std::time::Duration::from_millis(100));
+    assert!(
+        report.elapsed < std::time::Duration::from_secs(5),
+        "not waited out"
+    );
+    // Exact lookups still hit while the verifier is away.
+    let out = w
+        .cache
+        .lookup(v, query(RESET, scope("m")))
+        .await
+        .expect("lookup");
+    assert_eq!(out.hit.map(|h| h.path), Some(HitPath::Exact));
+    w.verifier.slow.store(false, Ordering::Relaxed);
+    let out = w
+        .cache
+        .lookup(v, query(RESET_2, scope("m")))
+        .await
+        .expect("lookup");
+    assert!(out.hit.is_some(), "back: verified again");
+}
+
+#[tokio::test]
+async fn a_lookup_by_vector_alone_is_never_served_unverified() {
+    let w = world();
+    let v = &w.verified;
+    w.cache
+        .store(v, store_cmd(RESET, scope("m")))
+        .await
+        .expect("store");
+    let out = w
+        .cache
+        .lookup(
+            v,
+            LookupQuery {
+                prompt: None,
+                vector: Some(vec![1.0, 0.0, 0.0, 0.0]),
+                ..query(RESET, scope("m"))
+            },
+        )
+        .await
+        .expect("lookup");
+    assert!(out.hit.is_none());
+    assert_eq!(
+        out.verification.map(|r| r.outcome),
+        Some(VerifyOutcome::NoPrompt)
+    );
+    // A tenant without a verifier is served by the vector.
+    w.cache
+        .store(&w.tenant, store_cmd(RESET, scope("m")))
+        .await
+        .expect("store");
+    let out = w
+        .cache
+        .lookup(
+            &w.tenant,
+            LookupQuery {
+                prompt: None,
+                vector: Some(vec![1.0, 0.0, 0.0, 0.0]),
+                ..query(RESET, scope("m"))
+            },
+        )
+        .await
+        .expect("lookup");
+    assert!(out.hit.is_some());
+}
+
+#[tokio::test]
+async fn a_hit_reported_wrong_is_never_served_again_for_its_query_or_close_paraphrases() {
+    let w = world();
+    let v = &w.verified;
+    w.cache
+        .store(v, store_cmd(RESET, scope("m")))
+        .await
+        .expect("store");
+    w.verifier.set(RESET_2, RESET, 0.9);
+    w.verifier.set("how can i reset my password", RESET, 0.9);
+    let out = w
+        .cache
+        .lookup(v, query_as(RESET_2, scope("m"), "req-1"))
+        .await
+        .expect("lookup");
+    let served = out.hit.expect("hit").entry.id.clone();
+    let recorded = w
+        .cache
+        .feedback(
+            v,
+            FeedbackCommand {
+                request_id: Some("req-1".into()),
+                entry_id: None,
+                correct: false,
+                prompt: None,
+            },
+        )
+        .await
+        .expect("feedback");
+    assert_eq!(recorded.entry_id, served);
+    assert_eq!(recorded.applies_to, FeedbackScope::Query);
+    let out = w
+        .cache
+        .lookup(v, query(RESET_2, scope("m")))
+        .await
+        .expect("lookup");
+    assert!(out.hit.is_none(), "the same query misses");
+    assert_eq!(out.considered[0].rejection, Some("feedback"));
+    // A close paraphrase (same vector here) misses too, though the verifier would accept it.
+    let out = w
+        .cache
+        .lookup(v, query("how can i reset my password", scope("m")))
+        .await
+        .expect("lookup");
+    assert!(out.hit.is_none(), "a close paraphrase misses");
+    // The entry still answers its own prompt.
+    let out = w
+        .cache
+        .lookup(v, query(RESET, scope("m")))
+        .await
+        .expect("lookup");
+    assert_eq!(out.hit.map(|h| h.path), Some(HitPath::Exact));
+    // Reported for the exact prompt by entry id: the exact path stops serving it too.
+    w.cache
+        .feedback(
+            v,
+            FeedbackCommand {
+                request_id: None,
+                entry_id: Some(served.to_uppercase()),
+                correct: false,
+                prompt: Some(format!("  {RESET} ")),
+            },
+        )
+        .await
+        .expect("feedback by entry");
+    let out = w
+        .cache
+        .lookup(v, query(RESET, scope("m")))
+        .await
+        .expect("lookup");
+    assert!(out.hit.is_none(), "an exact hit reported wrong misses");
+    let stats = w.cache.stats(v).await.expect("stats");
+    assert_eq!((stats.feedback.right, stats.feedback.wrong), (0, 2));
+    assert_eq!(w.feedback.rows.lock().len(), 2, "kept durably");
+}
+
+#[tokio::test]
+async fn feedback_without_a_query_retires_the_entry_and_bad_feedback_is_refused() {
+    let w = world();
+    let v = &w.verified;
+    let id = w
+        .cache
+        .store(v, store_cmd(RESET, scope("m")))
+        .await
+        .expect("store")
+        .id;
+    // Served elsewhere: only the audit trail knows the request.
+    w.feedback
+        .served
+        .lock()
+        .insert("other-replica".into(), id.clone());
+    let recorded = w
+        .cache
+        .feedback(
+            v,
+            FeedbackCommand {
+                request_id: Some("other-replica".into()),
+                entry_id: None,
+                correct: false,
+                prompt: None,
+            },
+        )
+        .await
+        .expect("feedback");
+    assert_eq!(recorded.applies_to, FeedbackScope::Entry);
+    let out = w
+        .cache
+        .lookup(v, query(RESET, scope("m")))
+        .await
+        .expect("lookup");
+    assert!(out.hit.is_none(), "not served for any query");
+    let fb = |request_id: Option<&str>, entry_id: Option<&str>| FeedbackCommand {
+        request_id: request_id.map(str::to_owned),
+        entry_id: entry_id.map(str::to_owned),
+        correct: true,
+        prompt: None,
+    };
+    assert!(matches!(
+        w.cache.feedback(v, fb(None, None)).await,
+        Err(CacheError::FeedbackTargetRequired)
+    ));
+    assert!(matches!(
+        w.cache.feedback(v, fb(Some("never-served"), None)).await,
+        Err(CacheError::RequestNotFound(_))
+    ));
+    assert!(matches!(
+        w.cache.feedback(v, fb(None, Some("not-an-id"))).await,
+        Err(CacheError::EntryNotFound(_))
+    ));
+    let other = uuid_like();
+    assert!(matches!(
+        w.cache
+            .feedback(v, fb(Some("other-replica"), Some(&other)))
+            .await,
+        Err(CacheError::InvalidRequest(_))
+    ));
+    // Tenant a never sees tenant v's verdicts.
+    assert_eq!(
+        w.cache
+            .stats(&w.tenant)
+            .await
+            .expect("stats")
+            .feedback
+            .wrong,
+        0
+    );
+}
+
+fn uuid_like() -> String {
+    "0190a5c4-0000-7000-8000-000000000000".into()
+}
+
+#[tokio::test]
+async fn a_target_error_rate_raises_the_verifier_threshold_from_feedback() {
+    let w = world();
+    let v = &w.verified;
+    w.cache
+        .store(v, store_cmd(RESET, scope("m")))
+        .await
+        .expect("store");
+    // Thirty verified hits at scores 0.55..0.99; the low-scored third are reported wrong.
+    for i in 0..30 {
+        let score = 0.55 + i as f32 * 0.015;
+        w.verifier.set(RESET_2, RESET, score);
+        let request = format!("r{i}");
+        let out = w
+            .cache
+            .lookup(v, query_as(RESET_2, scope("m"), &request))
+            .await
+            .expect("lookup");
+        assert!(out.hit.is_some());
+        // Right ones only: a wrong verdict would also stop the entry for this query.
+        let correct = i >= 10;
+        if correct {
+            w.cache
+                .feedback(
+                    v,
+                    FeedbackCommand {
+                        request_id: Some(request),
+                        entry_id: None,
+                        correct,
+                        prompt: None,
+                    },
+                )
+                .await
+                .expect("feedback");
+        } else {
+            // Wrong for another query, with this hit's score.
+            let out = w
+                .cache
+                .lookup(v, query_as(RESET_2, scope("m"), &format!("w{i}")))
+                .await
+                .expect("lookup");
+            assert!(out.hit.is_some());
+            w.feedback.rows.lock().push(Feedback {
+                seq: 1000 + i,
+                tenant: "v".into(),
+                entry_id: uuid_like(),
+                request_id: None,
+                correct: false,
+                prompt: None,
+                vector: None,
+                index_version: "test".into(),
+                score: Some(score),
+                at_ms: 0,
+            });
+        }
+    }
+    w.cache.sync_feedback().await.expect("sync");
+    let stats = w.cache.stats(v).await.expect("stats");
+    let min_score = stats.verifier_min_score.expect("verified tenant");
+    assert!(
+        min_score > 0.55 + 9.0 * 0.015,
+        "raised above the wrong verdicts' scores: {min_score}"
+    );
+    // A hit scored below the new threshold is refused now.
+    w.verifier.set(RESET_2, RESET, 0.6);
+    let out = w
+        .cache
+        .lookup(v, query(RESET_2, scope("m")))
+        .await
+        .expect("lookup");
+    assert!(out.hit.is_none());
 }

@@ -5,12 +5,10 @@
 //! and never reach a log line, a metric or an error message.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
-use parking_lot::Mutex;
 use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 use semantis_contract::{EmbedderConfig, EmbeddingProvider};
@@ -18,6 +16,7 @@ use serde_json::{Value, json};
 
 use super::{EmbedError, Embedder};
 use crate::metrics::Metrics;
+use crate::upstream::{Breaker, api_key};
 use semantis_cache::vector::normalized;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,48 +40,6 @@ impl Protocol {
             Self::OpenAi => "/v1/embeddings",
             Self::Ollama => "/api/embed",
             Self::Tei => "/embed",
-        }
-    }
-}
-
-/// Closed → open after `threshold` consecutive failures → after `cooldown`, calls go through
-/// again; one more failure reopens it at once, a success closes it.
-pub struct Breaker {
-    failures: AtomicU32,
-    opened_at: Mutex<Option<Instant>>,
-    threshold: u32,
-    cooldown: Duration,
-}
-
-impl Breaker {
-    pub fn new(threshold: u32, cooldown: Duration) -> Self {
-        Self {
-            failures: AtomicU32::new(0),
-            opened_at: Mutex::new(None),
-            threshold: threshold.max(1),
-            cooldown,
-        }
-    }
-
-    pub fn allows(&self) -> bool {
-        self.opened_at
-            .lock()
-            .is_none_or(|t| t.elapsed() >= self.cooldown)
-    }
-
-    pub fn is_open(&self) -> bool {
-        !self.allows()
-    }
-
-    fn success(&self) {
-        self.failures.store(0, Ordering::Relaxed);
-        *self.opened_at.lock() = None;
-    }
-
-    fn failure(&self) {
-        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= self.threshold {
-            *self.opened_at.lock() = Some(Instant::now());
         }
     }
 }
@@ -117,21 +74,8 @@ pub struct RemoteEmbedder {
 const BYTES_PER_TOKEN: usize = 3;
 
 fn read_api_key(cfg: &EmbedderConfig) -> Result<Option<SecretString>, EmbedError> {
-    if let Some(path) = &cfg.api_key_file {
-        let key = std::fs::read_to_string(path).map_err(|e| EmbedError::Load {
-            path: path.clone(),
-            reason: format!("failed to read the API key file: {e}"),
-        })?;
-        return Ok(Some(SecretString::from(key.trim().to_owned())));
-    }
-    if let Some(var) = &cfg.api_key_env {
-        let key = std::env::var(var).map_err(|_| EmbedError::Load {
-            path: format!("${var}"),
-            reason: "the API key variable is not set".into(),
-        })?;
-        return Ok(Some(SecretString::from(key.trim().to_owned())));
-    }
-    Ok(None)
+    api_key(cfg.api_key_file.as_deref(), cfg.api_key_env.as_deref())
+        .map_err(|(path, reason)| EmbedError::Load { path, reason })
 }
 
 impl RemoteEmbedder {
@@ -417,30 +361,5 @@ impl Embedder for RemoteEmbedder {
                 .find(|&i| text.is_char_boundary(i))
                 .unwrap_or(0)
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_breaker_opens_after_consecutive_failures_and_closes_on_success() {
-        let b = Breaker::new(3, Duration::from_secs(60));
-        b.failure();
-        b.failure();
-        assert!(b.allows());
-        b.success();
-        b.failure();
-        b.failure();
-        assert!(b.allows(), "a success resets the count");
-        b.failure();
-        assert!(b.is_open());
-        let quick = Breaker::new(1, Duration::ZERO);
-        quick.failure();
-        assert!(
-            quick.allows(),
-            "after the cool-down a trial call goes through"
-        );
     }
 }

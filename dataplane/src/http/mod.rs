@@ -26,9 +26,11 @@ pub use self::error::{ApiError, ErrorBody};
 use semantis_cache::entry::EntryFilter;
 use semantis_cache::scope::Scope;
 use semantis_cache::tenants::Tenant;
-use semantis_cache::{Cache, CacheError, LookupQuery, StoreCommand};
+use semantis_cache::{
+    Cache, CacheError, FeedbackCommand, FeedbackScope, LookupOutcome, LookupQuery, StoreCommand,
+};
 
-pub use self::wire::{HitPathBody, ModelUsageBody, ScopeBody, StatsBody};
+pub use self::wire::{FeedbackCountsBody, HitPathBody, ModelUsageBody, ScopeBody, StatsBody};
 use crate::metrics::Metrics;
 use crate::store::Probe;
 
@@ -113,8 +115,53 @@ pub struct LookupResponse {
     pub response: Option<Value>,
     /// The prompt the cached response answered.
     pub cached_prompt: Option<String>,
-    /// Set when a component failed and the answer came from what was reachable.
+    /// Set when a component failed and the answer came from what was reachable
+    /// (`embedder_unavailable`, `store_unavailable`, `verifier_unavailable`,
+    /// `verifier_over_budget`).
     pub degraded: Option<String>,
+    /// This lookup's id (the `X-Request-Id` header if sent, else generated): name it in
+    /// `POST /v1/feedback` to report whether the hit was right.
+    pub request_id: String,
+    /// What the tenant's verifier said, when it was asked (or would have been).
+    pub verifier: Option<VerifierBody>,
+}
+
+/// The verifier stage of one lookup.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VerifierBody {
+    pub name: String,
+    /// `accepted`, `rejected`, `unavailable`, `over_budget`, or `no_prompt` (a lookup by vector
+    /// alone has nothing to verify: a miss).
+    pub outcome: String,
+    /// The best score a candidate got (0..1).
+    pub score: Option<f32>,
+    /// The score a candidate needed.
+    pub min_score: f32,
+    /// Time the lookup waited for the verifier, in milliseconds.
+    pub elapsed_ms: f64,
+}
+
+/// Whether a served hit was right. Name the hit by the lookup's `request_id`, or by
+/// `entry_id` (then `prompt` says which query it was wrong for; without one the entry is not
+/// served again for any query).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackRequest {
+    pub request_id: Option<String>,
+    pub entry_id: Option<String>,
+    /// Was the served answer right for the query?
+    pub correct: bool,
+    pub prompt: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FeedbackResponse {
+    pub entry_id: String,
+    /// `query`: the verdict is about this query and its close paraphrases; `entry`: about
+    /// the entry for any query (the query was not known).
+    pub applies_to: String,
+    /// The verifier score the tenant's candidates need now.
+    pub verifier_min_score: Option<f32>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -204,6 +251,7 @@ async fn lookup(
     ApiJson(req): ApiJson<LookupRequest>,
 ) -> Result<Response, ApiError> {
     let tenant = authenticate(&state, &headers)?;
+    let request_id = request_id(&headers);
     let outcome = state
         .cache
         .lookup(
@@ -213,12 +261,28 @@ async fn lookup(
                 vector: req.vector,
                 scope: req.scope.into(),
                 min_similarity: req.min_similarity,
-                request_id: request_id(&headers),
+                request_id: request_id.clone(),
             },
         )
         .await?;
     let hit = outcome.hit.is_some();
-    let body = match outcome.hit {
+    let body = lookup_body(outcome, request_id.clone());
+    let mut response = (cache_header(hit), Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    Ok(response)
+}
+
+fn lookup_body(outcome: LookupOutcome, request_id: String) -> LookupResponse {
+    let verifier = outcome.verification.map(|v| VerifierBody {
+        name: v.verifier,
+        outcome: v.outcome.as_str().to_owned(),
+        score: v.best_score,
+        min_score: v.min_score,
+        elapsed_ms: v.elapsed.as_secs_f64() * 1000.0,
+    });
+    match outcome.hit {
         Some(h) => LookupResponse {
             hit: true,
             path: Some(h.path.into()),
@@ -233,6 +297,8 @@ async fn lookup(
             ),
             cached_prompt: Some(h.entry.prompt.clone()),
             degraded: outcome.degraded.map(str::to_owned),
+            request_id,
+            verifier,
         },
         None => LookupResponse {
             hit: false,
@@ -244,9 +310,43 @@ async fn lookup(
             response: None,
             cached_prompt: None,
             degraded: outcome.degraded.map(str::to_owned),
+            request_id,
+            verifier,
         },
-    };
-    Ok((cache_header(hit), Json(body)).into_response())
+    }
+}
+
+/// Report whether a served hit was right.
+#[utoipa::path(post, path = "/v1/feedback", request_body = FeedbackRequest,
+    responses((status = 200, body = FeedbackResponse), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn feedback(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<FeedbackRequest>,
+) -> Result<Json<FeedbackResponse>, ApiError> {
+    let tenant = authenticate(&state, &headers)?;
+    let recorded = state
+        .cache
+        .feedback(
+            &tenant,
+            FeedbackCommand {
+                request_id: req.request_id,
+                entry_id: req.entry_id,
+                correct: req.correct,
+                prompt: req.prompt,
+            },
+        )
+        .await?;
+    Ok(Json(FeedbackResponse {
+        entry_id: recorded.entry_id,
+        applies_to: match recorded.applies_to {
+            FeedbackScope::Query => "query",
+            FeedbackScope::Entry => "entry",
+        }
+        .to_owned(),
+        verifier_min_score: recorded.verifier_min_score,
+    }))
 }
 
 /// Store an LLM answer.
@@ -446,8 +546,8 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Semantis dataplane", description = "Semantic cache for LLM applications."),
-    paths(lookup, store, delete_entry, invalidate, stats, readyz),
-    components(schemas(ErrorBody, ScopeBody, StatsBody, ModelUsageBody)),
+    paths(lookup, store, delete_entry, invalidate, feedback, stats, readyz),
+    components(schemas(ErrorBody, ScopeBody, StatsBody, ModelUsageBody, FeedbackCountsBody, VerifierBody)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -490,6 +590,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize, timeout: Duration) ->
         .route("/v1/entries", post(store))
         .route("/v1/entries/{id}", delete(delete_entry))
         .route("/v1/invalidate", post(invalidate))
+        .route("/v1/feedback", post(feedback))
         .route("/v1/stats", get(stats))
         .layer(DefaultBodyLimit::disable())
         .layer(RequestBodyLimitLayer::new(max_body_bytes));

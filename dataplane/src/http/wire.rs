@@ -118,6 +118,21 @@ pub struct StatsBody {
     pub usd_saved: f64,
     /// The same figures per model.
     pub by_model: Vec<ModelUsageBody>,
+    /// The verifier semantic hits must pass (absent: cosine similarity alone decides).
+    pub verifier: Option<String>,
+    /// The verifier score a candidate needs now (feedback toward a target error rate may have
+    /// raised it).
+    pub verifier_min_score: Option<f32>,
+    /// Verdicts users gave on served hits (`POST /v1/feedback`).
+    pub feedback: FeedbackCountsBody,
+}
+
+/// Verdicts on served hits.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = FeedbackCounts)]
+pub struct FeedbackCountsBody {
+    pub right: u64,
+    pub wrong: u64,
 }
 
 impl From<TenantStats> for StatsBody {
@@ -137,6 +152,12 @@ impl From<TenantStats> for StatsBody {
             tokens_saved: s.tokens_saved,
             usd_saved: s.usd_saved,
             by_model: s.by_model.into_iter().map(Into::into).collect(),
+            verifier: s.verifier,
+            verifier_min_score: s.verifier_min_score,
+            feedback: FeedbackCountsBody {
+                right: s.feedback.right,
+                wrong: s.feedback.wrong,
+            },
         }
     }
 }

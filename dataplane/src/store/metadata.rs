@@ -20,7 +20,7 @@ use semantis_cache::StoreError;
 use semantis_cache::entry::{Entry, EntryFilter};
 use semantis_cache::index_version::{IndexVersionState, UnknownState};
 pub use semantis_cache::ports::ModelUsage;
-use semantis_cache::ports::{PendingStore, UsageReport};
+use semantis_cache::ports::{Feedback, FeedbackStore, PendingStore, UsageReport};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -36,6 +36,88 @@ pub struct MetadataSnapshot {
     pub usage: Vec<(String, String, String, i64, i64, i64, f64)>,
     /// (at_ms, tenant, request_id, entry_id, path, similarity)
     pub hit_audit: Vec<(i64, String, String, String, String, f64)>,
+    /// Verdicts on served hits, oldest first (absent from backups made before feedback).
+    #[serde(default)]
+    pub feedback: Vec<FeedbackRow>,
+}
+
+/// One verdict as a backup keeps it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FeedbackRow {
+    pub tenant: String,
+    pub entry_id: String,
+    pub request_id: Option<String>,
+    pub correct: bool,
+    pub prompt: Option<String>,
+    pub vector: Option<Vec<f32>>,
+    pub index_version: String,
+    pub score: Option<f64>,
+    pub at_ms: i64,
+}
+
+impl From<&Feedback> for FeedbackRow {
+    fn from(f: &Feedback) -> Self {
+        Self {
+            tenant: f.tenant.clone(),
+            entry_id: f.entry_id.clone(),
+            request_id: f.request_id.clone(),
+            correct: f.correct,
+            prompt: f.prompt.clone(),
+            vector: f.vector.clone(),
+            index_version: f.index_version.clone(),
+            score: f.score.map(f64::from),
+            at_ms: f.at_ms,
+        }
+    }
+}
+
+const INSERT_FEEDBACK: &str = "INSERT INTO feedback
+       (tenant, entry_id, request_id, correct, prompt, vector, index_version, score, at_ms)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING seq";
+
+const READ_FEEDBACK: &str = "SELECT seq, tenant, entry_id, request_id, correct, prompt, vector,
+       index_version, score, at_ms
+     FROM feedback WHERE seq > $1 ORDER BY seq LIMIT $2";
+
+/// Feedback inserts on Postgres hold this advisory lock until they commit, so a higher seq
+/// never becomes visible before a lower one (a reader's cursor would skip it).
+const FEEDBACK_LOCK: i64 = 0x5e3a_f33d;
+
+fn vector_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn vector_of(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn feedback_of<R: Row>(r: &R) -> Result<Feedback, sqlx::Error>
+where
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'q> i64: sqlx::Decode<'q, R::Database> + sqlx::Type<R::Database>,
+    for<'q> String: sqlx::Decode<'q, R::Database> + sqlx::Type<R::Database>,
+    for<'q> Option<String>: sqlx::Decode<'q, R::Database> + sqlx::Type<R::Database>,
+    for<'q> bool: sqlx::Decode<'q, R::Database> + sqlx::Type<R::Database>,
+    for<'q> Option<Vec<u8>>: sqlx::Decode<'q, R::Database> + sqlx::Type<R::Database>,
+    for<'q> Option<f64>: sqlx::Decode<'q, R::Database> + sqlx::Type<R::Database>,
+{
+    let vector: Option<Vec<u8>> = r.try_get("vector")?;
+    let score: Option<f64> = r.try_get("score")?;
+    Ok(Feedback {
+        seq: r.try_get("seq")?,
+        tenant: r.try_get("tenant")?,
+        entry_id: r.try_get("entry_id")?,
+        request_id: r.try_get("request_id")?,
+        correct: r.try_get("correct")?,
+        prompt: r.try_get("prompt")?,
+        vector: vector.as_deref().map(vector_of),
+        index_version: r.try_get("index_version")?,
+        score: score.map(|s| s as f32),
+        at_ms: r.try_get("at_ms")?,
+    })
 }
 
 /// Embedded mode: SQLite in the data directory. Cluster mode: Postgres, shared by replicas.
@@ -463,11 +545,22 @@ impl MetadataStore {
             .fetch_all(pool)
             .await
             .map_err(meta("export the hit audit trail"))?;
+            let feedback = sqlx::query(READ_FEEDBACK)
+                .bind(0i64)
+                .bind(i64::MAX)
+                .fetch_all(pool)
+                .await
+                .map_err(meta("export feedback"))?
+                .iter()
+                .map(|r| feedback_of(r).map(|f| FeedbackRow::from(&f)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(meta("decode feedback"))?;
             Ok(MetadataSnapshot {
                 tenants,
                 index_versions,
                 usage,
                 hit_audit,
+                feedback,
             })
         })
     }
@@ -539,6 +632,21 @@ impl MetadataStore {
                     .await
                     .map_err(meta("restore the hit audit trail"))?;
             }
+            for f in &snap.feedback {
+                sqlx::query(INSERT_FEEDBACK)
+                    .bind(&f.tenant)
+                    .bind(&f.entry_id)
+                    .bind(&f.request_id)
+                    .bind(f.correct)
+                    .bind(&f.prompt)
+                    .bind(f.vector.as_deref().map(vector_bytes))
+                    .bind(&f.index_version)
+                    .bind(f.score)
+                    .bind(f.at_ms)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(meta("restore feedback"))?;
+            }
             tx.commit().await.map_err(meta("commit the restore"))
         })?;
         Ok(())
@@ -564,6 +672,74 @@ impl MetadataStore {
                 .collect::<Result<Vec<_>, sqlx::Error>>()
                 .map_err(meta("decode usage"))
         })
+    }
+
+    /// Keep one verdict; returns its seq.
+    pub async fn record_feedback(&self, f: &FeedbackRow) -> Result<i64, BackendError> {
+        let vector = f.vector.as_deref().map(vector_bytes);
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(meta("begin a transaction"))?;
+            if matches!(self, MetadataStore::Postgres(_)) {
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(FEEDBACK_LOCK)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(meta("order feedback"))?;
+            }
+            let seq: i64 = sqlx::query_scalar(INSERT_FEEDBACK)
+                .bind(&f.tenant)
+                .bind(&f.entry_id)
+                .bind(&f.request_id)
+                .bind(f.correct)
+                .bind(&f.prompt)
+                .bind(vector)
+                .bind(&f.index_version)
+                .bind(f.score)
+                .bind(f.at_ms)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(meta("record feedback"))?;
+            tx.commit().await.map_err(meta("commit feedback"))?;
+            Ok(seq)
+        })
+    }
+
+    /// Verdicts with a seq above `after`, oldest first.
+    pub async fn feedback_since(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<Feedback>, BackendError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        on_pool!(self, |pool| {
+            sqlx::query(READ_FEEDBACK)
+                .bind(after)
+                .bind(limit)
+                .fetch_all(pool)
+                .await
+                .map_err(meta("read feedback"))?
+                .iter()
+                .map(feedback_of)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(meta("decode feedback"))
+        })
+    }
+
+    /// The entry the audit trail says served `request_id`.
+    pub async fn served_entry(
+        &self,
+        tenant: &str,
+        request_id: &str,
+    ) -> Result<Option<String>, BackendError> {
+        on_pool!(self, |pool| sqlx::query_scalar(
+            "SELECT entry_id FROM hit_audit WHERE tenant = $1 AND request_id = $2
+             ORDER BY id DESC LIMIT 1"
+        )
+        .bind(tenant)
+        .bind(request_id)
+        .fetch_optional(pool)
+        .await)
+        .map_err(meta("find a served request"))
     }
 
     /// Number of audited hits of a tenant.
@@ -732,6 +908,21 @@ impl PendingStore for MetadataStore {
         filter: &EntryFilter,
     ) -> Result<Vec<Entry>, StoreError> {
         Ok(self.remove_pending_where(tenant, filter).await?)
+    }
+}
+
+#[async_trait::async_trait]
+impl FeedbackStore for MetadataStore {
+    async fn record(&self, feedback: &Feedback) -> Result<i64, StoreError> {
+        Ok(self.record_feedback(&FeedbackRow::from(feedback)).await?)
+    }
+
+    async fn since(&self, after: i64, limit: usize) -> Result<Vec<Feedback>, StoreError> {
+        Ok(self.feedback_since(after, limit).await?)
+    }
+
+    async fn served(&self, tenant: &str, request_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.served_entry(tenant, request_id).await?)
     }
 }
 

@@ -30,7 +30,8 @@ pub struct Setup {
     pub tenant_a_extra: String,
     pub flush_max_rows: usize,
     pub max_body_bytes: usize,
-    pub min_similarity: f32,
+    /// `cache.min_similarity`; `None` leaves the default (0.9, or a verifier's own floor).
+    pub min_similarity: Option<f32>,
     /// Cluster-mode metadata: a Postgres URL.
     pub postgres_url: Option<String>,
     /// Cluster mode: a Redis URL for the log and the hot layer.
@@ -50,7 +51,7 @@ impl Default for Setup {
             tenant_a_extra: String::new(),
             flush_max_rows: 64,
             max_body_bytes: 64 * 1024,
-            min_similarity: 0.9,
+            min_similarity: Some(0.9),
             postgres_url: None,
             redis_url: None,
             embedder: None,
@@ -104,7 +105,7 @@ compact_min_fragments = 4
 {embedder}
 
 [cache]
-min_similarity = {min_similarity}
+{min_similarity}
 {extra}
 
 [[tenants]]
@@ -126,7 +127,10 @@ api_key_sha256 = ["{b}"]
             a = sha(KEY_A),
             b = sha(KEY_B),
             a_extra = self.tenant_a_extra,
-            min_similarity = self.min_similarity,
+            min_similarity = self
+                .min_similarity
+                .map(|m| format!("min_similarity = {m}"))
+                .unwrap_or_default(),
         )
     }
 }

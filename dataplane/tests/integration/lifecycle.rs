@@ -327,7 +327,7 @@ async fn the_local_model_matches_paraphrases_and_rejects_other_questions() -> an
     let dir = tempfile::tempdir()?;
     let setup = Setup {
         local_model: true,
-        min_similarity: 0.8,
+        min_similarity: Some(0.8),
         ..Setup::default()
     };
     let s = Server::start(dir.path(), &setup).await?;
@@ -759,7 +759,7 @@ async fn long_prompts_past_the_window_and_other_numbers_miss_with_the_local_mode
     let dir = tempfile::tempdir()?;
     let setup = Setup {
         local_model: true,
-        min_similarity: 0.8,
+        min_similarity: Some(0.8),
         ..Setup::default()
     };
     let s = Server::start(dir.path(), &setup).await?;

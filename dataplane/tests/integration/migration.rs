@@ -149,7 +149,7 @@ async fn a_model_change_under_load_loses_nothing_and_fails_nothing() -> anyhow::
     let cluster = Setup {
         redis_url: Some(private_redis("migration")?),
         postgres_url: Some(fresh_database(&shared_postgres()?).await?),
-        min_similarity: 0.95,
+        min_similarity: Some(0.95),
         embedder: Some(target_section("fake-embed-d256", 256)),
         ..Setup::default()
     };

@@ -202,19 +202,45 @@ fn eval_reports_the_quality_curve_as_table_csv_and_png() -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("pairs 5  duplicates 3"), "{stdout}");
-    let rows: Vec<Vec<f64>> = std::fs::read_to_string(&csv)?
-        .lines()
-        .skip(1)
-        .map(|l| l.split(',').filter_map(|x| x.parse().ok()).collect())
-        .collect();
-    assert_eq!(rows.len(), 29, "thresholds 0.70..=0.98");
+    assert!(
+        stdout.contains("pairs 5 (from pair 0)  duplicates 3"),
+        "{stdout}"
+    );
+    // The local verifier's file is installed beside the model, so the default is verified.
+    assert!(stdout.contains("verifier local"), "{stdout}");
+    // curve,floor,threshold,hit_rate,precision,recall,f1
+    let csv = std::fs::read_to_string(&csv)?;
+    let rows = |curve: &str| -> Vec<Vec<f64>> {
+        csv.lines()
+            .skip(1)
+            .filter(|l| l.split(',').next() == Some(curve))
+            .map(|l| {
+                l.split(',')
+                    .skip(2)
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
+            .collect()
+    };
+    let cosine = rows("cosine");
+    assert_eq!(cosine.len(), 29, "thresholds 0.70..=0.98");
     // At 0.70 the paraphrases hit their own question and the unrelated pairs miss.
-    assert_eq!(rows[0][0], 0.70);
-    assert_eq!(rows[0][2], 1.0, "precision at 0.70: {:?}", rows[0]);
-    assert!(rows[0][3] >= 2.0 / 3.0, "recall at 0.70: {:?}", rows[0]);
+    assert_eq!(cosine[0][0], 0.70);
+    assert_eq!(cosine[0][2], 1.0, "precision at 0.70: {:?}", cosine[0]);
+    assert!(cosine[0][3] >= 2.0 / 3.0, "recall at 0.70: {:?}", cosine[0]);
     // Hit rate never grows with the threshold.
-    assert!(rows.windows(2).all(|w| w[1][1] <= w[0][1]));
+    assert!(cosine.windows(2).all(|w| w[1][1] <= w[0][1]));
+    // The verifier's curves: four cosine floors, scores 0.05..=0.95, hit rate never growing
+    // with the score; the paraphrases it passes are right ones.
+    let verified = rows("local");
+    assert_eq!(verified.len(), 4 * 19, "{csv}");
+    assert!(
+        verified
+            .windows(2)
+            .all(|w| w[1][0] < w[0][0] || w[1][1] <= w[0][1])
+    );
+    assert!(verified.iter().all(|r| r[2] == 1.0), "{csv}");
+    assert!(stdout.contains("waited p50"), "{stdout}");
     let image = std::fs::read(&png)?;
     assert_eq!(&image[..8], b"\x89PNG\r\n\x1a\n");
 
