@@ -365,8 +365,9 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
         min_similarity: Some(args.from),
         max_entries: Some(u64::MAX),
         verifier: args.no_verifier.then(|| NO_VERIFIER.to_owned()),
-        // The verifier reads every candidate; scores are thresholded afterwards.
-        verifier_min_score: Some(0.0),
+        // Scores are thresholded afterwards, so the verifier must read every candidate: only
+        // a score of 1.0 stops it early, and that candidate is served at every threshold.
+        verifier_min_score: Some(1.0),
         // Measure the verifier, not a budget: a miss for want of time would count as its fault.
         verifier_budget_ms: Some(600_000),
         ..Default::default()
@@ -386,6 +387,29 @@ fn progress(len: usize, what: &'static str) -> indicatif::ProgressBar {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_message(what);
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        // Redirected to a file or a CI log: periodic lines instead of a redrawn bar.
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        let lines = bar.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(15));
+            every.tick().await;
+            loop {
+                every.tick().await;
+                if lines.is_finished() {
+                    break;
+                }
+                tracing::info!(
+                    what,
+                    done = lines.position(),
+                    total = len,
+                    per_sec = format!("{:.1}", lines.per_sec()),
+                    eta_s = lines.eta().as_secs(),
+                    "eval progress"
+                );
+            }
+        });
+    }
     bar
 }
 

@@ -630,8 +630,10 @@ impl Cache {
     }
 
     /// Ask the tenant's verifier about the candidates that passed the checks, within its
-    /// budget; the first (by similarity) that reaches the score is the hit. A verifier that
-    /// fails or runs over makes the lookup a miss, never an unverified hit.
+    /// budget; the first (by similarity) that reaches the score is the hit. The best candidate
+    /// is scored alone first (a paraphrase is usually the nearest: one pair to read), the rest
+    /// in one batch only when it is turned away. A verifier that fails or runs over makes the
+    /// lookup a miss, never an unverified hit.
     async fn verify_candidates(
         &self,
         part: &Partition,
@@ -641,32 +643,94 @@ impl Cache {
     ) {
         let tenant = &part.tenant;
         let min_score = self.min_score(part, v);
-        let texts: Vec<String> = outcome
+        let pending: Vec<usize> = outcome
             .considered
             .iter()
-            .filter(|c| c.rejection.is_none())
-            .map(|c| c.entry.prompt.clone())
+            .enumerate()
+            .filter(|(_, c)| c.rejection.is_none())
+            .map(|(i, _)| i)
             .collect();
         // Tokio's clock, so the budget and the time it reports agree (and tests can pause it).
         let started = tokio::time::Instant::now();
-        let answer = match self.verifiers.get(&v.verifier) {
-            Some(verifier) => {
-                let budget = Duration::from_millis(v.budget_ms);
-                let provider = verifier.provider();
-                let answer = tokio::time::timeout(budget, verifier.score(prompt, &texts)).await;
-                self.metrics
-                    .verify_duration
-                    .with_label_values(&[provider])
-                    .observe(started.elapsed().as_secs_f64());
-                answer
-            }
-            None => Ok(Err(crate::ports::VerifyError::Unavailable {
-                provider: "none",
-                reason: format!("the verifier `{}` is not loaded", v.verifier),
-            })),
+        let deadline = started + Duration::from_millis(v.budget_ms);
+        let mut report = VerificationReport {
+            verifier: v.verifier.clone(),
+            min_score,
+            best_score: None,
+            outcome: VerifyOutcome::Rejected,
+            elapsed: Duration::ZERO,
         };
-        let elapsed = started.elapsed();
-        let scores = match answer {
+        let (first, rest) = pending.split_at(pending.len().min(1));
+        for batch in [first, rest] {
+            if batch.is_empty() || outcome.hit.is_some() {
+                continue;
+            }
+            let texts: Vec<String> = batch
+                .iter()
+                .map(|&i| outcome.considered[i].entry.prompt.clone())
+                .collect();
+            let scores = match self.score_within(v, prompt, &texts, deadline).await {
+                Ok(scores) => scores,
+                Err((what, reason)) => {
+                    tracing::warn!(tenant = %tenant.name, verifier = %v.verifier, %reason, "verifier failed; the lookup is a miss");
+                    self.metrics
+                        .verify_failures
+                        .with_label_values(&[&tenant.name, what.as_str()])
+                        .inc();
+                    report.outcome = what;
+                    outcome.degraded = Some(match what {
+                        VerifyOutcome::OverBudget => "verifier_over_budget",
+                        _ => "verifier_unavailable",
+                    });
+                    break;
+                }
+            };
+            for (&i, score) in batch.iter().zip(scores) {
+                let score = if score.is_finite() { score } else { 0.0 };
+                let c = &mut outcome.considered[i];
+                c.score = Some(score);
+                report.best_score = Some(report.best_score.map_or(score, |b: f32| b.max(score)));
+                if outcome.hit.is_some() {
+                    continue;
+                }
+                if score >= min_score {
+                    report.outcome = VerifyOutcome::Accepted;
+                    outcome.hit = Some(Hit {
+                        path: HitPath::Semantic,
+                        similarity: c.similarity,
+                        entry: c.entry.clone(),
+                        score: Some(score),
+                    });
+                } else {
+                    self.reject(tenant, "verifier");
+                }
+            }
+        }
+        report.elapsed = started.elapsed();
+        outcome.verification = Some(report);
+    }
+
+    /// One call to `v`'s verifier, cut off at `deadline`; its duration goes to the metrics.
+    async fn score_within(
+        &self,
+        v: &Verification,
+        prompt: &str,
+        texts: &[String],
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<f32>, (VerifyOutcome, String)> {
+        let Some(verifier) = self.verifiers.get(&v.verifier) else {
+            return Err((
+                VerifyOutcome::Unavailable,
+                format!("the verifier `{}` is not loaded", v.verifier),
+            ));
+        };
+        let started = tokio::time::Instant::now();
+        let answer = tokio::time::timeout_at(deadline, verifier.score(prompt, texts)).await;
+        self.metrics
+            .verify_duration
+            .with_label_values(&[verifier.provider()])
+            .observe(started.elapsed().as_secs_f64());
+        match answer {
             Ok(Ok(scores)) if scores.len() == texts.len() => Ok(scores),
             Ok(Ok(scores)) => Err((
                 VerifyOutcome::Unavailable,
@@ -677,56 +741,7 @@ impl Cache {
                 VerifyOutcome::OverBudget,
                 format!("no answer within {} ms", v.budget_ms),
             )),
-        };
-        let mut report = VerificationReport {
-            verifier: v.verifier.clone(),
-            min_score,
-            best_score: None,
-            outcome: VerifyOutcome::Rejected,
-            elapsed,
-        };
-        match scores {
-            Err((what, reason)) => {
-                tracing::warn!(tenant = %tenant.name, verifier = %v.verifier, %reason, "verifier failed; the lookup is a miss");
-                self.metrics
-                    .verify_failures
-                    .with_label_values(&[&tenant.name, what.as_str()])
-                    .inc();
-                report.outcome = what;
-                outcome.degraded = Some(match what {
-                    VerifyOutcome::OverBudget => "verifier_over_budget",
-                    _ => "verifier_unavailable",
-                });
-            }
-            Ok(scores) => {
-                let mut scores = scores.into_iter();
-                for c in outcome
-                    .considered
-                    .iter_mut()
-                    .filter(|c| c.rejection.is_none())
-                {
-                    let score = scores.next().filter(|s| s.is_finite()).unwrap_or(0.0);
-                    c.score = Some(score);
-                    report.best_score =
-                        Some(report.best_score.map_or(score, |b: f32| b.max(score)));
-                    if outcome.hit.is_some() {
-                        continue;
-                    }
-                    if score >= min_score {
-                        report.outcome = VerifyOutcome::Accepted;
-                        outcome.hit = Some(Hit {
-                            path: HitPath::Semantic,
-                            similarity: c.similarity,
-                            entry: c.entry.clone(),
-                            score: Some(score),
-                        });
-                    } else {
-                        self.reject(tenant, "verifier");
-                    }
-                }
-            }
         }
-        outcome.verification = Some(report);
     }
 
     /// The text checks ([`verify`]) a candidate fails for `prompt`, if any. A lookup by

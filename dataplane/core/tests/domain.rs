@@ -1304,6 +1304,21 @@ async fn the_first_candidate_the_verifier_accepts_is_served_not_the_nearest() {
     assert!(out.considered[0].entry.prompt == wrong, "the nearest first");
     let hit = out.hit.expect("the second candidate passes");
     assert_eq!(hit.entry.prompt, right);
+    assert_eq!(
+        w.verifier.calls.load(Ordering::SeqCst),
+        2,
+        "the nearest alone, then the rest"
+    );
+    // When the nearest passes, the others are never read: one call, one pair.
+    w.verifier.set(q, wrong, 0.9);
+    let out = w
+        .cache
+        .lookup(v, query(q, scope("m")))
+        .await
+        .expect("lookup");
+    assert_eq!(out.hit.expect("the nearest passes").entry.prompt, wrong);
+    assert_eq!(w.verifier.calls.load(Ordering::SeqCst), 3);
+    assert_eq!(out.considered[1].score, None, "the second was not scored");
 }
 
 #[tokio::test(start_paused = true)]

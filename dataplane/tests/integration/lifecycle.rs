@@ -325,15 +325,22 @@ async fn flushed_entries_and_the_ann_index_keep_serving() -> anyhow::Result<()> 
 #[tokio::test]
 async fn the_local_model_matches_paraphrases_and_rejects_other_questions() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
+    // The default configuration: the local model and, its file being installed, the local
+    // verifier with its own calibrated floor and score.
     let setup = Setup {
         local_model: true,
-        min_similarity: Some(0.8),
+        min_similarity: None,
         ..Setup::default()
     };
     let s = Server::start(dir.path(), &setup).await?;
     s.store(
         KEY_A,
         json!({"prompt": "How do I reset my password?", "response": answer("Use the reset link.")}),
+    )
+    .await?;
+    s.store(
+        KEY_A,
+        json!({"prompt": "How do I make a cake without eggs?", "response": answer("Use flax seeds.")}),
     )
     .await?;
     let v = s
@@ -345,6 +352,29 @@ async fn the_local_model_matches_paraphrases_and_rejects_other_questions() -> an
         "{v}"
     );
     assert_eq!(v["response"], answer("Use the reset link."));
+    assert_eq!(
+        (
+            v["verifier"]["name"].as_str(),
+            v["verifier"]["outcome"].as_str()
+        ),
+        (Some("local"), Some("accepted")),
+        "{v}"
+    );
+    // Close vectors (above the unverified default of 0.9), the opposite question: the
+    // verifier says no, so the cake without eggs is not served to the one asking with eggs.
+    let v = s
+        .lookup(KEY_A, json!({"prompt": "How do I make a cake with eggs?"}))
+        .await?;
+    assert_eq!(v["hit"], false, "{v}");
+    assert!(v["best_similarity"].as_f64().unwrap_or(0.0) > 0.9, "{v}");
+    assert_eq!(
+        (
+            v["verifier"]["name"].as_str(),
+            v["verifier"]["outcome"].as_str()
+        ),
+        (Some("local"), Some("rejected")),
+        "{v}"
+    );
     let v = s
         .lookup(
             KEY_A,

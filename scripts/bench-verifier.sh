@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Text lookups with and without the local verifier, side by side in one run: the same binary,
+# the same configuration (dataplane/examples/bench.toml), the same seeded entries, one server
+# core. Usage: scripts/bench-verifier.sh [DURATION] (default 20s).
+#   SEMANTIS_BENCH_BIN=path  measure that binary instead of the release build
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/semantis/target}"
+duration="${1:-20s}"
+bin="${SEMANTIS_BENCH_BIN:-$CARGO_TARGET_DIR/release/semantis-dataplane}"
+data="${SEMANTIS_BENCH_DIR:-/tmp/semantis-bench-verifier}"
+url="http://127.0.0.1:8090"
+export SEMANTIS_BENCH_API_KEY=bench-key
+
+bash scripts/setup.sh
+if [ -z "${SEMANTIS_BENCH_BIN:-}" ]; then
+  cargo build --release --locked -p semantis-dataplane >&2
+fi
+[ -f "$(bash scripts/fetch-model.sh)/semantis-verifier.safetensors" ] || {
+  echo "the local verifier's file is not installed; run scripts/fetch-model.sh" >&2
+  exit 1
+}
+
+server=""
+trap '[ -n "$server" ] && kill "$server" 2>/dev/null || true' EXIT
+for verifier in none local; do
+  rm -rf "$data" "$data.log"
+  SEMANTIS_STORAGE__DATA_DIR="$data" SEMANTIS_CACHE__VERIFIER="$verifier" \
+    taskset -c 0 "$bin" serve --config dataplane/examples/bench.toml 2>>"$data.log" &
+  server=$!
+  until curl -sf "$url/readyz" >/dev/null; do
+    kill -0 "$server" 2>/dev/null || { echo "server died; see $data.log" >&2; exit 1; }
+    sleep 0.05
+  done
+  echo "## semantic-text, verifier $verifier (duration $duration)"
+  taskset -c 1 "$bin" bench --url "$url" --duration "$duration" --warmup 3s \
+    --scenario semantic-text --seed 500 --seed-connections 2 --connections 1
+  kill -TERM "$server"
+  wait "$server" || true
+  server=""
+done
