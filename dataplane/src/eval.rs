@@ -292,12 +292,22 @@ fn plot(curves: &[(String, Vec<Row>)], path: &Path, label: &str) -> anyhow::Resu
         .build_cartesian_2d(0.0f64..1.0, 0.3f64..1.0)?;
     chart
         .configure_mesh()
-        .x_desc("recall (share of duplicates that hit their own a)")
+        .x_desc("recall (share of duplicates served a right answer)")
         .y_desc("precision (share of hits that are right)")
         .draw()?;
     let goal = [(0.6, 0.3), (0.6, 0.9), (1.0, 0.9)];
     chart.draw_series(LineSeries::new(goal, BLACK.mix(0.4)))?;
-    let colours = [BLUE, RED, GREEN, MAGENTA, CYAN];
+    // The cosine curve in black, each verifier floor in its own colour.
+    let colours = [
+        BLACK,
+        RED,
+        RGBColor(0, 150, 0),
+        BLUE,
+        MAGENTA,
+        RGBColor(230, 140, 0),
+        CYAN,
+        RGBColor(120, 60, 160),
+    ];
     for (i, (name, rows)) in curves.iter().enumerate() {
         let colour = colours[i % colours.len()];
         chart
