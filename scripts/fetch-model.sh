@@ -8,11 +8,14 @@ here="$(cd "$(dirname "$0")" && pwd)"
 cache="${SEMANTIS_CACHE:-$HOME/.cache/semantis}"
 dir="$cache/models/all-MiniLM-L6-v2"
 verifier="$here/../dataplane/verifier/semantis-verifier.safetensors"
+# Readable by everyone whatever mode the working tree's file has (a training run writes it
+# 0600): the images run the dataplane as a non-root user.
 install_verifier() {
   if [ -f "$verifier" ] && ! cmp -s "$verifier" "$dir/semantis-verifier.safetensors"; then
-    cp "$verifier" "$dir/semantis-verifier.safetensors.part"
+    install -m 0644 "$verifier" "$dir/semantis-verifier.safetensors.part"
     mv "$dir/semantis-verifier.safetensors.part" "$dir/semantis-verifier.safetensors"
   fi
+  if [ -f "$dir/semantis-verifier.safetensors" ]; then chmod 0644 "$dir/semantis-verifier.safetensors"; fi
 }
 if [ -f "$dir/model.safetensors" ] && [ -f "$dir/tokenizer.json" ] && [ -f "$dir/config.json" ]; then
   install_verifier

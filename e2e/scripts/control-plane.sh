@@ -5,9 +5,14 @@
 #
 #   control-plane.sh start   prints KUBECONFIG=... (also written to $DIR/env)
 #   control-plane.sh stop    stops everything; logs stay in $DIR/logs
+#
+# With SEMANTIS_E2E_ADVERTISE=<ip> (node.sh sets it) there is no kwok: the API server listens
+# on every address and advertises <ip>, so pods on the real node reach it through the
+# `kubernetes` Service, and the Node authorizer admits that node's kubelet.
 set -euo pipefail
 
 DIR=${SEMANTIS_E2E_DIR:-/tmp/semantis-e2e}
+ADVERTISE=${SEMANTIS_E2E_ADVERTISE:-}
 HERE=$(cd "$(dirname "$0")" && pwd)
 
 stop() {
@@ -42,7 +47,7 @@ certs() {
       -days 3650 -extfile "$d/$1.ext" -out "$d/$1.crt" 2>/dev/null
   }
   issue apiserver "/CN=kube-apiserver" \
-    "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default.svc"
+    "subjectAltName=IP:127.0.0.1,IP:10.0.0.1${ADVERTISE:+,IP:$ADVERTISE},DNS:localhost,DNS:kubernetes,DNS:kubernetes.default.svc"
   issue admin "/O=system:masters/CN=e2e-admin" "extendedKeyUsage=clientAuth"
   openssl genrsa -out "$d/sa.key" 2048 2>/dev/null
   openssl rsa -in "$d/sa.key" -pubout -out "$d/sa.pub" 2>/dev/null
@@ -99,13 +104,17 @@ start() {
     > "$DIR/logs/etcd.log" 2>&1 &
   echo $! > "$DIR/pids/etcd"
 
+  local bind_address=127.0.0.1
+  [[ -n $ADVERTISE ]] && bind_address=0.0.0.0
   "$bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --bind-address "$bind_address" --advertise-address "${ADVERTISE:-127.0.0.1}" --secure-port "$api_port" \
     --cert-dir "$DIR/pki" --tls-cert-file "$DIR/pki/apiserver.crt" --tls-private-key-file "$DIR/pki/apiserver.key" \
     --client-ca-file "$DIR/pki/ca.crt" \
     --service-account-key-file "$DIR/pki/sa.pub" --service-account-signing-key-file "$DIR/pki/sa.key" \
     --service-account-issuer https://kubernetes.default.svc \
-    --service-cluster-ip-range 10.0.0.0/24 --authorization-mode RBAC --allow-privileged \
+    --service-cluster-ip-range 10.0.0.0/24 --authorization-mode Node,RBAC --allow-privileged \
+    --enable-admission-plugins NodeRestriction --kubelet-preferred-address-types InternalIP,Hostname \
+    --kubelet-client-certificate "$DIR/pki/admin.crt" --kubelet-client-key "$DIR/pki/admin.key" \
     > "$DIR/logs/kube-apiserver.log" 2>&1 &
   echo $! > "$DIR/pids/kube-apiserver"
   wait_healthy "https://127.0.0.1:$api_port/readyz" kube-apiserver
@@ -124,13 +133,15 @@ start() {
     > "$DIR/logs/kube-scheduler.log" 2>&1 &
   echo $! > "$DIR/pids/kube-scheduler"
 
-  # kwok plays the kubelet for nodes annotated kwok.x-k8s.io/node=fake: pods turn Running and
-  # Ready, Job pods complete, unless a test stage says otherwise.
-  "$bin/kwok" --kubeconfig "$DIR/kubeconfig" \
-    --manage-all-nodes=false --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
-    --config "$HERE/kwok.yaml" --server-address "127.0.0.1:$kwok_port" \
-    > "$DIR/logs/kwok.log" 2>&1 &
-  echo $! > "$DIR/pids/kwok"
+  if [[ -z $ADVERTISE ]]; then
+    # kwok plays the kubelet for nodes annotated kwok.x-k8s.io/node=fake: pods turn Running and
+    # Ready, Job pods complete, unless a test stage says otherwise.
+    "$bin/kwok" --kubeconfig "$DIR/kubeconfig" \
+      --manage-all-nodes=false --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
+      --config "$HERE/kwok.yaml" --server-address "127.0.0.1:$kwok_port" \
+      > "$DIR/logs/kwok.log" 2>&1 &
+    echo $! > "$DIR/pids/kwok"
+  fi
 
   echo "KUBECONFIG=$DIR/kubeconfig" > "$DIR/env"
   echo "SEMANTIS_E2E_BIN=$bin" >> "$DIR/env"

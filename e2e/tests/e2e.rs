@@ -6,5 +6,6 @@ mod e2e {
     mod install;
     mod lifecycle;
     mod migration;
+    mod node;
     mod platform;
 }

@@ -1046,6 +1046,7 @@ mod tests {
     fn defaults() -> OperatorDefaults {
         OperatorDefaults {
             dataplane_image: "ghcr.io/semantis/semantis-dataplane:test".into(),
+            redis_image: crate::validate::DEFAULT_REDIS_IMAGE.into(),
         }
     }
 

@@ -310,7 +310,7 @@ pub struct RedisSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 9))]
     pub replicas: Option<i32>,
-    /// Redis image. Default: redis:7.4-alpine.
+    /// Redis image. Default: the operator's `--redis-image` (redis:7.4-alpine unless set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// Volume size for the append-only file, e.g. 8Gi. Default: 8Gi.

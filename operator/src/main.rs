@@ -70,6 +70,9 @@ struct RunArgs {
         default_value = concat!("ghcr.io/semantis/semantis-dataplane:", env!("CARGO_PKG_VERSION"))
     )]
     dataplane_image: String,
+    /// Redis image used when a SemanticCache does not name one.
+    #[arg(long, env = "SEMANTIS_REDIS_IMAGE", default_value = semantis_operator::validate::DEFAULT_REDIS_IMAGE)]
+    redis_image: String,
 }
 
 #[tokio::main]
@@ -176,6 +179,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         client: client.clone(),
         defaults: OperatorDefaults {
             dataplane_image: args.dataplane_image.clone(),
+            redis_image: args.redis_image.clone(),
         },
         metrics: metrics.clone(),
         recorder: reconcile::recorder(client.clone()),

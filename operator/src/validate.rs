@@ -40,6 +40,9 @@ fn invalid(field: &str, message: impl Into<String>) -> InvalidSpec {
 pub struct OperatorDefaults {
     /// The dataplane image matching this operator's version.
     pub dataplane_image: String,
+    /// The Redis image for caches that do not name one (`--redis-image`; default
+    /// [`DEFAULT_REDIS_IMAGE`]), so a cluster without access to Docker Hub sets it once.
+    pub redis_image: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -434,7 +437,7 @@ pub fn validate(
     });
     let redis = Redis {
         replicas: r.replicas.unwrap_or(1),
-        image: r.image.unwrap_or_else(|| DEFAULT_REDIS_IMAGE.to_owned()),
+        image: r.image.unwrap_or_else(|| defaults.redis_image.clone()),
         storage_size: quantity("spec.redis.storageSize", r.storage_size.as_ref(), "8Gi")?,
         storage_class_name: r.storage_class_name,
         resources: r.resources,
@@ -552,6 +555,7 @@ mod tests {
     fn defaults() -> OperatorDefaults {
         OperatorDefaults {
             dataplane_image: "img".into(),
+            redis_image: DEFAULT_REDIS_IMAGE.into(),
         }
     }
 

@@ -165,7 +165,18 @@ pub async fn install_crd(client: &Client, crd: CustomResourceDefinition) -> anyh
 /// A stand-in for a storage provisioner: every pending claim gets a pre-bound hostPath volume,
 /// so pods with claims schedule onto the kwok node.
 async fn provision_volumes() -> anyhow::Result<()> {
-    let client = client().await?;
+    provision_volumes_for(client().await?, None).await
+}
+
+/// Where the provisioner puts a claim's volume: a hostPath for kwok, or, on the real node, a
+/// `local` volume pinned to that node (what local-path-provisioner and the like create), whose
+/// directory is made here, open to the pod's non-root user as theirs are.
+pub struct RealNode {
+    pub name: String,
+    pub volumes: PathBuf,
+}
+
+pub async fn provision_volumes_for(client: Client, node: Option<RealNode>) -> anyhow::Result<()> {
     let claims: Api<PersistentVolumeClaim> = Api::all(client.clone());
     let volumes: Api<PersistentVolume> = Api::all(client.clone());
     let mut stream = watcher(claims, watcher::Config::default())
@@ -190,7 +201,7 @@ async fn provision_volumes() -> anyhow::Result<()> {
             .and_then(|r| r.get("storage").cloned())
             .map(|q| q.0)
             .unwrap_or_else(|| "1Gi".into());
-        let pv: PersistentVolume = serde_json::from_value(json!({
+        let mut pv = json!({
             "apiVersion": "v1",
             "kind": "PersistentVolume",
             "metadata": { "name": name, "labels": { "semantis-e2e": "provisioned" } },
@@ -202,7 +213,23 @@ async fn provision_volumes() -> anyhow::Result<()> {
                 "hostPath": { "path": format!("/tmp/semantis-e2e-volumes/{name}") },
                 "claimRef": { "namespace": ns, "name": pvc.name_any(), "uid": pvc.uid() }
             }
-        }))?;
+        });
+        if let Some(node) = &node {
+            let dir = node.volumes.join(&name);
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("failed to create {}", dir.display()))?;
+            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+                .with_context(|| format!("failed to open {} to pods", dir.display()))?;
+            let spec = &mut pv["spec"];
+            spec.as_object_mut().map(|o| o.remove("hostPath"));
+            spec["local"] = json!({ "path": dir });
+            // Nothing deletes a local volume's files; the node's directory goes with the node.
+            spec["persistentVolumeReclaimPolicy"] = json!("Retain");
+            spec["nodeAffinity"] = json!({ "required": { "nodeSelectorTerms": [{ "matchExpressions": [
+                { "key": "kubernetes.io/hostname", "operator": "In", "values": [node.name] }
+            ] }] } });
+        }
+        let pv: PersistentVolume = serde_json::from_value(pv)?;
         match volumes.create(&PostParams::default(), &pv).await {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 409 => {}

@@ -109,6 +109,7 @@ mod tests {
         cache.spec.embedding.revision = Some(revision.into());
         let defaults = OperatorDefaults {
             dataplane_image: "semantis-dataplane:test".into(),
+            redis_image: crate::validate::DEFAULT_REDIS_IMAGE.into(),
         };
         validate(&cache, &defaults).expect("valid")
     }

@@ -28,6 +28,7 @@ fn context() -> (Arc<Context>, Api) {
         client: client.clone(),
         defaults: OperatorDefaults {
             dataplane_image: "img".into(),
+            redis_image: semantis_operator::validate::DEFAULT_REDIS_IMAGE.into(),
         },
         metrics: Arc::new(Metrics::new().expect("metrics")),
         recorder: reconcile::recorder(client),

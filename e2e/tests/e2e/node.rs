@@ -1,0 +1,508 @@
+//! Issue 17: the operator and its caches as real pods. A second loopback cluster whose only
+//! node is real (`e2e/scripts/node.sh`: containerd, runc, CNI, kubelet, kube-proxy, CoreDNS),
+//! running images built from the project's Dockerfiles (`e2e/scripts/images.sh`). The operator
+//! is installed the way users install it (helm, kustomize) and runs as a pod under exactly the
+//! RBAC those install; the tests talk to the caches through their Services' cluster IPs (this
+//! machine is the node, so kube-proxy's rules route them) and to pods with `kubectl exec`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow, bail, ensure};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config, ResourceExt};
+use serde_json::{Value, json};
+
+use super::harness::{RealNode, provision_volumes_for, serial};
+
+/// Pods on a real node start in seconds, but a debug-built dataplane loads its model first.
+const NODE_DEADLINE: Duration = Duration::from_secs(300);
+const NODE_NAME: &str = "semantis-node";
+const IMAGES: &str = "localhost/semantis";
+
+/// The real-node cluster: `SEMANTIS_NODE_KUBECONFIG` when set (attach; `make test` starts it),
+/// else `node.sh start` for this process.
+struct Cluster {
+    kubeconfig: PathBuf,
+    /// kubectl and helm, built with the control plane.
+    bin: PathBuf,
+    volumes: PathBuf,
+}
+
+fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let kubeconfig = match std::env::var("SEMANTIS_NODE_KUBECONFIG") {
+            Ok(p) => PathBuf::from(p),
+            Err(_) => {
+                let out = Command::new("bash")
+                    .arg(super::harness::repo_root().join("e2e/scripts/node.sh"))
+                    .arg("start")
+                    .stderr(std::process::Stdio::inherit())
+                    .output()
+                    .expect("node.sh runs");
+                assert!(out.status.success(), "node.sh start failed");
+                let text = String::from_utf8_lossy(&out.stdout).to_string();
+                PathBuf::from(
+                    text.lines()
+                        .find_map(|l| l.strip_prefix("KUBECONFIG="))
+                        .expect("node.sh prints KUBECONFIG="),
+                )
+            }
+        };
+        let dir = kubeconfig.parent().expect("the kubeconfig has a directory");
+        let env = std::fs::read_to_string(dir.join("env")).expect("the cluster's env file");
+        let bin = env
+            .lines()
+            .find_map(|l| l.strip_prefix("SEMANTIS_E2E_BIN="))
+            .map(PathBuf::from)
+            .expect("the env file names the control plane's bin directory");
+        Cluster {
+            volumes: dir.join("volumes"),
+            kubeconfig,
+            bin,
+        }
+    })
+}
+
+async fn client() -> anyhow::Result<Client> {
+    let kc = Kubeconfig::read_from(&cluster().kubeconfig)
+        .context("failed to read the node cluster's kubeconfig")?;
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .context("failed to load the node cluster's kubeconfig")?;
+    Ok(Client::try_from(config)?)
+}
+
+/// The volume provisioner for the node cluster, on its own thread for the life of the process.
+fn provisioner() {
+    static STARTED: OnceLock<()> = OnceLock::new();
+    STARTED.get_or_init(|| {
+        let volumes = cluster().volumes.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            rt.block_on(async move {
+                let node = RealNode {
+                    name: NODE_NAME.to_owned(),
+                    volumes,
+                };
+                let result = match client().await {
+                    Ok(c) => provision_volumes_for(c, Some(node)).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = result {
+                    eprintln!("node volume provisioner stopped: {e:#}");
+                }
+            });
+        });
+    });
+}
+
+fn tool(name: &str, args: &[&str]) -> anyhow::Result<String> {
+    let bin = cluster().bin.join(name);
+    let out = Command::new(&bin)
+        .args(args)
+        .current_dir(super::harness::repo_root())
+        .env("KUBECONFIG", &cluster().kubeconfig)
+        .output()
+        .with_context(|| format!("failed to run {}", bin.display()))?;
+    ensure!(
+        out.status.success(),
+        "{name} {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn kubectl(args: &[&str]) -> anyhow::Result<String> {
+    tool("kubectl", args)
+}
+
+fn helm(args: &[&str]) -> anyhow::Result<String> {
+    tool("helm", args)
+}
+
+/// A test's world on the node cluster: a namespace for the operator and one for the caches,
+/// both deleted at the end (with the pods in them) once the test calls `passed`; a failed
+/// test leaves them for `kubectl` to look at (the next `node.sh start` wipes the cluster).
+struct NodeWorld {
+    client: Client,
+    ns: String,
+    operator_ns: String,
+    passed: bool,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl NodeWorld {
+    async fn new(test: &str) -> anyhow::Result<Self> {
+        let guard = serial().await;
+        provisioner();
+        let client = client().await?;
+        let ns = super::harness::World::namespace(&client, test).await?;
+        let operator_ns = format!("{ns}-operator");
+        let api: Api<Namespace> = Api::all(client.clone());
+        api.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": operator_ns } }))?,
+        )
+        .await
+        .with_context(|| format!("failed to create namespace {operator_ns}"))?;
+        Ok(Self {
+            client,
+            ns,
+            operator_ns,
+            passed: false,
+            _serial: guard,
+        })
+    }
+
+    async fn api_key(&self, name: &str) -> anyhow::Result<String> {
+        let key = format!("key-{}-{}", self.ns, std::process::id());
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": { "name": name },
+            "stringData": { "api-key": key },
+        }))?;
+        Api::<Secret>::namespaced(self.client.clone(), &self.ns)
+            .create(&PostParams::default(), &secret)
+            .await
+            .with_context(|| format!("failed to create Secret {name}"))?;
+        Ok(key)
+    }
+
+    /// `kubectl wait --for=condition=Ready semanticcache/NAME`, as a user would.
+    fn wait_ready(&self, cache: &str) -> anyhow::Result<()> {
+        kubectl(&[
+            "wait",
+            "--namespace",
+            &self.ns,
+            "--for=condition=Ready",
+            &format!("semanticcache/{cache}"),
+            &format!("--timeout={}s", NODE_DEADLINE.as_secs()),
+        ])
+        .map(drop)
+    }
+
+    /// The cache's dataplane through its Service's cluster IP.
+    async fn dataplane(&self, cache: &str, key: &str) -> anyhow::Result<Dataplane> {
+        let svc = Api::<Service>::namespaced(self.client.clone(), &self.ns)
+            .get(&format!("{cache}-dataplane"))
+            .await
+            .context("failed to read the dataplane Service")?;
+        let ip = svc
+            .spec
+            .and_then(|s| s.cluster_ip)
+            .ok_or_else(|| anyhow!("the dataplane Service has no cluster IP"))?;
+        Ok(Dataplane {
+            base: format!("http://{ip}:8080"),
+            key: key.to_owned(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()?,
+        })
+    }
+
+    /// (name, uid) of the ready, not deleted pods of one component of a cache.
+    async fn ready_pods(
+        &self,
+        cache: &str,
+        component: &str,
+    ) -> anyhow::Result<Vec<(String, String)>> {
+        let pods = Api::<Pod>::namespaced(self.client.clone(), &self.ns)
+            .list(&ListParams::default().labels(&format!(
+                "app.kubernetes.io/instance={cache},app.kubernetes.io/component={component}"
+            )))
+            .await?;
+        Ok(pods
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+            .map(|p| (p.name_any(), p.uid().unwrap_or_default()))
+            .collect())
+    }
+
+    /// Deletes a ready pod of the component and waits until another pod (for a StatefulSet:
+    /// the same name, a new uid) is ready. Returns the new pod's name.
+    async fn replace_pod(&self, cache: &str, component: &str) -> anyhow::Result<String> {
+        let (old, old_uid) = self
+            .ready_pods(cache, component)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow!("no ready {component} pod to delete"))?;
+        Api::<Pod>::namespaced(self.client.clone(), &self.ns)
+            .delete(&old, &DeleteParams::default())
+            .await
+            .with_context(|| format!("failed to delete pod {old}"))?;
+        let started = Instant::now();
+        loop {
+            let now = self.ready_pods(cache, component).await?;
+            if let Some((name, _)) = now.into_iter().find(|(_, uid)| *uid != old_uid) {
+                return Ok(name);
+            }
+            if started.elapsed() > NODE_DEADLINE {
+                bail!("no {component} pod became ready after {old} was deleted");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+impl Drop for NodeWorld {
+    fn drop(&mut self) {
+        if !self.passed {
+            eprintln!(
+                "kept namespaces {} and {} of the failed test (KUBECONFIG={})",
+                self.ns,
+                self.operator_ns,
+                cluster().kubeconfig.display()
+            );
+            return;
+        }
+        for ns in [&self.ns, &self.operator_ns] {
+            let _ = kubectl(&["delete", "namespace", ns, "--wait=false"]);
+        }
+    }
+}
+
+struct Dataplane {
+    base: String,
+    key: String,
+    http: reqwest::Client,
+}
+
+impl Dataplane {
+    async fn post(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("failed to POST {path}"))?;
+        let status = resp.status().as_u16();
+        let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+
+    /// Waits until the Service answers an authenticated request: kube-proxy programs the
+    /// endpoint a moment after the pod turns ready.
+    async fn wait_serving(&self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            let ok = self
+                .http
+                .get(format!("{}/v1/stats", self.base))
+                .bearer_auth(&self.key)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ok {
+                return Ok(());
+            }
+            if started.elapsed() > NODE_DEADLINE {
+                bail!("the dataplane at {} did not answer", self.base);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn store(&self, prompt: &str, answer: &str) -> anyhow::Result<String> {
+        let (status, body) = self
+            .post(
+                "/v1/entries",
+                &json!({
+                    "prompt": prompt,
+                    "response": { "choices": [{ "message": { "role": "assistant", "content": answer } }] },
+                    "scope": { "model": "gpt-4o-mini" }
+                }),
+            )
+            .await?;
+        ensure!(
+            status == 200 || status == 201,
+            "store answered {status}: {body}"
+        );
+        body["id"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("store answered without an id: {body}"))
+    }
+
+    async fn lookup(&self, prompt: &str) -> anyhow::Result<Value> {
+        let (status, body) = self
+            .post(
+                "/v1/lookup",
+                &json!({ "prompt": prompt, "scope": { "model": "gpt-4o-mini" } }),
+            )
+            .await?;
+        ensure!(status == 200, "lookup answered {status}: {body}");
+        Ok(body)
+    }
+
+    /// How many of `entries` (prompt, answer) a lookup of the exact prompt serves with that answer.
+    async fn served(&self, entries: &[(String, String)]) -> anyhow::Result<usize> {
+        let mut n = 0;
+        for (prompt, answer) in entries {
+            let body = self.lookup(prompt).await?;
+            if body["hit"] == json!(true)
+                && body["response"]["choices"][0]["message"]["content"] == json!(answer)
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+fn image_values() -> Vec<String> {
+    vec![
+        format!("image.repository={IMAGES}/semantis-operator"),
+        "image.tag=e2e".to_owned(),
+        format!("dataplaneImage.repository={IMAGES}/semantis-dataplane"),
+        "dataplaneImage.tag=e2e".to_owned(),
+        format!("redisImage.repository={IMAGES}/redis"),
+        "redisImage.tag=e2e".to_owned(),
+    ]
+}
+
+fn sample(name: &str) -> PathBuf {
+    super::harness::repo_root()
+        .join("config/samples")
+        .join(format!("semantis_v1alpha1_semanticcache_{name}.yaml"))
+}
+
+fn entries(n: usize, tag: &str) -> Vec<(String, String)> {
+    (0..n)
+        .map(|i| {
+            (
+                format!("In the {tag} runbook, what is step {i} of restoring service area {i}?"),
+                format!("{tag} answer {i}"),
+            )
+        })
+        .collect()
+}
+
+fn path_str(p: &Path) -> anyhow::Result<&str> {
+    p.to_str()
+        .ok_or_else(|| anyhow!("{} is not UTF-8", p.display()))
+}
+
+#[tokio::test]
+async fn helm_installed_operator_runs_the_minimal_sample_on_real_pods() -> anyhow::Result<()> {
+    let mut w = NodeWorld::new("real-helm").await?;
+    let mut args = vec![
+        "install".to_owned(),
+        "semantis".to_owned(),
+        "charts/semantis-operator".to_owned(),
+        "--namespace".to_owned(),
+        w.operator_ns.clone(),
+        "--wait".to_owned(),
+        format!("--timeout={}s", NODE_DEADLINE.as_secs()),
+    ];
+    for v in image_values() {
+        args.push("--set".to_owned());
+        args.push(v);
+    }
+    helm(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+
+    // The minimal sample, unchanged: a user's first manifest.
+    let key = w.api_key("team-a-api-key").await?;
+    kubectl(&[
+        "apply",
+        "--namespace",
+        &w.ns,
+        "-f",
+        path_str(&sample("minimal"))?,
+    ])?;
+    w.wait_ready("demo")?;
+
+    // Redis runs the operator's configuration: the append-only file is on.
+    let aof = kubectl(&[
+        "exec",
+        "--namespace",
+        &w.ns,
+        "demo-redis-0",
+        "-c",
+        "redis",
+        "--",
+        "sh",
+        "-c",
+        "redis-cli --no-auth-warning -a \"$REDIS_PASSWORD\" CONFIG GET appendonly",
+    ])?;
+    ensure!(
+        aof.split_whitespace().collect::<Vec<_>>() == ["appendonly", "yes"],
+        "Redis runs without AOF: {aof}"
+    );
+
+    let dp = w.dataplane("demo", &key).await?;
+    dp.wait_serving().await?;
+    let stored = entries(12, "helm");
+    for (prompt, answer) in &stored {
+        dp.store(prompt, answer).await?;
+    }
+    ensure!(
+        dp.served(&stored).await? == stored.len(),
+        "exact lookups missed"
+    );
+    dp.store(
+        "How do I rotate the database password?",
+        "Run the rotate-credentials job.",
+    )
+    .await?;
+    let hit = dp.lookup("How can I rotate the database password?").await?;
+    ensure!(
+        hit["hit"] == json!(true) && hit["path"] == json!("semantic"),
+        "a paraphrase was not a semantic hit: {hit}"
+    );
+
+    // Acknowledged stores survive the dataplane pod's deletion ...
+    let more = entries(8, "after-ack");
+    for (prompt, answer) in &more {
+        dp.store(prompt, answer).await?;
+    }
+    let all: Vec<_> = stored.iter().chain(&more).cloned().collect();
+    w.replace_pod("demo", "dataplane").await?;
+    dp.wait_serving().await?;
+    let served = dp.served(&all).await?;
+    ensure!(
+        served == all.len(),
+        "after the dataplane pod was replaced, {served} of {} acknowledged entries were served",
+        all.len()
+    );
+
+    // ... and the Redis pod's.
+    let last = entries(8, "before-redis-restart");
+    for (prompt, answer) in &last {
+        dp.store(prompt, answer).await?;
+    }
+    let all: Vec<_> = all.iter().chain(&last).cloned().collect();
+    w.replace_pod("demo", "redis").await?;
+    let served = dp.served(&all).await?;
+    ensure!(
+        served == all.len(),
+        "after the Redis pod was replaced, {served} of {} acknowledged entries were served",
+        all.len()
+    );
+
+    helm(&[
+        "uninstall",
+        "semantis",
+        "--namespace",
+        &w.operator_ns,
+        "--wait",
+    ])?;
+    w.passed = true;
+    Ok(())
+}
