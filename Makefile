@@ -5,8 +5,10 @@ DEV_BIN := $(CARGO_TARGET_DIR)/debug/semantis-dataplane
 
 E2E_DIR ?= /tmp/semantis-e2e
 export SEMANTIS_E2E_DIR := $(E2E_DIR)
+NODE_DIR ?= /tmp/semantis-node
+export SEMANTIS_NODE_DIR := $(NODE_DIR)
 
-.PHONY: run test e2e e2e-up e2e-down crds manifests lint fmt setup build release release-dataplane release-serve release-operator bench
+.PHONY: run test e2e e2e-up e2e-down node-up node-down images crds manifests lint fmt setup build release release-dataplane release-serve release-operator bench
 
 ## Start the embedded default (LanceDB + SQLite + local model) on 127.0.0.1:8080. Builds
 ## exactly what `make test` builds (same packages, same features: `cargo build -p` would
@@ -18,29 +20,50 @@ run: setup
 
 ## Everything CI checks: formatting, clippy -D warnings, `crds/` drift, unit and integration
 ## tests (real Postgres and Redis on loopback, from scripts/services.sh), the chart, kustomize
-## and monitoring assets (validate-manifests.sh), and the operator's end-to-end suite (a real
-## kube-apiserver, etcd, controllers and kwok, from e2e/scripts/).
+## and monitoring assets (validate-manifests.sh), and the operator's end-to-end suite: a real
+## kube-apiserver, etcd, controllers and kwok, and a second cluster with a real node (kubelet,
+## containerd, CNI, kube-proxy, CoreDNS) running the images `make images` builds.
 test: setup lint
 	bash scripts/services.sh start
 	$(CARGO) test --workspace --locked --no-run
 	bash e2e/scripts/control-plane.sh start
+	bash e2e/scripts/node.sh start
 	SEMANTIS_E2E_KUBECONFIG=$(E2E_DIR)/kubeconfig bash e2e/scripts/validate-manifests.sh
-	SEMANTIS_E2E_KUBECONFIG=$(E2E_DIR)/kubeconfig $(CARGO) test --workspace --locked; \
-	  rc=$$?; bash e2e/scripts/control-plane.sh stop; exit $$rc
+	SEMANTIS_E2E_KUBECONFIG=$(E2E_DIR)/kubeconfig SEMANTIS_NODE_KUBECONFIG=$(NODE_DIR)/kubeconfig \
+	  $(CARGO) test --workspace --locked; \
+	  rc=$$?; bash e2e/scripts/node.sh stop; bash e2e/scripts/control-plane.sh stop; exit $$rc
 
-## The operator's end-to-end suite alone (control plane built from Go modules on first use).
+## The operator's end-to-end suite alone (control plane and node built from Go modules on
+## first use, images from the debug binaries).
 e2e: setup
 	bash scripts/services.sh start
 	$(CARGO) test --workspace --locked --no-run
 	bash e2e/scripts/control-plane.sh start
-	SEMANTIS_E2E_KUBECONFIG=$(E2E_DIR)/kubeconfig $(CARGO) test --locked -p semantis-e2e; \
-	  rc=$$?; bash e2e/scripts/control-plane.sh stop; exit $$rc
+	bash e2e/scripts/node.sh start
+	SEMANTIS_E2E_KUBECONFIG=$(E2E_DIR)/kubeconfig SEMANTIS_NODE_KUBECONFIG=$(NODE_DIR)/kubeconfig \
+	  $(CARGO) test --locked -p semantis-e2e; \
+	  rc=$$?; bash e2e/scripts/node.sh stop; bash e2e/scripts/control-plane.sh stop; exit $$rc
 
-## Start or stop the loopback control plane by hand (prints KUBECONFIG=...).
+## Start or stop the kwok control plane by hand (prints KUBECONFIG=...).
 e2e-up:
 	bash e2e/scripts/control-plane.sh start
 e2e-down:
 	bash e2e/scripts/control-plane.sh stop
+
+## Start or stop the cluster with a real node by hand (prints KUBECONFIG=...); its images are
+## rebuilt from the debug binaries when they changed.
+node-up:
+	$(CARGO) test --workspace --locked --no-run
+	bash e2e/scripts/node.sh start
+node-down:
+	bash e2e/scripts/node.sh stop
+
+## The images from Dockerfile.dataplane and Dockerfile.operator, plus pause and Redis, built
+## with buildah from Debian's packages and the debug binaries (no registry), saved under
+## ~/.cache/semantis/e2e/images/.
+images:
+	$(CARGO) test --workspace --locked --no-run
+	bash e2e/scripts/images.sh build
 
 ## Regenerate crds/ from the Rust types, plus its copies in the chart and config/crd (CI fails
 ## when any of them drifts), and the monitoring assets config/prometheus renders from the chart.

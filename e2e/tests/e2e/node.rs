@@ -175,6 +175,19 @@ impl NodeWorld {
         Ok(key)
     }
 
+    /// Deletes the caches' namespace and waits until it is gone: the operator must still run
+    /// to lift its finalizers.
+    fn delete_caches(&self) -> anyhow::Result<()> {
+        kubectl(&[
+            "delete",
+            "namespace",
+            &self.ns,
+            "--wait=true",
+            &format!("--timeout={}s", NODE_DEADLINE.as_secs()),
+        ])
+        .map(drop)
+    }
+
     /// `kubectl wait --for=condition=Ready semanticcache/NAME`, as a user would.
     fn wait_ready(&self, cache: &str) -> anyhow::Result<()> {
         kubectl(&[
@@ -502,6 +515,149 @@ async fn helm_installed_operator_runs_the_minimal_sample_on_real_pods() -> anyho
         "--namespace",
         &w.operator_ns,
         "--wait",
+    ])?;
+    w.passed = true;
+    Ok(())
+}
+
+/// The pod holding the operator's leader Lease.
+async fn leader(w: &NodeWorld, ns: &str) -> anyhow::Result<String> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(w.client.clone(), ns);
+    let started = Instant::now();
+    loop {
+        if let Some(holder) = leases
+            .get_opt("semantis-operator")
+            .await?
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity)
+            .filter(|h| !h.is_empty())
+        {
+            return Ok(holder);
+        }
+        if started.elapsed() > NODE_DEADLINE {
+            bail!("no operator pod took the leader Lease in {ns}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test]
+async fn kustomize_installed_operator_pods_hand_over_leadership_and_keep_reconciling()
+-> anyhow::Result<()> {
+    let mut w = NodeWorld::new("real-kustomize").await?;
+    // A user's overlay of config/default: local images and two replicas (one leads).
+    let overlay = tempfile::tempdir()?;
+    let root = super::harness::repo_root();
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\n\
+             kind: Kustomization\n\
+             resources:\n  - {base}\n\
+             images:\n  - name: ghcr.io/semantis/semantis-operator\n    newName: {IMAGES}/semantis-operator\n    newTag: e2e\n\
+             replicas:\n  - name: semantis-operator\n    count: 2\n\
+             patches:\n  - target: {{kind: Deployment, name: semantis-operator}}\n    patch: |-\n\
+             \x20     - {{op: replace, path: /spec/template/spec/containers/0/env/2/value, value: {IMAGES}/semantis-dataplane:e2e}}\n\
+             \x20     - {{op: replace, path: /spec/template/spec/containers/0/env/3/value, value: {IMAGES}/redis:e2e}}\n",
+            // kustomize takes only relative paths to a base: climb to / from the overlay.
+            base = format!(
+                "{}{}",
+                "../".repeat(overlay.path().components().count() - 1),
+                path_str(&root.join("config/default"))?.trim_start_matches('/')
+            ),
+        ),
+    )?;
+    let overlay_dir = path_str(overlay.path())?.to_owned();
+    kubectl(&["apply", "--server-side", "-k", &overlay_dir])?;
+    kubectl(&[
+        "rollout",
+        "status",
+        "--namespace",
+        "semantis-system",
+        "deployment/semantis-operator",
+        &format!("--timeout={}s", NODE_DEADLINE.as_secs()),
+    ])?;
+
+    let key = w.api_key("team-a-api-key").await?;
+    kubectl(&[
+        "apply",
+        "--namespace",
+        &w.ns,
+        "-f",
+        path_str(&sample("minimal"))?,
+    ])?;
+    w.wait_ready("demo")?;
+    let dp = w.dataplane("demo", &key).await?;
+    dp.wait_serving().await?;
+    let stored = entries(5, "kustomize");
+    for (prompt, answer) in &stored {
+        dp.store(prompt, answer).await?;
+    }
+
+    // Kill the leader; the standby takes the Lease and reconciles the next change.
+    let first = leader(&w, "semantis-system").await?;
+    Api::<Pod>::namespaced(w.client.clone(), "semantis-system")
+        .delete(&first, &DeleteParams::default().grace_period(0))
+        .await
+        .with_context(|| format!("failed to delete the leader {first}"))?;
+    let started = Instant::now();
+    let second = loop {
+        let now = leader(&w, "semantis-system").await?;
+        if now != first {
+            break now;
+        }
+        ensure!(
+            started.elapsed() < NODE_DEADLINE,
+            "nobody took over from {first}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!("leader {first} deleted; {second} leads");
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": { "name": "team-b-api-key" },
+        "stringData": { "api-key": format!("{key}-b") },
+    }))?;
+    Api::<Secret>::namespaced(w.client.clone(), &w.ns)
+        .create(&PostParams::default(), &secret)
+        .await?;
+    kubectl(&[
+        "patch",
+        "--namespace",
+        &w.ns,
+        "semanticcache/demo",
+        "--type=json",
+        "-p",
+        r#"[{"op":"add","path":"/spec/tenants/-","value":{"name":"team-b","apiKeySecret":{"name":"team-b-api-key","key":"api-key"}}}]"#,
+    ])?;
+    w.wait_ready("demo")?;
+    let generation = kubectl(&[
+        "get",
+        "--namespace",
+        &w.ns,
+        "semanticcache/demo",
+        "-o",
+        "jsonpath={.metadata.generation} {.status.observedGeneration}",
+    ])?;
+    let parts: Vec<_> = generation.split_whitespace().collect();
+    ensure!(
+        parts.len() == 2 && parts[0] == parts[1] && parts[0] != "1",
+        "the new leader did not reconcile the change: generation/observed = {generation}"
+    );
+    dp.wait_serving().await?;
+    ensure!(
+        dp.served(&stored).await? == stored.len(),
+        "entries were lost across the hand-over"
+    );
+
+    // Clean up what kustomize installed, the CRD too, once the operator has let the caches go.
+    w.delete_caches()?;
+    kubectl(&[
+        "delete",
+        "-k",
+        &overlay_dir,
+        "--ignore-not-found",
+        "--wait=false",
     ])?;
     w.passed = true;
     Ok(())
