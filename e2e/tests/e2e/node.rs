@@ -549,6 +549,12 @@ async fn kustomize_installed_operator_pods_hand_over_leadership_and_keep_reconci
     // A user's overlay of config/default: local images and two replicas (one leads).
     let overlay = tempfile::tempdir()?;
     let root = super::harness::repo_root();
+    // kustomize takes only relative paths to a base: climb to / from the overlay.
+    let base = format!(
+        "{}{}",
+        "../".repeat(overlay.path().components().count() - 1),
+        path_str(&root.join("config/default"))?.trim_start_matches('/')
+    );
     std::fs::write(
         overlay.path().join("kustomization.yaml"),
         format!(
@@ -560,12 +566,7 @@ async fn kustomize_installed_operator_pods_hand_over_leadership_and_keep_reconci
              patches:\n  - target: {{kind: Deployment, name: semantis-operator}}\n    patch: |-\n\
              \x20     - {{op: replace, path: /spec/template/spec/containers/0/env/2/value, value: {IMAGES}/semantis-dataplane:e2e}}\n\
              \x20     - {{op: replace, path: /spec/template/spec/containers/0/env/3/value, value: {IMAGES}/redis:e2e}}\n",
-            // kustomize takes only relative paths to a base: climb to / from the overlay.
-            base = format!(
-                "{}{}",
-                "../".repeat(overlay.path().components().count() - 1),
-                path_str(&root.join("config/default"))?.trim_start_matches('/')
-            ),
+            base = base,
         ),
     )?;
     let overlay_dir = path_str(overlay.path())?.to_owned();
