@@ -69,7 +69,7 @@ images:
 ## when any of them drifts), and the monitoring assets config/prometheus renders from the chart.
 crds:
 	$(CARGO) run --locked -q -p semantis-operator -- crd --out crds
-	cp crds/semanticcaches.semantis.dev.yaml charts/semantis-operator/crds/
+	cp crds/semanticcaches.semantis.dev.yaml charts/semantis-operator/files/crds/
 	cp crds/semanticcaches.semantis.dev.yaml config/crd/bases/
 	bash scripts/render-monitoring.sh
 

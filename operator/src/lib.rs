@@ -37,7 +37,11 @@ mod tests {
     #[test]
     fn crds_and_their_copies_match_the_rust_types() {
         let generated = super::crd_yaml().expect("renders");
-        for dir in ["crds", "charts/semantis-operator/crds", "config/crd/bases"] {
+        for dir in [
+            "crds",
+            "charts/semantis-operator/files/crds",
+            "config/crd/bases",
+        ] {
             let path = format!("{}/../{dir}/{}", crate::manifest_dir(), super::CRD_FILE);
             let committed = std::fs::read_to_string(&path).expect("the CRD file exists");
             assert!(

@@ -23,6 +23,7 @@ use super::harness::{RealNode, provision_volumes_for, serial};
 const NODE_DEADLINE: Duration = Duration::from_secs(300);
 const NODE_NAME: &str = "semantis-node";
 const IMAGES: &str = "localhost/semantis";
+const CRD: &str = "semanticcaches.semantis.dev";
 
 /// The real-node cluster: `SEMANTIS_NODE_KUBECONFIG` when set (attach; `make test` starts it),
 /// else `node.sh start` for this process.
@@ -412,13 +413,11 @@ fn path_str(p: &Path) -> anyhow::Result<&str> {
         .ok_or_else(|| anyhow!("{} is not UTF-8", p.display()))
 }
 
-#[tokio::test]
-async fn helm_installed_operator_runs_the_minimal_sample_on_real_pods() -> anyhow::Result<()> {
-    let mut w = NodeWorld::new("real-helm").await?;
+fn helm_install(w: &NodeWorld, chart: &str, verb: &str) -> anyhow::Result<()> {
     let mut args = vec![
-        "install".to_owned(),
+        verb.to_owned(),
         "semantis".to_owned(),
-        "charts/semantis-operator".to_owned(),
+        chart.to_owned(),
         "--namespace".to_owned(),
         w.operator_ns.clone(),
         "--wait".to_owned(),
@@ -428,7 +427,13 @@ async fn helm_installed_operator_runs_the_minimal_sample_on_real_pods() -> anyho
         args.push("--set".to_owned());
         args.push(v);
     }
-    helm(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    helm(&args.iter().map(String::as_str).collect::<Vec<_>>()).map(drop)
+}
+
+#[tokio::test]
+async fn helm_installed_operator_runs_the_minimal_sample_on_real_pods() -> anyhow::Result<()> {
+    let mut w = NodeWorld::new("real-helm").await?;
+    helm_install(&w, "charts/semantis-operator", "install")?;
 
     // The minimal sample, unchanged: a user's first manifest.
     let key = w.api_key("team-a-api-key").await?;
@@ -509,6 +514,7 @@ async fn helm_installed_operator_runs_the_minimal_sample_on_real_pods() -> anyho
         all.len()
     );
 
+    w.delete_caches()?;
     helm(&[
         "uninstall",
         "semantis",
@@ -516,6 +522,8 @@ async fn helm_installed_operator_runs_the_minimal_sample_on_real_pods() -> anyho
         &w.operator_ns,
         "--wait",
     ])?;
+    // The chart keeps its CRD on uninstall; the next release must be able to own it.
+    kubectl(&["delete", "crd", CRD])?;
     w.passed = true;
     Ok(())
 }
@@ -570,7 +578,13 @@ async fn kustomize_installed_operator_pods_hand_over_leadership_and_keep_reconci
         ),
     )?;
     let overlay_dir = path_str(overlay.path())?.to_owned();
-    kubectl(&["apply", "--server-side", "-k", &overlay_dir])?;
+    kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-k",
+        &overlay_dir,
+    ])?;
     kubectl(&[
         "rollout",
         "status",
@@ -660,6 +674,78 @@ async fn kustomize_installed_operator_pods_hand_over_leadership_and_keep_reconci
         "--ignore-not-found",
         "--wait=false",
     ])?;
+    w.passed = true;
+    Ok(())
+}
+
+#[tokio::test]
+async fn helm_upgrade_brings_the_crd_s_new_fields() -> anyhow::Result<()> {
+    let mut w = NodeWorld::new("real-upgrade").await?;
+    let root = super::harness::repo_root();
+    // The chart as released, then the same chart one version on, whose CRD gained a field.
+    let next = tempfile::tempdir()?;
+    let chart = next.path().join("semantis-operator");
+    let copied = Command::new("cp")
+        .arg("-R")
+        .arg(root.join("charts/semantis-operator"))
+        .arg(&chart)
+        .status()?;
+    ensure!(copied.success(), "failed to copy the chart");
+    let crd_path = chart.join("files/crds/semanticcaches.semantis.dev.yaml");
+    let mut crd: Value = serde_yaml::from_str(&std::fs::read_to_string(&crd_path)?)?;
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["e2eUpgradeProbe"] =
+        json!({ "type": "string", "description": "Added by the next chart." });
+    std::fs::write(&crd_path, serde_yaml::to_string(&crd)?)?;
+    let meta_path = chart.join("Chart.yaml");
+    let meta = std::fs::read_to_string(&meta_path)?.replace("\nversion: 0.1.0", "\nversion: 0.1.1");
+    std::fs::write(&meta_path, meta)?;
+
+    helm_install(&w, "charts/semantis-operator", "install")?;
+    let manifest = format!(
+        "apiVersion: semantis.dev/v1alpha1\nkind: SemanticCache\nmetadata:\n  name: probe\n  namespace: {}\n\
+         spec:\n  e2eUpgradeProbe: upgraded\n  embedding: {{provider: local, dimension: 384}}\n\
+         \x20 tenants:\n    - name: team-a\n      apiKeySecret: {{name: team-a-api-key, key: api-key}}\n",
+        w.ns
+    );
+    let file = next.path().join("probe.yaml");
+    std::fs::write(&file, manifest)?;
+    let before = kubectl(&["apply", "--server-side", "-f", path_str(&file)?]);
+    ensure!(
+        before
+            .as_ref()
+            .is_err_and(|e| format!("{e:#}").contains("e2eUpgradeProbe")),
+        "the released CRD accepted a field it does not have: {before:?}"
+    );
+
+    helm_install(&w, path_str(&chart)?, "upgrade")?;
+    kubectl(&["apply", "--server-side", "-f", path_str(&file)?])?;
+    let kept = kubectl(&[
+        "get",
+        "--namespace",
+        &w.ns,
+        "semanticcache/probe",
+        "-o",
+        "jsonpath={.spec.e2eUpgradeProbe}",
+    ])?;
+    ensure!(
+        kept == "upgraded",
+        "the upgraded CRD pruned the new field: {kept:?}"
+    );
+
+    w.delete_caches()?;
+    helm(&[
+        "uninstall",
+        "semantis",
+        "--namespace",
+        &w.operator_ns,
+        "--wait",
+    ])?;
+    let crd_left = kubectl(&["get", "crd", CRD, "-o", "name"])?;
+    ensure!(
+        crd_left.trim() == format!("customresourcedefinition.apiextensions.k8s.io/{CRD}"),
+        "helm uninstall removed the CRD (and would have removed every cache)"
+    );
+    kubectl(&["delete", "crd", CRD])?;
     w.passed = true;
     Ok(())
 }
