@@ -5,7 +5,8 @@
 #   scripts/services.sh start           start the shared instances, print their URLs as KEY=VALUE
 #   scripts/services.sh postgres NAME   start (or reuse) a private Postgres instance NAME
 #   scripts/services.sh stop-postgres NAME / start-postgres NAME
-#   scripts/services.sh minio NAME      start (or reuse) a MinIO server NAME, print its endpoint
+#   scripts/services.sh minio NAME [HOST]  start (or reuse) a MinIO server NAME on HOST
+#                                       (default 127.0.0.1), print its endpoint
 #   scripts/services.sh stop            stop everything this script started
 #
 # MinIO (the S3-compatible server for backup tests) is built from its Go module once and cached
@@ -155,25 +156,26 @@ minio_bin() {
 }
 
 minio_start() {
-  local name="$1" bin dir port
+  # HOST: the address to listen on; the real node's pods reach the host at 10.244.0.1.
+  local name="$1" host="${2:-127.0.0.1}" bin dir port
   bin=$(minio_bin)
   dir="$root/minio-$name"
   port=$(port_of "minio-$name")
   mkdir -p "$dir/data"
-  if ! curl -fsS "http://127.0.0.1:$port/minio/health/live" >/dev/null 2>&1; then
+  if ! curl -fsS "http://$host:$port/minio/health/live" >/dev/null 2>&1; then
     stop_stray "$dir/minio.pid"
     MINIO_ROOT_USER=$MINIO_USER MINIO_ROOT_PASSWORD=$MINIO_PASSWORD MINIO_BROWSER=off \
-      setsid "$bin" server "$dir/data" --address "127.0.0.1:$port" --quiet \
+      setsid "$bin" server "$dir/data" --address "$host:$port" --quiet \
       >"$dir/minio.log" 2>&1 </dev/null &
     echo $! >"$dir/minio.pid"
     for _ in $(seq 1 200); do
-      curl -fsS "http://127.0.0.1:$port/minio/health/live" >/dev/null 2>&1 && break
+      curl -fsS "http://$host:$port/minio/health/live" >/dev/null 2>&1 && break
       sleep 0.1
     done
-    curl -fsS "http://127.0.0.1:$port/minio/health/live" >/dev/null \
+    curl -fsS "http://$host:$port/minio/health/live" >/dev/null \
       || { echo "MinIO did not start; see $dir/minio.log" >&2; return 1; }
   fi
-  echo "SEMANTIS_TEST_S3_ENDPOINT=http://127.0.0.1:$port"
+  echo "SEMANTIS_TEST_S3_ENDPOINT=http://$host:$port"
   echo "AWS_ACCESS_KEY_ID=$MINIO_USER"
   echo "AWS_SECRET_ACCESS_KEY=$MINIO_PASSWORD"
 }
@@ -192,7 +194,7 @@ case "${1:-start}" in
   stop-postgres) postgres_stop "$2" ;;
   redis|start-redis) install_missing; redis_start "$2" ;;
   stop-redis) redis_stop "$2" ;;
-  minio|start-minio) minio_start "$2" ;;
+  minio|start-minio) minio_start "$2" "${3:-127.0.0.1}" ;;
   stop-minio) minio_stop "$2" ;;
   stop)
     for d in "$root"/pg-*; do [ -d "$d" ] && postgres_stop "${d##*/pg-}"; done

@@ -10,12 +10,12 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, Job, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    ExecAction, HTTPGetAction, KeyToPath, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ProjectedVolumeSource, SeccompProfile, Secret, SecretKeySelector, SecretProjection,
-    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
-    VolumeProjection, VolumeResourceRequirements,
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
+    EnvVarSource, ExecAction, HTTPGetAction, KeyToPath, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodAffinity, PodAffinityTerm,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile,
+    Secret, SecretKeySelector, SecretProjection, SecretVolumeSource, SecurityContext, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -948,6 +948,7 @@ fn backup_cronjob(c: &ValidatedCache, b: &crate::validate::Backup, n: &ChildName
                     ..ObjectMeta::default()
                 }),
                 spec: Some(run_once(
+                    c,
                     ObjectMeta {
                         labels: Some(labels(c, "backup")),
                         ..ObjectMeta::default()
@@ -980,6 +981,7 @@ fn reindex_job(c: &ValidatedCache, target: &EmbedderConfig, n: &ChildNames) -> J
     Job {
         metadata: job_meta.clone(),
         spec: Some(run_once(
+            c,
             ObjectMeta {
                 labels: Some(job_labels),
                 annotations: job_meta.annotations,
@@ -993,7 +995,32 @@ fn reindex_job(c: &ValidatedCache, target: &EmbedderConfig, n: &ChildNames) -> J
 }
 
 /// A Job spec that runs one dataplane command to completion (backup, reindex), retried twice.
-fn run_once(pod_meta: ObjectMeta, container: Container, volumes: Vec<Volume>) -> JobSpec {
+/// With a ReadWriteOnce volume the pod must run on the node that has the volume attached for
+/// the dataplane, or it waits forever on a Multi-Attach error: it is required onto a node
+/// running a dataplane pod of this cache.
+fn run_once(
+    c: &ValidatedCache,
+    pod_meta: ObjectMeta,
+    container: Container,
+    volumes: Vec<Volume>,
+) -> JobSpec {
+    let affinity = match c.dataplane.access_mode {
+        AccessMode::ReadWriteMany => None,
+        AccessMode::ReadWriteOnce => Some(Affinity {
+            pod_affinity: Some(PodAffinity {
+                required_during_scheduling_ignored_during_execution: Some(vec![PodAffinityTerm {
+                    label_selector: Some(LabelSelector {
+                        match_labels: Some(selector(c, "dataplane")),
+                        match_expressions: None,
+                    }),
+                    topology_key: "kubernetes.io/hostname".to_owned(),
+                    ..PodAffinityTerm::default()
+                }]),
+                preferred_during_scheduling_ignored_during_execution: None,
+            }),
+            ..Affinity::default()
+        }),
+    };
     JobSpec {
         backoff_limit: Some(2),
         template: PodTemplateSpec {
@@ -1001,6 +1028,7 @@ fn run_once(pod_meta: ObjectMeta, container: Container, volumes: Vec<Volume>) ->
             spec: Some(PodSpec {
                 restart_policy: Some("Never".to_owned()),
                 security_context: Some(pod_security(65532)),
+                affinity,
                 containers: vec![container],
                 volumes: Some(volumes),
                 ..PodSpec::default()
@@ -1130,6 +1158,69 @@ mod tests {
             cfg.target_embedder.expect("target").fingerprint(),
             target.fingerprint()
         );
+    }
+
+    /// The Job pods' required pod affinity for a ReadWriteOnce volume, as (selector, topology).
+    fn job_affinity(ch: &Child) -> Option<(serde_json::Value, String)> {
+        let pod = match ch.kind() {
+            "CronJob" => &ch.object.data["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+            _ => &ch.object.data["spec"]["template"]["spec"],
+        };
+        let term =
+            &pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0];
+        term.is_object().then(|| {
+            (
+                term["labelSelector"]["matchLabels"].clone(),
+                term["topologyKey"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+    }
+
+    #[test]
+    fn backup_and_reindex_pods_run_beside_the_dataplane_that_holds_a_read_write_once_volume() {
+        let mut cache = sample("semantis_v1alpha1_semanticcache_minimal.yaml");
+        cache.spec.backup = Some(crate::crd::BackupSpec {
+            schedule: "0 3 * * *".into(),
+            s3: crate::crd::S3Spec {
+                bucket: "backups".into(),
+                prefix: None,
+                endpoint: None,
+                region: None,
+            },
+            credentials_secret: crate::crd::LocalSecretRef { name: "s3".into() },
+            retention: None,
+        });
+        let c = validate(&cache, &defaults()).expect("valid");
+        let mut o = observed(&c);
+        let mut target = c.embedder.clone();
+        target.revision = "v2".into();
+        o.target = Some(target);
+        o.start_reindex = true;
+        let children = build(&c, &o).expect("builds");
+        let dataplane = children
+            .iter()
+            .find(|ch| ch.kind() == "Deployment")
+            .expect("dataplane");
+        let dataplane_labels = &dataplane.object.data["spec"]["selector"]["matchLabels"];
+        for kind in ["CronJob", "Job"] {
+            let job = children.iter().find(|ch| ch.kind() == kind).expect(kind);
+            let (selector, topology) = job_affinity(job).expect("a required pod affinity");
+            assert_eq!(&selector, dataplane_labels, "{kind}");
+            assert_eq!(topology, "kubernetes.io/hostname", "{kind}");
+        }
+
+        // A shared volume mounts anywhere: no affinity.
+        let full = validate(
+            &sample("semantis_v1alpha1_semanticcache_full.yaml"),
+            &defaults(),
+        )
+        .expect("valid");
+        let children = build(&full, &observed(&full)).expect("builds");
+        let cron = children
+            .iter()
+            .find(|ch| ch.kind() == "CronJob")
+            .expect("cron");
+        assert_eq!(job_affinity(cron), None);
     }
 
     #[test]

@@ -749,3 +749,153 @@ async fn helm_upgrade_brings_the_crd_s_new_fields() -> anyhow::Result<()> {
     w.passed = true;
     Ok(())
 }
+
+/// A MinIO server on the node's bridge address, where pods reach the host
+/// (`scripts/services.sh minio node 10.244.0.1`), with a fresh bucket.
+struct Minio {
+    endpoint: String,
+    user: String,
+    password: String,
+    bucket: String,
+    client: aws_sdk_s3::Client,
+}
+
+impl Minio {
+    async fn start() -> anyhow::Result<Self> {
+        let out = Command::new("bash")
+            .arg(super::harness::repo_root().join("scripts/services.sh"))
+            .args(["minio", "node", "10.244.0.1"])
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .context("failed to run services.sh minio")?;
+        ensure!(out.status.success(), "services.sh minio node failed");
+        let text = String::from_utf8(out.stdout)?;
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .map(str::to_owned)
+                .ok_or_else(|| anyhow!("services.sh did not print {k}"))
+        };
+        let (endpoint, user, password) = (
+            get("SEMANTIS_TEST_S3_ENDPOINT")?,
+            get("AWS_ACCESS_KEY_ID")?,
+            get("AWS_SECRET_ACCESS_KEY")?,
+        );
+        let creds =
+            aws_sdk_s3::config::Credentials::new(&user, &password, None, None, "semantis-e2e");
+        let conf = aws_sdk_s3::config::Builder::new()
+            .behavior_version_latest()
+            .endpoint_url(&endpoint)
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .credentials_provider(creds)
+            .force_path_style(true)
+            .http_client(aws_smithy_http_client::Builder::new().build_http())
+            .build();
+        let client = aws_sdk_s3::Client::from_conf(conf);
+        let bucket = format!("e2e-node-{}", std::process::id());
+        client
+            .create_bucket()
+            .bucket(&bucket)
+            .send()
+            .await
+            .with_context(|| format!("failed to create bucket {bucket}"))?;
+        Ok(Self {
+            endpoint,
+            user,
+            password,
+            bucket,
+            client,
+        })
+    }
+
+    async fn keys(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
+        let mut keys = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.context("failed to list the bucket")?;
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_owned)),
+            );
+        }
+        Ok(keys)
+    }
+}
+
+#[tokio::test]
+async fn a_job_from_the_backup_cronjob_lands_the_backup_in_minio() -> anyhow::Result<()> {
+    let mut w = NodeWorld::new("real-backup").await?;
+    let s3 = Minio::start().await?;
+    helm_install(&w, "charts/semantis-operator", "install")?;
+    let key = w.api_key("team-a-api-key").await?;
+    let creds: Secret = serde_json::from_value(json!({
+        "metadata": { "name": "s3" },
+        "stringData": { "AWS_ACCESS_KEY_ID": s3.user, "AWS_SECRET_ACCESS_KEY": s3.password },
+    }))?;
+    Api::<Secret>::namespaced(w.client.clone(), &w.ns)
+        .create(&PostParams::default(), &creds)
+        .await?;
+    let manifest = format!(
+        "{}  backup:\n    schedule: \"0 3 * * *\"\n    s3: {{bucket: {}, endpoint: \"{}\"}}\n    credentialsSecret: {{name: s3}}\n",
+        std::fs::read_to_string(sample("minimal"))?,
+        s3.bucket,
+        s3.endpoint
+    );
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), manifest)?;
+    kubectl(&["apply", "--namespace", &w.ns, "-f", path_str(file.path())?])?;
+    w.wait_ready("demo")?;
+    let dp = w.dataplane("demo", &key).await?;
+    dp.wait_serving().await?;
+    let stored = entries(6, "backup");
+    for (prompt, answer) in &stored {
+        dp.store(prompt, answer).await?;
+    }
+
+    // What an operator does before a risky change: run the schedule's Job now.
+    kubectl(&[
+        "create",
+        "job",
+        "--namespace",
+        &w.ns,
+        "--from=cronjob/demo-backup",
+        "demo-backup-now",
+    ])?;
+    kubectl(&[
+        "wait",
+        "--namespace",
+        &w.ns,
+        "--for=condition=Complete",
+        "job/demo-backup-now",
+        &format!("--timeout={}s", NODE_DEADLINE.as_secs()),
+    ])?;
+    let prefix = format!("{}/demo/", w.ns);
+    let keys = s3.keys(&prefix).await?;
+    // A complete backup: its manifest (uploaded last) and the metadata export.
+    for file in ["manifest.json", "metadata.json"] {
+        ensure!(
+            keys.iter().any(|k| k.ends_with(&format!("/{file}"))),
+            "the backup Job completed but s3://{}/{prefix} has no {file}: {keys:?}",
+            s3.bucket
+        );
+    }
+
+    w.delete_caches()?;
+    helm(&[
+        "uninstall",
+        "semantis",
+        "--namespace",
+        &w.operator_ns,
+        "--wait",
+    ])?;
+    kubectl(&["delete", "crd", CRD])?;
+    w.passed = true;
+    Ok(())
+}
