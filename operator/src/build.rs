@@ -855,20 +855,22 @@ fn dataplane_deployment(c: &ValidatedCache, n: &ChildNames, config_hash: &str) -
         failure_threshold: Some(6),
         ..http_probe("/healthz")
     });
-    // With a shared (RWX) volume a new pod starts before the old one stops: no downtime. A
-    // ReadWriteOnce volume may be bound to the old pod's node, so it is replaced instead.
-    let strategy = match c.dataplane.access_mode {
-        AccessMode::ReadWriteMany => DeploymentStrategy {
-            type_: Some("RollingUpdate".to_owned()),
-            rolling_update: Some(RollingUpdateDeployment {
-                max_surge: Some(IntOrString::Int(1)),
-                max_unavailable: Some(IntOrString::Int(0)),
-            }),
-        },
-        AccessMode::ReadWriteOnce => DeploymentStrategy {
-            type_: Some("Recreate".to_owned()),
-            rolling_update: None,
-        },
+    // A new pod starts and turns ready before the old one stops, so a rollout (a config change,
+    // each step of an index migration) fails no request. A ReadWriteOnce volume is attached
+    // to one node: the pods are required onto a node already running one of them, so the
+    // surge pod lands beside the old one and mounts the same volume (the first pod, with none
+    // running, may go anywhere). Both run for the seconds of the handover; the flush lease in
+    // Redis keeps the table to one writer, and SQLite's file locks hold on a local volume.
+    let strategy = DeploymentStrategy {
+        type_: Some("RollingUpdate".to_owned()),
+        rolling_update: Some(RollingUpdateDeployment {
+            max_surge: Some(IntOrString::Int(1)),
+            max_unavailable: Some(IntOrString::Int(0)),
+        }),
+    };
+    let affinity = match c.dataplane.access_mode {
+        AccessMode::ReadWriteMany => None,
+        AccessMode::ReadWriteOnce => Some(beside_the_dataplane(c)),
     };
     Deployment {
         metadata: meta(c, &n.dataplane, "dataplane"),
@@ -890,6 +892,7 @@ fn dataplane_deployment(c: &ValidatedCache, n: &ChildNames, config_hash: &str) -
                 }),
                 spec: Some(PodSpec {
                     security_context: Some(pod_security(65532)),
+                    affinity,
                     containers: vec![container],
                     volumes: Some(volumes),
                     ..PodSpec::default()
@@ -994,6 +997,25 @@ fn reindex_job(c: &ValidatedCache, target: &EmbedderConfig, n: &ChildNames) -> J
     }
 }
 
+/// Required onto a node that runs a dataplane pod of this cache: where its ReadWriteOnce
+/// volume is attached.
+fn beside_the_dataplane(c: &ValidatedCache) -> Affinity {
+    Affinity {
+        pod_affinity: Some(PodAffinity {
+            required_during_scheduling_ignored_during_execution: Some(vec![PodAffinityTerm {
+                label_selector: Some(LabelSelector {
+                    match_labels: Some(selector(c, "dataplane")),
+                    match_expressions: None,
+                }),
+                topology_key: "kubernetes.io/hostname".to_owned(),
+                ..PodAffinityTerm::default()
+            }]),
+            preferred_during_scheduling_ignored_during_execution: None,
+        }),
+        ..Affinity::default()
+    }
+}
+
 /// A Job spec that runs one dataplane command to completion (backup, reindex), retried twice.
 /// With a ReadWriteOnce volume the pod must run on the node that has the volume attached for
 /// the dataplane, or it waits forever on a Multi-Attach error: it is required onto a node
@@ -1006,20 +1028,7 @@ fn run_once(
 ) -> JobSpec {
     let affinity = match c.dataplane.access_mode {
         AccessMode::ReadWriteMany => None,
-        AccessMode::ReadWriteOnce => Some(Affinity {
-            pod_affinity: Some(PodAffinity {
-                required_during_scheduling_ignored_during_execution: Some(vec![PodAffinityTerm {
-                    label_selector: Some(LabelSelector {
-                        match_labels: Some(selector(c, "dataplane")),
-                        match_expressions: None,
-                    }),
-                    topology_key: "kubernetes.io/hostname".to_owned(),
-                    ..PodAffinityTerm::default()
-                }]),
-                preferred_during_scheduling_ignored_during_execution: None,
-            }),
-            ..Affinity::default()
-        }),
+        AccessMode::ReadWriteOnce => Some(beside_the_dataplane(c)),
     };
     JobSpec {
         backoff_limit: Some(2),

@@ -133,6 +133,10 @@ pub struct EmbeddingSpec {
     /// Secret holding the provider's API key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_secret: Option<SecretKeyRef>,
+    /// openai only: send `dimensions` with each request, for models that shorten their
+    /// vectors (text-embedding-3-*), so `dimension` alone picks the length. Default: false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_dimensions: Option<bool>,
 }
 
 /// A key inside a Secret in the cache's namespace.

@@ -182,6 +182,7 @@ pub fn embedder_config(e: &EmbeddingSpec) -> EmbedderConfig {
         },
         normalize: e.normalize.unwrap_or(true),
         endpoint: e.endpoint.clone(),
+        send_dimensions: e.send_dimensions.unwrap_or(false),
         ..base
     }
 }
@@ -339,6 +340,13 @@ pub fn validate(
         return Err(invalid(
             "spec.embedding.model",
             "required for remote providers (the model name the provider knows)",
+        ));
+    }
+
+    if e.send_dimensions == Some(true) && e.provider != EmbeddingProvider::Openai {
+        return Err(invalid(
+            "spec.embedding.sendDimensions",
+            "only the openai provider takes `dimensions` in its requests",
         ));
     }
 
@@ -570,6 +578,33 @@ mod tests {
         assert_eq!(v.dataplane.image, "img");
         assert_eq!(v.embedder.model, LOCAL_MODEL);
         assert!(v.postgres.is_none() && v.backup.is_none());
+    }
+
+    #[test]
+    fn send_dimensions_reaches_the_openai_embedder_and_nothing_else() {
+        let mut c = cache(BASE);
+        c.spec.embedding = serde_json::from_value(serde_json::json!({
+            "provider": "openai", "model": "text-embedding-3-small", "dimension": 256,
+            "endpoint": "http://embeddings:8080", "sendDimensions": true
+        }))
+        .expect("embedding spec");
+        let v = validate(&c, &defaults()).expect("valid");
+        assert!(v.embedder.send_dimensions);
+        assert_eq!(v.embedder.dimension, 256);
+        c.spec.embedding.send_dimensions = None;
+        assert!(
+            !validate(&c, &defaults())
+                .expect("valid")
+                .embedder
+                .send_dimensions
+        );
+        c.spec.embedding = serde_json::from_value(serde_json::json!({
+            "provider": "tei", "model": "bge", "dimension": 768,
+            "endpoint": "http://tei", "sendDimensions": true
+        }))
+        .expect("embedding spec");
+        let err = validate(&c, &defaults()).expect_err("tei takes no dimensions");
+        assert_eq!(err.field, "spec.embedding.sendDimensions");
     }
 
     #[test]

@@ -584,6 +584,23 @@ pub fn metrics_router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// Once shutdown has begun (`accepting` is false) every answer says `Connection: close`, so
+/// each client's kept-alive connection ends with its next answer and its next request opens a
+/// new one, which the Service routes to a pod that is not going away. Without it, an idle
+/// connection closed at the end of the drain races a request sent on it.
+async fn close_while_draining(
+    State(state): State<Arc<AppState>>,
+    mut response: axum::response::Response,
+) -> axum::response::Response {
+    if !state.accepting.load(Ordering::Relaxed) {
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    response
+}
+
 pub fn router(state: Arc<AppState>, max_body_bytes: usize, timeout: Duration) -> Router {
     let api = Router::new()
         .route("/v1/lookup", post(lookup))
@@ -600,6 +617,10 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize, timeout: Duration) ->
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
+        .layer(axum::middleware::map_response_with_state(
+            state.clone(),
+            close_while_draining,
+        ))
         .layer(axum::middleware::map_response(error::rewrite_plain_errors))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::GATEWAY_TIMEOUT,

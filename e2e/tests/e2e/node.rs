@@ -899,3 +899,248 @@ async fn a_job_from_the_backup_cronjob_lands_the_backup_in_minio() -> anyhow::Re
     w.passed = true;
     Ok(())
 }
+
+/// An OpenAI-compatible embeddings service (`POST /v1/embeddings`), the third-party SaaS the
+/// real node's pods call, on the node's bridge address. Vectors hash character trigrams; a
+/// request's `dimensions` shortens them, as text-embedding-3 models do, and without it the
+/// model's native length (`fake-emb-<n>`) applies.
+async fn fake_openai() -> anyhow::Result<String> {
+    use axum::Json;
+    use axum::routing::post;
+    async fn embeddings(Json(body): Json<Value>) -> (axum::http::StatusCode, Json<Value>) {
+        let native = body["model"]
+            .as_str()
+            .and_then(|m| m.strip_prefix("fake-emb-"))
+            .and_then(|d| d.parse::<usize>().ok());
+        let Some(dim) = body["dimensions"].as_u64().map(|d| d as usize).or(native) else {
+            let error =
+                json!({ "error": { "message": "unknown model", "type": "invalid_request_error" } });
+            return (axum::http::StatusCode::NOT_FOUND, Json(error));
+        };
+        let texts: Vec<String> = match &body["input"] {
+            Value::String(s) => vec![s.clone()],
+            v => serde_json::from_value(v.clone()).unwrap_or_default(),
+        };
+        let data: Vec<Value> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let mut v = vec![0f32; dim];
+                let chars: Vec<char> = t.to_lowercase().chars().collect();
+                for w in chars.windows(3) {
+                    let h = w.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, c| {
+                        (h ^ u64::from(*c)).wrapping_mul(0x0100_0000_01b3)
+                    });
+                    v[(h % dim as u64) as usize] += 1.0;
+                }
+                json!({ "object": "embedding", "index": i, "embedding": v })
+            })
+            .collect();
+        let usage = json!({ "prompt_tokens": 1, "total_tokens": 1 });
+        (
+            axum::http::StatusCode::OK,
+            Json(json!({ "object": "list", "data": data, "model": body["model"], "usage": usage })),
+        )
+    }
+    let app = axum::Router::new().route("/v1/embeddings", post(embeddings));
+    let listener = tokio::net::TcpListener::bind("10.244.0.1:0")
+        .await
+        .context("failed to listen on the node's bridge address")?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(url)
+}
+
+/// Stores and lookups through the Service while something else happens: every failed request
+/// is counted, every acknowledged store remembered.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<(Vec<(String, String)>, u64, u64, Vec<String>)>,
+}
+
+impl Load {
+    fn start(dp: Dataplane, tag: &str) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let tag = tag.to_owned();
+        let task = tokio::spawn(async move {
+            let (mut acked, mut requests, mut failed, mut errors) =
+                (Vec::new(), 0u64, 0u64, Vec::new());
+            let mut i = 0usize;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let (prompt, answer) = (
+                    format!("{tag} load question {i}: how is item {i} configured?"),
+                    format!("{tag} load answer {i}"),
+                );
+                requests += 1;
+                match dp.store(&prompt, &answer).await {
+                    Ok(_) => acked.push((prompt, answer)),
+                    Err(e) => {
+                        failed += 1;
+                        errors.push(format!("store {i}: {e:#}"));
+                    }
+                }
+                if let Some((p, _)) = acked.get(i.wrapping_mul(7919) % acked.len().max(1)) {
+                    requests += 1;
+                    if let Err(e) = dp.lookup(p).await {
+                        failed += 1;
+                        errors.push(format!("lookup after {i}: {e:#}"));
+                    }
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (acked, requests, failed, errors)
+        });
+        Self { stop, task }
+    }
+
+    async fn finish(self) -> anyhow::Result<(Vec<(String, String)>, u64, u64, Vec<String>)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(self.task.await?)
+    }
+}
+
+/// The cache's status as `kubectl` prints it: (generation, observedGeneration, active
+/// fingerprint, active dimension, target fingerprint or "").
+fn index_status(ns: &str, cache: &str) -> anyhow::Result<Vec<String>> {
+    let out = kubectl(&[
+        "get",
+        "--namespace",
+        ns,
+        &format!("semanticcache/{cache}"),
+        "-o",
+        "jsonpath={.metadata.generation}|{.status.observedGeneration}|{.status.activeIndex.fingerprint}|{.status.activeIndex.dimension}|{.status.targetIndex.fingerprint}",
+    ])?;
+    Ok(out.split('|').map(str::to_owned).collect())
+}
+
+/// Waits until the cache serves `dimension` from a finished migration: no target index, Ready
+/// at the current generation.
+async fn wait_migrated(w: &NodeWorld, cache: &str, dimension: u32) -> anyhow::Result<String> {
+    let started = Instant::now();
+    loop {
+        let s = index_status(&w.ns, cache)?;
+        if s.len() == 5 && s[0] == s[1] && s[3] == dimension.to_string() && s[4].is_empty() {
+            w.wait_ready(cache)?;
+            return Ok(s[2].clone());
+        }
+        if started.elapsed() > NODE_DEADLINE {
+            bail!("the migration to {dimension} dimensions did not finish: {s:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test]
+async fn model_and_dimension_changes_under_load_lose_nothing_and_survive_an_operator_kill()
+-> anyhow::Result<()> {
+    let mut w = NodeWorld::new("real-migrate").await?;
+    let embeddings = fake_openai().await?;
+    helm_install(&w, "charts/semantis-operator", "install")?;
+    let key = w.api_key("team-a-api-key").await?;
+    let manifest = |embedding: &str| {
+        format!(
+            "apiVersion: semantis.dev/v1alpha1\nkind: SemanticCache\nmetadata: {{name: demo}}\nspec:\n  embedding: {embedding}\n  tenants:\n    - {{name: team-a, apiKeySecret: {{name: team-a-api-key, key: api-key}}}}\n"
+        )
+    };
+    let apply = |yaml: String| -> anyhow::Result<()> {
+        let file = tempfile::NamedTempFile::new()?;
+        std::fs::write(file.path(), yaml)?;
+        kubectl(&["apply", "--namespace", &w.ns, "-f", path_str(file.path())?]).map(drop)
+    };
+    apply(manifest("{provider: local, dimension: 384}"))?;
+    w.wait_ready("demo")?;
+    let dp = w.dataplane("demo", &key).await?;
+    dp.wait_serving().await?;
+    let before = entries(10, "pre-migration");
+    for (prompt, answer) in &before {
+        dp.store(prompt, answer).await?;
+    }
+    let local_fp = index_status(&w.ns, "demo")?[2].clone();
+
+    // 1. Another model: the local one to an OpenAI-compatible service, under load.
+    let load = Load::start(w.dataplane("demo", &key).await?, "model");
+    apply(manifest(&format!(
+        "{{provider: openai, model: fake-emb-64, dimension: 64, endpoint: \"{embeddings}\"}}"
+    )))?;
+    let openai_fp = wait_migrated(&w, "demo", 64).await?;
+    let (acked, requests, failed, errors) = load.finish().await?;
+    eprintln!(
+        "model change: {requests} requests, {failed} failed, {} stores acknowledged",
+        acked.len()
+    );
+    ensure!(openai_fp != local_fp, "the active index did not change");
+    let all: Vec<_> = before.iter().chain(&acked).cloned().collect();
+    let served = dp.served(&all).await?;
+    ensure!(
+        served == all.len(),
+        "after the model change {served} of {} acknowledged entries were served",
+        all.len()
+    );
+    ensure!(
+        failed == 0,
+        "{failed} of {requests} requests failed during the model change: {errors:?}"
+    );
+
+    // 2. Only the dimension, which the provider shortens on request; the operator pod is
+    //    killed while the migration runs.
+    let load = Load::start(w.dataplane("demo", &key).await?, "dimension");
+    apply(manifest(&format!(
+        "{{provider: openai, model: fake-emb-64, dimension: 32, sendDimensions: true, endpoint: \"{embeddings}\"}}"
+    )))?;
+    let started = Instant::now();
+    loop {
+        let s = index_status(&w.ns, "demo")?;
+        if s.len() == 5 && !s[4].is_empty() {
+            break;
+        }
+        ensure!(
+            started.elapsed() < NODE_DEADLINE,
+            "no migration started: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    kubectl(&[
+        "delete",
+        "pod",
+        "--namespace",
+        &w.operator_ns,
+        "-l",
+        "app.kubernetes.io/name=semantis-operator",
+        "--grace-period=0",
+        "--force",
+    ])?;
+    let short_fp = wait_migrated(&w, "demo", 32).await?;
+    let (acked, requests, failed, errors) = load.finish().await?;
+    eprintln!(
+        "dimension change: {requests} requests, {failed} failed, {} stores acknowledged",
+        acked.len()
+    );
+    ensure!(short_fp != openai_fp, "the active index did not change");
+    let all: Vec<_> = all.iter().chain(&acked).cloned().collect();
+    let served = dp.served(&all).await?;
+    ensure!(
+        served == all.len(),
+        "after the dimension change {served} of {} acknowledged entries were served",
+        all.len()
+    );
+    ensure!(
+        failed == 0,
+        "{failed} of {requests} requests failed during the dimension change: {errors:?}"
+    );
+
+    w.delete_caches()?;
+    helm(&[
+        "uninstall",
+        "semantis",
+        "--namespace",
+        &w.operator_ns,
+        "--wait",
+    ])?;
+    kubectl(&["delete", "crd", CRD])?;
+    w.passed = true;
+    Ok(())
+}
