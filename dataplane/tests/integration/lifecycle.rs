@@ -211,10 +211,24 @@ async fn a_stopping_replica_fails_readiness_but_keeps_answering_through_its_shut
         Some(json!(false)),
         "{ready}"
     );
-    // Clients that still route here are answered, hits included.
-    let v = s.lookup(KEY_A, json!({"prompt": "late"})).await?;
+    // Clients that still route here are answered, hits included, and told to close the
+    // connection: their next request opens a new one, which goes to a pod that stays.
+    let (status, v, headers) = s
+        .call(
+            Method::POST,
+            "/v1/lookup",
+            Some(KEY_A),
+            Some(&json!({"prompt": "late"})),
+        )
+        .await?;
+    assert_eq!(status, 200, "{v}");
     assert_eq!(v["hit"], true, "{v}");
     assert_eq!(v["response"], answer("still here"));
+    assert_eq!(
+        headers.get("connection").and_then(|h| h.to_str().ok()),
+        Some("close"),
+        "{headers:?}"
+    );
 
     s.signal_term()?;
     assert!(

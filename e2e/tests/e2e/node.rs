@@ -953,11 +953,15 @@ async fn fake_openai() -> anyhow::Result<String> {
     Ok(url)
 }
 
+/// What a load run saw: acknowledged stores (prompt, answer), requests, failed requests and
+/// what each failure said.
+type LoadReport = (Vec<(String, String)>, u64, u64, Vec<String>);
+
 /// Stores and lookups through the Service while something else happens: every failed request
 /// is counted, every acknowledged store remembered.
 struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    task: tokio::task::JoinHandle<(Vec<(String, String)>, u64, u64, Vec<String>)>,
+    task: tokio::task::JoinHandle<LoadReport>,
 }
 
 impl Load {
@@ -997,7 +1001,7 @@ impl Load {
         Self { stop, task }
     }
 
-    async fn finish(self) -> anyhow::Result<(Vec<(String, String)>, u64, u64, Vec<String>)> {
+    async fn finish(self) -> anyhow::Result<LoadReport> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(self.task.await?)
     }
