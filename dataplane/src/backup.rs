@@ -66,6 +66,11 @@ pub struct RestoreArgs {
     /// Which backup (its folder name); the newest complete one when omitted.
     #[arg(long)]
     backup: Option<String>,
+    /// Do nothing (and succeed) when the metadata store already records tenants, instead of
+    /// refusing: what the operator's bootstrap init container runs at every pod start, so only
+    /// the first start of a new cache restores.
+    #[arg(long)]
+    if_empty: bool,
     #[command(flatten)]
     s3: S3Args,
 }
@@ -582,6 +587,14 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let client = s3_client(&args.s3).await;
     let data_dir = PathBuf::from(&cfg.storage.data_dir);
     let started = std::time::Instant::now();
+    if args.if_empty {
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("failed to create {}", data_dir.display()))?;
+        if !open_metadata(&cfg, &data_dir).await?.is_empty().await? {
+            tracing::info!("the metadata store already records tenants: nothing to restore");
+            return Ok(());
+        }
+    }
     let id = match &args.backup {
         Some(id) => id.clone(),
         None => list_backups(&client, &loc)

@@ -10,12 +10,13 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, Job, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
-    EnvVarSource, ExecAction, HTTPGetAction, KeyToPath, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodAffinity, PodAffinityTerm,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile,
-    Secret, SecretKeySelector, SecretProjection, SecretVolumeSource, SecurityContext, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements,
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, HTTPGetAction, KeyToPath,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource,
+    PodAffinity, PodAffinityTerm, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ProjectedVolumeSource, SeccompProfile, Secret, SecretKeySelector, SecretProjection,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeProjection, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -690,6 +691,13 @@ fn dataplane_volumes(c: &ValidatedCache, n: &ChildNames) -> (Vec<Volume>, Vec<Vo
             ..Volume::default()
         },
         secret_volume("redis", &n.redis, "password", "password"),
+        // The root filesystem is read-only; LanceDB's merge-insert (every flush) and index
+        // builds spill to a temporary directory, so /tmp is a writable scratch volume.
+        Volume {
+            name: "tmp".to_owned(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
     ];
     let mut mounts = vec![
         mount("config", CONFIG_DIR),
@@ -699,6 +707,11 @@ fn dataplane_volumes(c: &ValidatedCache, n: &ChildNames) -> (Vec<Volume>, Vec<Vo
             ..VolumeMount::default()
         },
         mount("redis", "/etc/semantis/redis"),
+        VolumeMount {
+            name: "tmp".to_owned(),
+            mount_path: "/tmp".to_owned(),
+            ..VolumeMount::default()
+        },
     ];
     if let Some(secret) = postgres_secret_name(c, n) {
         volumes.push(secret_volume("postgres", &secret, "password", "password"));
@@ -837,6 +850,7 @@ fn http_probe(path: &str) -> Probe {
 
 fn dataplane_deployment(c: &ValidatedCache, n: &ChildNames, config_hash: &str) -> Deployment {
     let (volumes, mounts) = dataplane_volumes(c, n);
+    let init_containers = bootstrap_container(c, mounts.clone()).map(|b| vec![b]);
     let mut container = dataplane_container(c, "dataplane", config_args("serve"), mounts);
     container.ports = Some(vec![
         ContainerPort {
@@ -893,6 +907,7 @@ fn dataplane_deployment(c: &ValidatedCache, n: &ChildNames, config_hash: &str) -
                 spec: Some(PodSpec {
                     security_context: Some(pod_security(65532)),
                     affinity,
+                    init_containers,
                     containers: vec![container],
                     volumes: Some(volumes),
                     ..PodSpec::default()
@@ -902,6 +917,53 @@ fn dataplane_deployment(c: &ValidatedCache, n: &ChildNames, config_hash: &str) -
         }),
         ..Deployment::default()
     }
+}
+
+/// The S3 client's environment for backup and restore: keys from the Secret, region, and the
+/// endpoint of an S3-compatible server.
+fn s3_env(secret: &str, region: &str, endpoint: Option<&str>) -> Vec<EnvVar> {
+    let mut env = vec![
+        secret_env("AWS_ACCESS_KEY_ID", secret, "AWS_ACCESS_KEY_ID"),
+        secret_env("AWS_SECRET_ACCESS_KEY", secret, "AWS_SECRET_ACCESS_KEY"),
+        EnvVar {
+            name: "AWS_REGION".to_owned(),
+            value: Some(region.to_owned()),
+            ..EnvVar::default()
+        },
+    ];
+    if let Some(endpoint) = endpoint {
+        env.push(EnvVar {
+            name: "AWS_ENDPOINT_URL".to_owned(),
+            value: Some(endpoint.to_owned()),
+            ..EnvVar::default()
+        });
+    }
+    env
+}
+
+/// `spec.bootstrap.backup` as an init container: `restore --if-empty` with the dataplane's
+/// volumes, so the first pod of a new cache restores the backup and every later start (a
+/// restart, a rollout's surge pod) finds the data and does nothing.
+fn bootstrap_container(c: &ValidatedCache, mounts: Vec<VolumeMount>) -> Option<Container> {
+    let b = c.bootstrap.as_ref()?;
+    let mut args = config_args("restore");
+    args.extend([
+        "--from".to_owned(),
+        format!("s3://{}/{}", b.bucket, b.prefix),
+        "--if-empty".to_owned(),
+    ]);
+    if let Some(id) = &b.backup_id {
+        args.extend(["--backup".to_owned(), id.clone()]);
+    }
+    let mut container = dataplane_container(c, "bootstrap", args, mounts);
+    let mut env = container.env.take().unwrap_or_default();
+    env.extend(s3_env(
+        &b.credentials_secret.name,
+        &b.region,
+        b.endpoint.as_deref(),
+    ));
+    container.env = Some(env);
+    Some(container)
 }
 
 fn backup_cronjob(c: &ValidatedCache, b: &crate::validate::Backup, n: &ChildNames) -> CronJob {
@@ -915,28 +977,11 @@ fn backup_cronjob(c: &ValidatedCache, b: &crate::validate::Backup, n: &ChildName
     ]);
     let mut container = dataplane_container(c, "backup", args, mounts);
     let mut env = container.env.take().unwrap_or_default();
-    env.push(secret_env(
-        "AWS_ACCESS_KEY_ID",
+    env.extend(s3_env(
         &b.credentials_secret.name,
-        "AWS_ACCESS_KEY_ID",
+        &b.region,
+        b.endpoint.as_deref(),
     ));
-    env.push(secret_env(
-        "AWS_SECRET_ACCESS_KEY",
-        &b.credentials_secret.name,
-        "AWS_SECRET_ACCESS_KEY",
-    ));
-    env.push(EnvVar {
-        name: "AWS_REGION".to_owned(),
-        value: Some(b.region.clone()),
-        ..EnvVar::default()
-    });
-    if let Some(endpoint) = &b.endpoint {
-        env.push(EnvVar {
-            name: "AWS_ENDPOINT_URL".to_owned(),
-            value: Some(endpoint.clone()),
-            ..EnvVar::default()
-        });
-    }
     container.env = Some(env);
     CronJob {
         metadata: meta(c, &n.backup, "backup"),
@@ -1230,6 +1275,108 @@ mod tests {
             .find(|ch| ch.kind() == "CronJob")
             .expect("cron");
         assert_eq!(job_affinity(cron), None);
+    }
+
+    #[test]
+    fn every_dataplane_container_has_a_writable_tmp_under_its_read_only_root() {
+        let c = validate(
+            &sample("semantis_v1alpha1_semanticcache_full.yaml"),
+            &defaults(),
+        )
+        .expect("valid");
+        let mut o = observed(&c);
+        let mut target = c.embedder.clone();
+        target.revision = "v2".into();
+        o.target = Some(target);
+        o.start_reindex = true;
+        let children = build(&c, &o).expect("builds");
+        let mut checked = 0;
+        for ch in &children {
+            let pod = match ch.kind() {
+                "Deployment" | "Job" => &ch.object.data["spec"]["template"]["spec"],
+                "CronJob" => &ch.object.data["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+                _ => continue,
+            };
+            for container in pod["containers"].as_array().expect("containers") {
+                assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+                let tmp = container["volumeMounts"]
+                    .as_array()
+                    .expect("mounts")
+                    .iter()
+                    .find(|m| m["mountPath"] == "/tmp")
+                    .unwrap_or_else(|| panic!("{} {}: no /tmp", ch.kind(), ch.name()));
+                assert_ne!(tmp["readOnly"], true);
+                let volume = pod["volumes"]
+                    .as_array()
+                    .expect("volumes")
+                    .iter()
+                    .find(|v| v["name"] == tmp["name"])
+                    .expect("the /tmp volume");
+                assert!(volume["emptyDir"].is_object(), "{volume}");
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 3, "the dataplane, backup and reindex containers");
+    }
+
+    #[test]
+    fn a_bootstrap_restores_in_an_init_container_only_into_empty_stores() {
+        let mut cache = sample("semantis_v1alpha1_semanticcache_minimal.yaml");
+        cache.spec.bootstrap = Some(crate::crd::BootstrapSpec {
+            backup: crate::crd::BootstrapBackup {
+                s3: crate::crd::S3Spec {
+                    bucket: "backups".into(),
+                    prefix: Some("team/old".into()),
+                    endpoint: Some("http://minio:9000".into()),
+                    region: None,
+                },
+                credentials_secret: crate::crd::LocalSecretRef { name: "s3".into() },
+                backup_id: None,
+            },
+        });
+        let c = validate(&cache, &defaults()).expect("valid");
+        let children = build(&c, &observed(&c)).expect("builds");
+        let pod = &children
+            .iter()
+            .find(|ch| ch.kind() == "Deployment")
+            .expect("dataplane")
+            .object
+            .data["spec"]["template"]["spec"];
+        let init = &pod["initContainers"][0];
+        let args: Vec<&str> = init["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .filter_map(|a| a.as_str())
+            .collect();
+        assert_eq!(args[0], "restore");
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--from", "s3://backups/team/old"]),
+            "{args:?}"
+        );
+        assert!(args.contains(&"--if-empty"), "{args:?}");
+        assert_eq!(init["volumeMounts"], pod["containers"][0]["volumeMounts"]);
+        let env: Vec<&str> = init["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .filter_map(|e| e["name"].as_str())
+            .collect();
+        for name in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_ENDPOINT_URL",
+        ] {
+            assert!(env.contains(&name), "{name} missing: {env:?}");
+        }
+
+        // Without the prefix the default would name this cache, not the backed-up one.
+        if let Some(b) = cache.spec.bootstrap.as_mut() {
+            b.backup.s3.prefix = None;
+        }
+        let err = validate(&cache, &defaults()).expect_err("prefix required");
+        assert_eq!(err.field, "spec.bootstrap.backup.s3.prefix");
     }
 
     #[test]

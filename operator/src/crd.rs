@@ -66,6 +66,9 @@ pub struct SemanticCacheSpec {
     /// Scheduled backups to S3. Absent: no backups.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupSpec>,
+    /// Where a new cache's data comes from. Absent: it starts empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<BootstrapSpec>,
     /// Prometheus monitoring.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub monitoring: Option<MonitoringSpec>,
@@ -442,6 +445,30 @@ pub struct BackupSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000))]
     pub retention: Option<u32>,
+}
+
+/// How a new cache gets its first data (after CloudNativePG's `bootstrap.recovery`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BootstrapSpec {
+    /// Restore a backup (another cache's `spec.backup` location) into the empty volume before
+    /// the dataplane first starts; later starts find the data and restore nothing.
+    pub backup: BootstrapBackup,
+}
+
+/// A backup to restore from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BootstrapBackup {
+    /// Bucket and prefix the backups were written under (`prefix` is required: the default
+    /// would name this cache, not the one backed up).
+    pub s3: S3Spec,
+    /// Secret with `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`.
+    pub credentials_secret: LocalSecretRef,
+    /// The backup's folder name. Default: the newest complete backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub backup_id: Option<String>,
 }
 
 /// An S3 location.

@@ -70,6 +70,7 @@ pub struct ValidatedCache {
     pub postgres: Option<Postgres>,
     pub dataplane: Dataplane,
     pub backup: Option<Backup>,
+    pub bootstrap: Option<Bootstrap>,
     pub service_monitor: bool,
     pub service_monitor_labels: BTreeMap<String, String>,
     pub paused: bool,
@@ -143,6 +144,17 @@ pub struct Dataplane {
     pub storage_class_name: Option<String>,
     pub access_mode: AccessMode,
     pub resources: Option<ResourceRequirements>,
+}
+
+/// `spec.bootstrap.backup` with defaults resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bootstrap {
+    pub bucket: String,
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub credentials_secret: LocalSecretRef,
+    pub backup_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -516,8 +528,30 @@ pub fn validate(
         }
     };
 
+    let bootstrap = match &spec.bootstrap {
+        None => None,
+        Some(b) => {
+            let s3 = &b.backup.s3;
+            let prefix = s3.prefix.clone().ok_or_else(|| {
+                invalid(
+                    "spec.bootstrap.backup.s3.prefix",
+                    "required: the prefix the backed-up cache wrote under (its spec.backup.s3.prefix, by default <namespace>/<name>)",
+                )
+            })?;
+            Some(Bootstrap {
+                bucket: s3.bucket.clone(),
+                prefix,
+                endpoint: s3.endpoint.clone(),
+                region: s3.region.clone().unwrap_or_else(|| "us-east-1".to_owned()),
+                credentials_secret: b.backup.credentials_secret.clone(),
+                backup_id: b.backup.backup_id.clone(),
+            })
+        }
+    };
+
     let monitoring = spec.monitoring.clone();
     Ok(ValidatedCache {
+        bootstrap,
         uid: cache.uid().unwrap_or_default(),
         generation: cache.metadata.generation.unwrap_or(0),
         embedding: e.clone(),

@@ -205,6 +205,19 @@ async fn backup_wipe_restore_answers_identically_and_bad_backups_are_refused() -
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // ... unless asked to restore only into empty stores (the operator's bootstrap runs at
+    // every pod start): then it is a no-op that succeeds, and the cache is unchanged.
+    let from = format!("s3://{}/nightly", s3.bucket);
+    let out = s3.run(&["restore", "--from", &from, "--if-empty"], &restored_cfg)?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = r
+        .lookup(KEY_A, json!({"prompt": "backup question 1"}))
+        .await?;
+    assert_eq!(v["hit"], true, "{v}");
     drop(r);
 
     // Retention: three more backups with --keep 2 leave exactly the newest two.

@@ -333,6 +333,33 @@ impl Dataplane {
         }
     }
 
+    /// Waits until the dataplane's metrics say at least `n` entries were flushed into LanceDB
+    /// (`semantis_store_flushed_entries_total`, on the Service's metrics port).
+    async fn wait_flushed(&self, n: usize) -> anyhow::Result<()> {
+        let url = format!("{}/metrics", self.base.replace(":8080", ":9464"));
+        let started = Instant::now();
+        loop {
+            let flushed: f64 = match self.http.get(&url).send().await {
+                Ok(r) => r
+                    .text()
+                    .await
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.starts_with("semantis_store_flushed_entries_total"))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum(),
+                Err(_) => 0.0,
+            };
+            if flushed >= n as f64 {
+                return Ok(());
+            }
+            if started.elapsed() > NODE_DEADLINE {
+                bail!("only {flushed} of {n} entries were flushed");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     async fn store(&self, prompt: &str, answer: &str) -> anyhow::Result<String> {
         let (status, body) = self
             .post(
@@ -830,7 +857,7 @@ impl Minio {
 }
 
 #[tokio::test]
-async fn a_job_from_the_backup_cronjob_lands_the_backup_in_minio() -> anyhow::Result<()> {
+async fn a_backup_job_lands_in_minio_and_a_new_cache_bootstraps_from_it() -> anyhow::Result<()> {
     let mut w = NodeWorld::new("real-backup").await?;
     let s3 = Minio::start().await?;
     helm_install(&w, "charts/semantis-operator", "install")?;
@@ -859,6 +886,9 @@ async fn a_job_from_the_backup_cronjob_lands_the_backup_in_minio() -> anyhow::Re
         dp.store(prompt, answer).await?;
     }
 
+    // A backup holds what was flushed into LanceDB; wait until the dataplane says all of it is.
+    dp.wait_flushed(stored.len()).await?;
+
     // What an operator does before a risky change: run the schedule's Job now.
     kubectl(&[
         "create",
@@ -886,6 +916,28 @@ async fn a_job_from_the_backup_cronjob_lands_the_backup_in_minio() -> anyhow::Re
             s3.bucket
         );
     }
+
+    // A new cache bootstrapped from that backup answers the same lookups.
+    let restored = format!(
+        "apiVersion: semantis.dev/v1alpha1\nkind: SemanticCache\nmetadata: {{name: restored}}\nspec:\n\
+         \x20 embedding: {{provider: local, dimension: 384}}\n\
+         \x20 tenants:\n    - {{name: team-a, apiKeySecret: {{name: team-a-api-key, key: api-key}}}}\n\
+         \x20 bootstrap:\n    backup:\n      s3: {{bucket: {}, prefix: {prefix}, endpoint: \"{}\"}}\n      credentialsSecret: {{name: s3}}\n",
+        s3.bucket,
+        s3.endpoint,
+        prefix = prefix.trim_end_matches('/'),
+    );
+    std::fs::write(file.path(), restored)?;
+    kubectl(&["apply", "--namespace", &w.ns, "-f", path_str(file.path())?])?;
+    w.wait_ready("restored")?;
+    let copy = w.dataplane("restored", &key).await?;
+    copy.wait_serving().await?;
+    let served = copy.served(&stored).await?;
+    ensure!(
+        served == stored.len(),
+        "the bootstrapped cache served {served} of {} backed-up entries",
+        stored.len()
+    );
 
     w.delete_caches()?;
     helm(&[
