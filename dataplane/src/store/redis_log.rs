@@ -65,6 +65,10 @@ pub struct RedisLog {
     replica: String,
 }
 
+/// The follower connection's reply deadline: a blocking read's longest wait plus room for
+/// the reply to travel.
+pub const FOLLOWER_REPLY_DEADLINE: Duration = Duration::from_millis(2500);
+
 /// Connection settings shared by the log and the hot layer: deadlines so an outage turns
 /// into errors, never into hung requests. A down Redis refuses at once; the reply deadline
 /// leaves room for an `appendfsync always` fsync on a busy disk (500 ms was seen to trip).
@@ -129,15 +133,22 @@ impl RedisLog {
         Ok(batch.last)
     }
 
-    /// A connection of its own for blocking reads (they would stall a shared one).
+    /// A connection of its own for blocking reads (they would stall a shared one). Its reply
+    /// deadline must outlast the longest `BLOCK` it sends: with the client's default (500 ms,
+    /// the same as the follower's block) an empty read raced its own deadline and failed as
+    /// "timed out" whenever the network added a millisecond, as it does between pods.
     pub async fn follower_connection(&self) -> Result<MultiplexedConnection, BackendError> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(FOLLOWER_REPLY_DEADLINE));
         self.client
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(|e| redis_err("connect the follower of", &self.key, e))
     }
 
-    /// Records after `after`, waiting up to `block` for the first one.
+    /// Records after `after`, waiting up to `block` (less than [`FOLLOWER_REPLY_DEADLINE`])
+    /// for the first one.
     pub async fn read_after(
         &self,
         conn: &mut MultiplexedConnection,

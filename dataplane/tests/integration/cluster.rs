@@ -534,3 +534,27 @@ async fn deletes_and_invalidations_survive_kill_9_in_cluster_mode() -> anyhow::R
     setup.flush_max_rows = 4;
     crate::lifecycle::deletes_survive_kill_9(setup, Some("r1")).await
 }
+
+/// The follower's blocking read (500 ms) on an idle log comes back empty, never as a reply
+/// deadline error: the follower connection's deadline outlasts the block. With the client's
+/// default 500 ms deadline the empty reply raced it, and between pods it lost.
+#[tokio::test]
+async fn an_idle_follower_read_ends_empty_and_never_times_out() -> anyhow::Result<()> {
+    use semantis_dataplane::store::redis_log::{RedisLog, connect};
+    let url = private_redis("follower-idle")?;
+    let client = redis::Client::open(url.as_str())?;
+    let log = RedisLog::new(client.clone(), connect(&client).await?, "idle-table", "r1");
+    let mut conn = log.follower_connection().await?;
+    let mut failures = Vec::new();
+    for round in 0..8 {
+        match log
+            .read_after(&mut conn, 0, Duration::from_millis(500))
+            .await
+        {
+            Ok(batch) => assert!(batch.last.is_none(), "an idle log read records"),
+            Err(e) => failures.push(format!("round {round}: {e}")),
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+    Ok(())
+}
