@@ -360,6 +360,31 @@ impl Dataplane {
         }
     }
 
+    /// Waits until the Service answers from index version `fingerprint` (`/v1/stats`): the
+    /// old version retired from serving.
+    async fn wait_index(&self, fingerprint: &str) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let mut seen = Value::Null;
+        loop {
+            if let Ok(r) = self
+                .http
+                .get(format!("{}/v1/stats", self.base))
+                .bearer_auth(&self.key)
+                .send()
+                .await
+            {
+                seen = r.json::<Value>().await.unwrap_or(Value::Null);
+                if seen["index_version"] == json!(fingerprint) {
+                    return Ok(());
+                }
+            }
+            if started.elapsed() > NODE_DEADLINE {
+                bail!("the dataplane does not serve index {fingerprint}: {seen}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     async fn store(&self, prompt: &str, answer: &str) -> anyhow::Result<String> {
         let (status, body) = self
             .post(
@@ -1129,6 +1154,7 @@ async fn model_and_dimension_changes_under_load_lose_nothing_and_survive_an_oper
         acked.len()
     );
     ensure!(openai_fp != local_fp, "the active index did not change");
+    dp.wait_index(&openai_fp).await?;
     let all: Vec<_> = before.iter().chain(&acked).cloned().collect();
     let served = dp.served(&all).await?;
     ensure!(
@@ -1176,6 +1202,7 @@ async fn model_and_dimension_changes_under_load_lose_nothing_and_survive_an_oper
         acked.len()
     );
     ensure!(short_fp != openai_fp, "the active index did not change");
+    dp.wait_index(&short_fp).await?;
     let all: Vec<_> = all.iter().chain(&acked).cloned().collect();
     let served = dp.served(&all).await?;
     ensure!(
