@@ -22,37 +22,12 @@ if [[ $missing == 0 ]]; then echo "$BIN"; exit 0; fi
 mkdir -p "$BIN" "$SRC"
 command -v go >/dev/null || { echo "build-node: needs Go ≥ 1.26 (https://go.dev/dl/)" >&2; exit 1; }
 
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
+
 log() { echo "build-node: $*" >&2; }
 
-# The same wrapper module as build-control-plane.sh: every k8s.io/<staging> module pinned to
-# v0.N.M by a replace line derived from k8s.io/kubernetes's own go.mod.
-kube() {
-  local dir=$SRC/node-kube-$K8S_VERSION staging=v0.${K8S_VERSION#1.}
-  mkdir -p "$dir"
-  {
-    echo "module semantis.dev/e2e/nodekube"
-    echo "go 1.26"
-    echo "replace ("
-    curl -fsS "https://proxy.golang.org/k8s.io/kubernetes/@v/v$K8S_VERSION.mod" \
-      | sed -n 's#^\s*\(k8s.io/[a-z0-9-]*\) => ./staging/src/k8s.io/.*#\t\1 => \1 '"$staging"'#p'
-    echo ")"
-  } > "$dir/go.mod"
-  (
-    cd "$dir"
-    local cmds=(kubelet kube-proxy)
-    local pkgs=()
-    for cmd in "${cmds[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$cmd@v$K8S_VERSION"); done
-    go get "${pkgs[@]}" >&2
-    local pkg=k8s.io/component-base/version
-    local ldflags
-    ldflags="-s -w -X $pkg.gitVersion=v$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2) -X $pkg.gitTreeState=clean"
-    for cmd in "${cmds[@]}"; do
-      [[ -x $BIN/$cmd ]] && continue
-      log "building $cmd v$K8S_VERSION"
-      go build -ldflags "$ldflags" -o "$BIN/$cmd" "k8s.io/kubernetes/cmd/$cmd"
-    done
-  )
-}
+kube() { kube_build "$K8S_VERSION" "$SRC/node-kube-$K8S_VERSION" kubelet kube-proxy; }
 
 # CoreDNS the way its docs describe a build with a chosen plugin set: a main package that
 # imports only those plugins and lists them, in their execution order, as the directives.

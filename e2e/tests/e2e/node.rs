@@ -189,6 +189,23 @@ impl NodeWorld {
         .map(drop)
     }
 
+    /// The end of a passing helm test: the caches go while the operator still lifts their
+    /// finalizers, then the release, then the CRD the chart keeps (the next release must be
+    /// able to own it).
+    fn uninstall_helm(&mut self) -> anyhow::Result<()> {
+        self.delete_caches()?;
+        helm(&[
+            "uninstall",
+            "semantis",
+            "--namespace",
+            &self.operator_ns,
+            "--wait",
+        ])?;
+        kubectl(&["delete", "crd", CRD])?;
+        self.passed = true;
+        Ok(())
+    }
+
     /// `kubectl wait --for=condition=Ready semanticcache/NAME`, as a user would.
     fn wait_ready(&self, cache: &str) -> anyhow::Result<()> {
         kubectl(&[
@@ -417,6 +434,17 @@ impl Dataplane {
         Ok(body)
     }
 
+    /// Fails unless a lookup of each exact prompt serves its answer; `when` says after what.
+    async fn ensure_served(&self, entries: &[(String, String)], when: &str) -> anyhow::Result<()> {
+        let served = self.served(entries).await?;
+        ensure!(
+            served == entries.len(),
+            "{when}: {served} of {} acknowledged entries were served",
+            entries.len()
+        );
+        Ok(())
+    }
+
     /// How many of `entries` (prompt, answer) a lookup of the exact prompt serves with that answer.
     async fn served(&self, entries: &[(String, String)]) -> anyhow::Result<usize> {
         let mut n = 0;
@@ -522,10 +550,7 @@ async fn helm_installed_operator_runs_the_minimal_sample_on_real_pods() -> anyho
     for (prompt, answer) in &stored {
         dp.store(prompt, answer).await?;
     }
-    ensure!(
-        dp.served(&stored).await? == stored.len(),
-        "exact lookups missed"
-    );
+    dp.ensure_served(&stored, "right after the stores").await?;
     dp.store(
         "How do I rotate the database password?",
         "Run the rotate-credentials job.",
@@ -545,12 +570,8 @@ async fn helm_installed_operator_runs_the_minimal_sample_on_real_pods() -> anyho
     let all: Vec<_> = stored.iter().chain(&more).cloned().collect();
     w.replace_pod("demo", "dataplane").await?;
     dp.wait_serving().await?;
-    let served = dp.served(&all).await?;
-    ensure!(
-        served == all.len(),
-        "after the dataplane pod was replaced, {served} of {} acknowledged entries were served",
-        all.len()
-    );
+    dp.ensure_served(&all, "after the dataplane pod was replaced")
+        .await?;
 
     // ... and the Redis pod's.
     let last = entries(8, "before-redis-restart");
@@ -559,25 +580,10 @@ async fn helm_installed_operator_runs_the_minimal_sample_on_real_pods() -> anyho
     }
     let all: Vec<_> = all.iter().chain(&last).cloned().collect();
     w.replace_pod("demo", "redis").await?;
-    let served = dp.served(&all).await?;
-    ensure!(
-        served == all.len(),
-        "after the Redis pod was replaced, {served} of {} acknowledged entries were served",
-        all.len()
-    );
+    dp.ensure_served(&all, "after the Redis pod was replaced")
+        .await?;
 
-    w.delete_caches()?;
-    helm(&[
-        "uninstall",
-        "semantis",
-        "--namespace",
-        &w.operator_ns,
-        "--wait",
-    ])?;
-    // The chart keeps its CRD on uninstall; the next release must be able to own it.
-    kubectl(&["delete", "crd", CRD])?;
-    w.passed = true;
-    Ok(())
+    w.uninstall_helm()
 }
 
 /// The pod holding the operator's leader Lease.
@@ -712,10 +718,8 @@ async fn kustomize_installed_operator_pods_hand_over_leadership_and_keep_reconci
         "the new leader did not reconcile the change: generation/observed = {generation}"
     );
     dp.wait_serving().await?;
-    ensure!(
-        dp.served(&stored).await? == stored.len(),
-        "entries were lost across the hand-over"
-    );
+    dp.ensure_served(&stored, "across the leader hand-over")
+        .await?;
 
     // Clean up what kustomize installed, the CRD too, once the operator has let the caches go.
     w.delete_caches()?;
@@ -957,24 +961,10 @@ async fn a_backup_job_lands_in_minio_and_a_new_cache_bootstraps_from_it() -> any
     w.wait_ready("restored")?;
     let copy = w.dataplane("restored", &key).await?;
     copy.wait_serving().await?;
-    let served = copy.served(&stored).await?;
-    ensure!(
-        served == stored.len(),
-        "the bootstrapped cache served {served} of {} backed-up entries",
-        stored.len()
-    );
+    copy.ensure_served(&stored, "in the bootstrapped cache")
+        .await?;
 
-    w.delete_caches()?;
-    helm(&[
-        "uninstall",
-        "semantis",
-        "--namespace",
-        &w.operator_ns,
-        "--wait",
-    ])?;
-    kubectl(&["delete", "crd", CRD])?;
-    w.passed = true;
-    Ok(())
+    w.uninstall_helm()
 }
 
 /// An OpenAI-compatible embeddings service (`POST /v1/embeddings`), the third-party SaaS the
@@ -1115,6 +1105,38 @@ async fn wait_migrated(w: &NodeWorld, cache: &str, dimension: u32) -> anyhow::Re
     }
 }
 
+/// Waits for the migration to `dimension` to finish, stops the load and checks what a user
+/// would: a new index version serves, no request failed, every acknowledged entry (`stored`
+/// plus the load's) is served. Returns the new fingerprint and every entry.
+async fn finish_migration(
+    w: &NodeWorld,
+    dp: &Dataplane,
+    load: Load,
+    dimension: u32,
+    previous: &str,
+    stored: Vec<(String, String)>,
+    what: &str,
+) -> anyhow::Result<(String, Vec<(String, String)>)> {
+    let fingerprint = wait_migrated(w, "demo", dimension).await?;
+    let (acked, requests, failed, errors) = load.finish().await?;
+    eprintln!(
+        "{what}: {requests} requests, {failed} failed, {} stores acknowledged",
+        acked.len()
+    );
+    ensure!(
+        fingerprint != previous,
+        "{what}: the active index did not change"
+    );
+    dp.wait_index(&fingerprint).await?;
+    let all: Vec<_> = stored.into_iter().chain(acked).collect();
+    dp.ensure_served(&all, &format!("after {what}")).await?;
+    ensure!(
+        failed == 0,
+        "{failed} of {requests} requests failed during {what}: {errors:?}"
+    );
+    Ok((fingerprint, all))
+}
+
 #[tokio::test]
 async fn model_and_dimension_changes_under_load_lose_nothing_and_survive_an_operator_kill()
 -> anyhow::Result<()> {
@@ -1147,25 +1169,8 @@ async fn model_and_dimension_changes_under_load_lose_nothing_and_survive_an_oper
     apply(manifest(&format!(
         "{{provider: openai, model: fake-emb-64, dimension: 64, endpoint: \"{embeddings}\"}}"
     )))?;
-    let openai_fp = wait_migrated(&w, "demo", 64).await?;
-    let (acked, requests, failed, errors) = load.finish().await?;
-    eprintln!(
-        "model change: {requests} requests, {failed} failed, {} stores acknowledged",
-        acked.len()
-    );
-    ensure!(openai_fp != local_fp, "the active index did not change");
-    dp.wait_index(&openai_fp).await?;
-    let all: Vec<_> = before.iter().chain(&acked).cloned().collect();
-    let served = dp.served(&all).await?;
-    ensure!(
-        served == all.len(),
-        "after the model change {served} of {} acknowledged entries were served",
-        all.len()
-    );
-    ensure!(
-        failed == 0,
-        "{failed} of {requests} requests failed during the model change: {errors:?}"
-    );
+    let (openai_fp, all) =
+        finish_migration(&w, &dp, load, 64, &local_fp, before, "the model change").await?;
 
     // 2. Only the dimension, which the provider shortens on request; the operator pod is
     //    killed while the migration runs.
@@ -1195,35 +1200,7 @@ async fn model_and_dimension_changes_under_load_lose_nothing_and_survive_an_oper
         "--grace-period=0",
         "--force",
     ])?;
-    let short_fp = wait_migrated(&w, "demo", 32).await?;
-    let (acked, requests, failed, errors) = load.finish().await?;
-    eprintln!(
-        "dimension change: {requests} requests, {failed} failed, {} stores acknowledged",
-        acked.len()
-    );
-    ensure!(short_fp != openai_fp, "the active index did not change");
-    dp.wait_index(&short_fp).await?;
-    let all: Vec<_> = all.iter().chain(&acked).cloned().collect();
-    let served = dp.served(&all).await?;
-    ensure!(
-        served == all.len(),
-        "after the dimension change {served} of {} acknowledged entries were served",
-        all.len()
-    );
-    ensure!(
-        failed == 0,
-        "{failed} of {requests} requests failed during the dimension change: {errors:?}"
-    );
+    finish_migration(&w, &dp, load, 32, &openai_fp, all, "the dimension change").await?;
 
-    w.delete_caches()?;
-    helm(&[
-        "uninstall",
-        "semantis",
-        "--namespace",
-        &w.operator_ns,
-        "--wait",
-    ])?;
-    kubectl(&["delete", "crd", CRD])?;
-    w.passed = true;
-    Ok(())
+    w.uninstall_helm()
 }
