@@ -5,11 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
+use axum::Json;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
 use parking_lot::Mutex;
 use reqwest::Method;
 use semantis_contract::{EmbedderConfig, EmbeddingProvider};
@@ -19,7 +17,7 @@ use semantis_dataplane::metrics::Metrics;
 use serde_json::{Value, json};
 
 use crate::harness::{
-    KEY_A, Server, Setup, answer, fresh_database, private_redis, shared_postgres,
+    KEY_A, Server, Setup, answer, fresh_database, private_redis, serve_fake, shared_postgres,
 };
 
 pub const DIM: usize = 16;
@@ -152,35 +150,16 @@ pub async fn start_fake() -> anyhow::Result<(String, Fake)> {
         fault: Arc::new(Mutex::new(Fault::None)),
         seen: Arc::new(Mutex::new(Seen::default())),
     };
-    let app = Router::new()
-        .route(
-            "/v1/embeddings",
-            post(
-                |State(f): State<Fake>, h: HeaderMap, Json(b): Json<Value>| {
-                    handle(f, "openai", h, b)
-                },
-            ),
-        )
-        .route(
-            "/api/embed",
-            post(
-                |State(f): State<Fake>, h: HeaderMap, Json(b): Json<Value>| {
-                    handle(f, "ollama", h, b)
-                },
-            ),
-        )
-        .route(
-            "/embed",
-            post(
-                |State(f): State<Fake>, h: HeaderMap, Json(b): Json<Value>| handle(f, "tei", h, b),
-            ),
-        )
-        .with_state(fake.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let url = serve_fake(
+        fake.clone(),
+        &[
+            ("/v1/embeddings", "openai"),
+            ("/api/embed", "ollama"),
+            ("/embed", "tei"),
+        ],
+        handle,
+    )
+    .await?;
     Ok((url, fake))
 }
 

@@ -522,3 +522,42 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Serves a fake third-party API on a free loopback port: each `(path, protocol)` route posts
+/// its JSON body, with the request's headers and the shared `state`, to `handler`, told which
+/// protocol the path speaks. Returns the base URL; the server lives as long as the runtime.
+pub async fn serve_fake<S, F, Fut>(
+    state: S,
+    routes: &[(&'static str, &'static str)],
+    handler: F,
+) -> anyhow::Result<String>
+where
+    S: Clone + Send + Sync + 'static,
+    F: Fn(S, &'static str, axum::http::HeaderMap, Value) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = axum::response::Response> + Send + 'static,
+{
+    use axum::extract::State;
+    let mut app = axum::Router::new();
+    for &(path, protocol) in routes {
+        let handler = handler.clone();
+        app = app.route(
+            path,
+            axum::routing::post(
+                move |State(s): State<S>,
+                      headers: axum::http::HeaderMap,
+                      axum::Json(body): axum::Json<Value>| {
+                    handler(s, protocol, headers, body)
+                },
+            ),
+        );
+    }
+    let app = app.with_state(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("failed to bind the fake server")?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(url)
+}

@@ -6,11 +6,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
+use axum::Json;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
 use parking_lot::Mutex;
 use reqwest::Method;
 use semantis_cache::ports::{Verifier, VerifyError};
@@ -22,7 +20,7 @@ use serde_json::{Value, json};
 use crate::embedders::{DIM, embed_text, key_file, start_fake};
 use crate::harness::{
     KEY_A, KEY_B, Server, Setup, answer, axis, fresh_database, metric_sum, private_redis,
-    shared_postgres,
+    serve_fake, shared_postgres,
 };
 
 const RERANK_KEY: &str = "rk-test-secret";
@@ -127,29 +125,12 @@ async fn start_reranker() -> anyhow::Result<(String, Reranker)> {
         fault: Arc::new(Mutex::new(Fault::None)),
         requests: Arc::new(Mutex::new(Vec::new())),
     };
-    let app = Router::new()
-        .route(
-            "/rerank",
-            post(
-                |State(f): State<Reranker>, h: HeaderMap, Json(b): Json<Value>| {
-                    rerank(f, "tei", h, b)
-                },
-            ),
-        )
-        .route(
-            "/v1/rerank",
-            post(
-                |State(f): State<Reranker>, h: HeaderMap, Json(b): Json<Value>| {
-                    rerank(f, "rerank", h, b)
-                },
-            ),
-        )
-        .with_state(fake.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let url = serve_fake(
+        fake.clone(),
+        &[("/rerank", "tei"), ("/v1/rerank", "rerank")],
+        rerank,
+    )
+    .await?;
     Ok((url, fake))
 }
 
