@@ -299,6 +299,32 @@ impl Drop for NodeWorld {
                 self.operator_ns,
                 cluster().kubeconfig.display()
             );
+            // What the pods said, for the CI log (the node's next start removes them).
+            for args in [
+                vec![
+                    "get",
+                    "pods,endpointslices",
+                    "-o",
+                    "wide",
+                    "--namespace",
+                    &self.ns,
+                ],
+                vec![
+                    "logs",
+                    "--namespace",
+                    &self.ns,
+                    "--all-containers",
+                    "--prefix",
+                    "--tail=40",
+                    "-l",
+                    "app.kubernetes.io/component=dataplane",
+                ],
+            ] {
+                match kubectl(&args) {
+                    Ok(out) => eprintln!("kubectl {}:\n{out}", args.join(" ")),
+                    Err(e) => eprintln!("{e:#}"),
+                }
+            }
             return;
         }
         for ns in [&self.ns, &self.operator_ns] {
@@ -331,20 +357,29 @@ impl Dataplane {
     /// Waits until the Service answers an authenticated request: kube-proxy programs the
     /// endpoint a moment after the pod turns ready.
     async fn wait_serving(&self) -> anyhow::Result<()> {
+        // A client of its own with no kept-alive connections: every probe takes the Service's
+        // current route, not a connection pooled to a pod that is gone.
+        let probe = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(0)
+            .build()?;
         let started = Instant::now();
         loop {
-            let ok = self
-                .http
+            let last = match probe
                 .get(format!("{}/v1/stats", self.base))
                 .bearer_auth(&self.key)
                 .send()
                 .await
-                .is_ok_and(|r| r.status().is_success());
-            if ok {
-                return Ok(());
-            }
+            {
+                Ok(r) if r.status().is_success() => return Ok(()),
+                Ok(r) => format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
+                Err(e) => format!("{e:#}"),
+            };
             if started.elapsed() > NODE_DEADLINE {
-                bail!("the dataplane at {} did not answer", self.base);
+                bail!(
+                    "the dataplane at {} did not answer; last: {last}",
+                    self.base
+                );
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -494,6 +529,17 @@ fn path_str(p: &Path) -> anyhow::Result<&str> {
 }
 
 fn helm_install(w: &NodeWorld, chart: &str, verb: &str) -> anyhow::Result<()> {
+    if verb == "install" {
+        // A failed test keeps its namespaces and so the chart's CRD, which another release
+        // cannot adopt: remove it (its caches go with it) so one failure stays one failure.
+        kubectl(&[
+            "delete",
+            "crd",
+            CRD,
+            "--ignore-not-found",
+            &format!("--timeout={}s", NODE_DEADLINE.as_secs()),
+        ])?;
+    }
     let mut args = vec![
         verb.to_owned(),
         "semantis".to_owned(),
