@@ -1146,6 +1146,16 @@ mod tests {
         }
     }
 
+    /// Observed mid-migration: a target (revision v2) whose reindex Job is due.
+    fn reindexing(c: &ValidatedCache) -> Observed {
+        let mut o = observed(c);
+        let mut target = c.embedder.clone();
+        target.revision = "v2".into();
+        o.target = Some(target);
+        o.start_reindex = true;
+        o
+    }
+
     fn render(children: &[Child]) -> String {
         children
             .iter()
@@ -1245,12 +1255,7 @@ mod tests {
             retention: None,
         });
         let c = validate(&cache, &defaults()).expect("valid");
-        let mut o = observed(&c);
-        let mut target = c.embedder.clone();
-        target.revision = "v2".into();
-        o.target = Some(target);
-        o.start_reindex = true;
-        let children = build(&c, &o).expect("builds");
+        let children = build(&c, &reindexing(&c)).expect("builds");
         let dataplane = children
             .iter()
             .find(|ch| ch.kind() == "Deployment")
@@ -1284,12 +1289,7 @@ mod tests {
             &defaults(),
         )
         .expect("valid");
-        let mut o = observed(&c);
-        let mut target = c.embedder.clone();
-        target.revision = "v2".into();
-        o.target = Some(target);
-        o.start_reindex = true;
-        let children = build(&c, &o).expect("builds");
+        let children = build(&c, &reindexing(&c)).expect("builds");
         let mut checked = 0;
         for ch in &children {
             let pod = match ch.kind() {

@@ -206,6 +206,23 @@ impl NodeWorld {
         Ok(())
     }
 
+    /// `config/samples`' minimal cache `demo` applied unchanged with its tenant's key, Ready
+    /// and answering through its Service: the key and the dataplane.
+    async fn minimal_sample(&self) -> anyhow::Result<(String, Dataplane)> {
+        let key = self.api_key("team-a-api-key").await?;
+        kubectl(&[
+            "apply",
+            "--namespace",
+            &self.ns,
+            "-f",
+            path_str(&sample("minimal"))?,
+        ])?;
+        self.wait_ready("demo")?;
+        let dp = self.dataplane("demo", &key).await?;
+        dp.wait_serving().await?;
+        Ok((key, dp))
+    }
+
     /// `kubectl wait --for=condition=Ready semanticcache/NAME`, as a user would.
     fn wait_ready(&self, cache: &str) -> anyhow::Result<()> {
         kubectl(&[
@@ -562,15 +579,7 @@ async fn helm_installed_operator_runs_the_minimal_sample_on_real_pods() -> anyho
     helm_install(&w, "charts/semantis-operator", "install")?;
 
     // The minimal sample, unchanged: a user's first manifest.
-    let key = w.api_key("team-a-api-key").await?;
-    kubectl(&[
-        "apply",
-        "--namespace",
-        &w.ns,
-        "-f",
-        path_str(&sample("minimal"))?,
-    ])?;
-    w.wait_ready("demo")?;
+    let (_, dp) = w.minimal_sample().await?;
 
     // Redis runs the operator's configuration: the append-only file is on.
     let aof = kubectl(&[
@@ -590,8 +599,6 @@ async fn helm_installed_operator_runs_the_minimal_sample_on_real_pods() -> anyho
         "Redis runs without AOF: {aof}"
     );
 
-    let dp = w.dataplane("demo", &key).await?;
-    dp.wait_serving().await?;
     let stored = entries(12, "helm");
     for (prompt, answer) in &stored {
         dp.store(prompt, answer).await?;
@@ -698,17 +705,7 @@ async fn kustomize_installed_operator_pods_hand_over_leadership_and_keep_reconci
         &format!("--timeout={}s", NODE_DEADLINE.as_secs()),
     ])?;
 
-    let key = w.api_key("team-a-api-key").await?;
-    kubectl(&[
-        "apply",
-        "--namespace",
-        &w.ns,
-        "-f",
-        path_str(&sample("minimal"))?,
-    ])?;
-    w.wait_ready("demo")?;
-    let dp = w.dataplane("demo", &key).await?;
-    dp.wait_serving().await?;
+    let (key, dp) = w.minimal_sample().await?;
     let stored = entries(5, "kustomize");
     for (prompt, answer) in &stored {
         dp.store(prompt, answer).await?;
