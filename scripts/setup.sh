@@ -18,3 +18,4 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 "$here/fetch-model.sh" >/dev/null
+"$here/sdk-venv.sh" >/dev/null

@@ -7,7 +7,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use semantis_contract::{DataplaneConfig, EmbedderConfig, EmbeddingProvider};
 
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "server",
     "storage",
     "redis",
@@ -16,6 +16,7 @@ const SECTIONS: [&str; 8] = [
     "cache",
     "tenants",
     "verifiers",
+    "upstreams",
 ];
 
 #[derive(Debug, thiserror::Error)]

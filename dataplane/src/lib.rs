@@ -7,6 +7,9 @@
 
 pub mod config;
 pub mod embed;
+#[cfg(feature = "tools")]
+pub mod fake_openai;
+pub mod gateway;
 pub mod http;
 pub mod metrics;
 pub mod store;

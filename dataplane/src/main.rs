@@ -67,6 +67,13 @@ enum Command {
     /// Measure hit quality on a dataset of question pairs (store `a`, look up `b`).
     #[cfg(feature = "tools")]
     Eval(eval::EvalArgs),
+    /// Serve a fake OpenAI-compatible LLM API (chat completions, streaming, models,
+    /// embeddings) for trying the gateway without an account.
+    #[cfg(feature = "tools")]
+    FakeOpenai {
+        #[arg(long, default_value = "127.0.0.1:9100")]
+        listen: String,
+    },
     /// Print the SHA-256 of an API key (read from stdin), for `api_key_sha256` in the config.
     HashKey,
 }
@@ -112,6 +119,17 @@ async fn run() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args).await,
         #[cfg(feature = "tools")]
         Command::Eval(args) => eval::run(args).await,
+        #[cfg(feature = "tools")]
+        Command::FakeOpenai { listen } => {
+            let fake = semantis_dataplane::fake_openai::FakeOpenAi::start(&listen)
+                .await
+                .with_context(|| format!("failed to listen on {listen}"))?;
+            tracing::info!(base_url = %fake.url, "fake OpenAI API serving");
+            tokio::signal::ctrl_c()
+                .await
+                .context("failed to wait for Ctrl-C")?;
+            Ok(())
+        }
         Command::HashKey => {
             let mut key = String::new();
             std::io::stdin()

@@ -27,6 +27,21 @@ pub struct Metrics {
     pub store_compaction_duration: HistogramVec,
     pub store_index_build_duration: HistogramVec,
     pub usage_events_dropped: IntCounter,
+    pub gateway: GatewayMetrics,
+}
+
+/// The gateway's series. `model` is the request's model name, kept as a label only for the
+/// first [`crate::gateway::MODEL_LABELS`] names a process sees (then `other`), so a client
+/// cannot grow the series without bound.
+#[derive(Clone)]
+pub struct GatewayMetrics {
+    pub requests: IntCounterVec,
+    pub upstream_duration: HistogramVec,
+    pub upstream_errors: IntCounterVec,
+    pub tokens: IntCounterVec,
+    pub usd_spent_micros: IntCounterVec,
+    pub coalesced: IntCounterVec,
+    pub coalesce_waiting: IntGaugeVec,
 }
 
 impl Metrics {
@@ -132,6 +147,56 @@ impl Metrics {
                 slow,
             )?,
             usage_events_dropped: dropped,
+            gateway: GatewayMetrics {
+                requests: counter(
+                    &r,
+                    "semantis_gateway_requests_total",
+                    "Gateway chat requests by how they were answered (hit, miss, bypass, coalesced, error).",
+                    &["tenant", "model", "outcome"],
+                )?,
+                upstream_duration: histogram(
+                    &r,
+                    "semantis_gateway_upstream_duration_seconds",
+                    "Time from sending a chat request upstream to its response headers.",
+                    &["tenant", "model"],
+                    exponential_buckets(0.005, 2.0, 14)?,
+                )?,
+                upstream_errors: counter(
+                    &r,
+                    "semantis_gateway_upstream_errors_total",
+                    "Upstream calls that failed, by kind (status_5xx, status_4xx, timeout, unavailable, circuit_open, stream_cut).",
+                    &["tenant", "model", "kind"],
+                )?,
+                tokens: counter(
+                    &r,
+                    "semantis_gateway_upstream_tokens_total",
+                    "Tokens upstream calls used, by kind (prompt, completion); tokens saved are semantis_cache_tokens_saved_total.",
+                    &["tenant", "model", "kind"],
+                )?,
+                usd_spent_micros: counter(
+                    &r,
+                    "semantis_gateway_usd_spent_micros_total",
+                    "Millionths of a dollar upstream calls cost, from the price table.",
+                    &["tenant", "model"],
+                )?,
+                coalesced: counter(
+                    &r,
+                    "semantis_gateway_coalesced_total",
+                    "Requests answered from an identical request's upstream call.",
+                    &["tenant"],
+                )?,
+                coalesce_waiting: {
+                    let g = IntGaugeVec::new(
+                        Opts::new(
+                            "semantis_gateway_coalesce_waiting",
+                            "Requests waiting for an identical request's upstream call now.",
+                        ),
+                        &["tenant"],
+                    )?;
+                    r.register(Box::new(g.clone()))?;
+                    g
+                },
+            },
             registry: r,
         })
     }

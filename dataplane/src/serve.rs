@@ -545,11 +545,16 @@ pub async fn run(cfg: DataplaneConfig) -> anyhow::Result<()> {
         probes,
         usage_writer,
     } = build(&cfg, metrics.clone()).await?;
+    let gateway = Arc::new(
+        semantis_dataplane::gateway::Gateway::new(&cfg, metrics.gateway.clone())
+            .context("failed to set up the gateway's upstreams")?,
+    );
     let state = Arc::new(AppState {
         cache: cache.clone(),
         metrics,
         probes,
         accepting: AtomicBool::new(true),
+        gateway,
     });
     let app = router(
         state.clone(),

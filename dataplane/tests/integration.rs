@@ -9,6 +9,8 @@ mod backup;
 mod cluster;
 #[path = "integration/embedders.rs"]
 mod embedders;
+#[path = "integration/gateway.rs"]
+mod gateway;
 #[path = "integration/harness.rs"]
 mod harness;
 #[path = "integration/lifecycle.rs"]

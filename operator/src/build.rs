@@ -552,6 +552,7 @@ pub fn dataplane_config(c: &ValidatedCache, o: &Observed, n: &ChildNames) -> Dat
             ..CacheDefaults::default()
         },
         verifiers: verifiers_config(c),
+        upstreams: BTreeMap::new(),
         tenants: c
             .tenants
             .iter()
@@ -567,6 +568,9 @@ pub fn dataplane_config(c: &ValidatedCache, o: &Observed, n: &ChildNames) -> Dat
                 verifier_min_score: t.verifier_min_score,
                 verifier_budget_ms: t.verifier_budget_ms,
                 target_error_rate: t.target_error_rate,
+                upstream: None,
+                upstream_key: semantis_contract::UpstreamKey::Config,
+                max_cacheable_temperature: None,
             })
             .collect(),
     }

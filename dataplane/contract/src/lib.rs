@@ -31,6 +31,93 @@ pub struct DataplaneConfig {
     /// Named verifiers that tenants pick with `cache.verifier` or `tenants[].verifier`. A
     /// `local` verifier with default settings exists even when this map does not name it.
     pub verifiers: BTreeMap<String, VerifierConfig>,
+    /// Named OpenAI-compatible LLM endpoints that tenants forward gateway misses to
+    /// (`tenants[].upstream`).
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+}
+
+/// How the gateway sends the upstream's API key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamAuth {
+    /// `Authorization: Bearer <key>` (OpenAI, vLLM, Ollama, LiteLLM).
+    #[default]
+    Bearer,
+    /// `api-key: <key>` (Azure OpenAI).
+    ApiKey,
+}
+
+/// Where the key sent upstream comes from, per tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamKey {
+    /// The upstream's own key (`api_key_file` / `api_key_env`); the client's `Authorization`
+    /// carries its Semantis key and is never forwarded.
+    #[default]
+    Config,
+    /// The client's own `Authorization` (or `api-key`) header is forwarded; the client names
+    /// its tenant with its Semantis key in `X-Semantis-Key`.
+    Client,
+}
+
+/// One OpenAI-compatible upstream (OpenAI, Azure OpenAI, vLLM, Ollama, LiteLLM).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL the OpenAI SDK would take, e.g. `https://api.openai.com/v1`; the gateway
+    /// appends `/chat/completions`, `/models`, `/embeddings`.
+    pub base_url: String,
+    pub auth: UpstreamAuth,
+    /// File holding the API key (a mounted Secret).
+    pub api_key_file: Option<String>,
+    /// Environment variable holding the API key (when no file is given).
+    pub api_key_env: Option<String>,
+    /// Query parameters added to every call (Azure's `api-version`).
+    pub query: BTreeMap<String, String>,
+    /// Deadline for the upstream's response headers (the whole answer when not streaming),
+    /// in milliseconds.
+    pub timeout_ms: u64,
+    /// A stream that sends nothing for this long is cut off (and not stored), in milliseconds.
+    pub stream_idle_timeout_ms: u64,
+    /// Consecutive failures (5xx, timeouts, refused connections) that open the breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker answers 503 before letting a call through, in milliseconds.
+    pub breaker_cooldown_ms: u64,
+    /// Dollars per million tokens, by model name as the request gives it.
+    pub prices: BTreeMap<String, ModelPrice>,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            base_url: String::new(),
+            auth: UpstreamAuth::Bearer,
+            api_key_file: None,
+            api_key_env: None,
+            query: BTreeMap::new(),
+            timeout_ms: 60_000,
+            stream_idle_timeout_ms: 60_000,
+            breaker_failures: 5,
+            breaker_cooldown_ms: 10_000,
+            prices: BTreeMap::new(),
+        }
+    }
+}
+
+/// What a model's tokens cost, in US dollars per million.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelPrice {
+    pub input_per_million: f64,
+    pub output_per_million: f64,
+}
+
+impl ModelPrice {
+    pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> f64 {
+        (prompt_tokens as f64 * self.input_per_million
+            + completion_tokens as f64 * self.output_per_million)
+            / 1_000_000.0
+    }
 }
 
 /// The name of the built-in verifier (the local cross-encoder) and of the setting that turns
@@ -378,6 +465,12 @@ pub struct CacheDefaults {
     pub eviction: EvictionPolicy,
     /// Candidates within this distance below the threshold count as near misses in metrics.
     pub near_miss_margin: f32,
+    /// Gateway: chat requests with a higher `temperature` are forwarded and never cached
+    /// (`BYPASS`): their callers want a different answer each time.
+    pub max_cacheable_temperature: f64,
+    /// Gateway: how long a request waits for an identical one already in flight before it
+    /// calls the upstream itself, in milliseconds.
+    pub coalesce_wait_ms: u64,
 }
 
 impl Default for CacheDefaults {
@@ -390,6 +483,8 @@ impl Default for CacheDefaults {
             max_entries: 1_000_000,
             eviction: EvictionPolicy::Lru,
             near_miss_margin: 0.05,
+            max_cacheable_temperature: 1.0,
+            coalesce_wait_ms: 30_000,
         }
     }
 }
@@ -416,6 +511,12 @@ pub struct TenantConfig {
     /// Raise `verifier_min_score` from feedback until at most this share (0..1) of the
     /// verified hits reported on were wrong.
     pub target_error_rate: Option<f32>,
+    /// Gateway: the upstream (a name in `upstreams`) this tenant's chat misses go to.
+    pub upstream: Option<String>,
+    /// Gateway: whose key goes upstream.
+    pub upstream_key: UpstreamKey,
+    /// Gateway: overrides `cache.max_cacheable_temperature`.
+    pub max_cacheable_temperature: Option<f64>,
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod cache;
+pub mod chat;
 pub mod entry;
 pub mod error;
 pub mod feedback;

@@ -32,6 +32,10 @@ pub struct Scope {
     pub system: Option<String>,
     /// Earlier turns of the conversation (`{"role","content"}` objects), oldest first.
     pub messages: Vec<Value>,
+    /// Any other generation parameter, by its API name (`seed`, `tool_choice`,
+    /// `frequency_penalty`, ...). The gateway puts every request field it does not know to be
+    /// harmless here, so an unknown parameter separates answers rather than sharing them.
+    pub params: BTreeMap<String, Value>,
 }
 
 /// The hex fingerprint of a normalised scope.
@@ -49,7 +53,7 @@ impl Scope {
         let mut stop = self.stop.clone();
         stop.sort();
         stop.dedup();
-        let canonical = serde_json::json!({
+        let mut canonical = serde_json::json!({
             "model": self.model.as_deref().map(str::trim),
             "namespace": self.namespace(),
             // Round sampling parameters so 0.7 and 0.70000001 share a scope.
@@ -62,6 +66,17 @@ impl Scope {
             "system": self.system.as_deref().map(normalize_prompt),
             "messages": canonicalize(&Value::Array(self.messages.clone())),
         });
+        // Only when set, so scopes without parameters keep the fingerprints they always had.
+        if !self.params.is_empty()
+            && let Value::Object(map) = &mut canonical
+        {
+            let params: serde_json::Map<String, Value> = self
+                .params
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            map.insert("params".to_owned(), Value::Object(params));
+        }
         ScopeFingerprint(short_hash(canonicalize(&canonical).to_string().as_bytes()))
     }
 }

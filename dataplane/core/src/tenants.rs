@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use semantis_contract::{
-    CacheDefaults, DataplaneConfig, EvictionPolicy, LOCAL_VERIFIER, NO_VERIFIER,
+    CacheDefaults, DataplaneConfig, EvictionPolicy, LOCAL_VERIFIER, NO_VERIFIER, UpstreamKey,
 };
 use sha2::{Digest, Sha256};
 
@@ -24,6 +24,12 @@ pub struct Tenant {
     /// The verifier that must accept a semantic candidate before it is served; `None`: the
     /// cosine threshold alone decides.
     pub verification: Option<Verification>,
+    /// Gateway: the upstream chat misses go to (a name in the configuration's `upstreams`).
+    pub upstream: Option<String>,
+    /// Gateway: whose key goes upstream.
+    pub upstream_key: UpstreamKey,
+    /// Gateway: chat requests with a higher temperature are never cached.
+    pub max_cacheable_temperature: f64,
 }
 
 /// A tenant's verifier settings, resolved.
@@ -92,6 +98,8 @@ pub enum TenantConfigError {
         "tenant `{tenant}` names the verifier `{verifier}`, which is not configured or could not be built"
     )]
     UnknownVerifier { tenant: String, verifier: String },
+    #[error("tenant `{tenant}` names the upstream `{upstream}`, which is not configured")]
+    UnknownUpstream { tenant: String, upstream: String },
     #[error("invalid {field} {value} for `{tenant}`: it must be within {range}")]
     Verifier {
         tenant: String,
@@ -173,6 +181,14 @@ impl TenantRegistry {
                 {
                     return Err(TenantConfigError::SharedKey(other, t.name.clone()));
                 }
+            }
+            if let Some(u) = &t.upstream
+                && !cfg.upstreams.contains_key(u)
+            {
+                return Err(TenantConfigError::UnknownUpstream {
+                    tenant: t.name.clone(),
+                    upstream: u.clone(),
+                });
             }
             let tenant = resolve(&cfg.cache, t, available)?;
             reg.tenants.insert(t.name.clone(), Arc::new(tenant));
@@ -286,6 +302,16 @@ fn resolve(
     if max_entries == 0 {
         return Err(TenantConfigError::MaxEntries(t.name.clone()));
     }
+    let max_cacheable_temperature = t
+        .max_cacheable_temperature
+        .unwrap_or(defaults.max_cacheable_temperature);
+    if !(0.0..=2.0).contains(&max_cacheable_temperature) {
+        return Err(out_of(
+            "max_cacheable_temperature",
+            max_cacheable_temperature,
+            "0..2",
+        ));
+    }
     Ok(Tenant {
         name: t.name.clone(),
         min_similarity,
@@ -294,6 +320,9 @@ fn resolve(
         eviction: t.eviction.unwrap_or(defaults.eviction),
         near_miss_margin: defaults.near_miss_margin,
         verification,
+        upstream: t.upstream.clone(),
+        upstream_key: t.upstream_key,
+        max_cacheable_temperature,
     })
 }
 

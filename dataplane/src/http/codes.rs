@@ -35,6 +35,11 @@ pub enum Code {
     EmbedderUnavailable,
     StoreUnavailable,
     Timeout,
+    UpstreamNotConfigured,
+    CacheMiss,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
 }
 
 /// One row of the table.
@@ -113,6 +118,16 @@ pub static TABLE: &[CodeInfo] = &[
         "the write could not be made durable, or the metadata store is down for `/v1/stats`"),
     row(Code::Timeout, "timeout", StatusCode::GATEWAY_TIMEOUT,
         "the request did not finish within `server.request_timeout_ms`"),
+    row(Code::UpstreamNotConfigured, "upstream_not_configured", StatusCode::BAD_REQUEST,
+        "a gateway route was called for a tenant with no `upstream`"),
+    row(Code::CacheMiss, "cache_miss", StatusCode::GATEWAY_TIMEOUT,
+        "`X-Semantis-Cache-Only: true` and nothing cached answers the request"),
+    row(Code::UpstreamError, "upstream_error", StatusCode::BAD_GATEWAY,
+        "the upstream answered 5xx, or something that is not the protocol's answer"),
+    row(Code::UpstreamTimeout, "upstream_timeout", StatusCode::GATEWAY_TIMEOUT,
+        "the upstream did not answer within its `timeout_ms`"),
+    row(Code::UpstreamUnavailable, "upstream_unavailable", StatusCode::SERVICE_UNAVAILABLE,
+        "the upstream refused the connection, or its circuit breaker is open"),
 ];
 
 impl Code {
@@ -126,6 +141,19 @@ impl Code {
 
     pub fn status(self) -> StatusCode {
         self.info().status
+    }
+
+    /// OpenAI's error `type` for this code's status, so the OpenAI SDKs raise the matching
+    /// exception class.
+    pub fn openai_type(self) -> &'static str {
+        match self.status().as_u16() {
+            400 | 405 | 413 | 415 | 422 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            _ => "api_error",
+        }
     }
 }
 

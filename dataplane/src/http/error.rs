@@ -27,6 +27,11 @@ pub struct ErrorDetail {
     #[schema(schema_with = code_schema)]
     pub code: String,
     pub message: String,
+    /// OpenAI's error class for the status (`invalid_request_error`, `authentication_error`,
+    /// `not_found_error`, `rate_limit_error`, `api_error`), so OpenAI clients read every
+    /// error of this API, the gateway's included.
+    #[serde(rename = "type")]
+    pub kind: String,
 }
 
 /// The `code` field's schema: an enum of every name in the table, each with its status and
@@ -62,6 +67,10 @@ impl ApiError {
             code,
             message: message.into(),
         }
+    }
+
+    pub fn code(&self) -> Code {
+        self.code
     }
 
     pub fn not_found() -> Self {
@@ -109,6 +118,7 @@ impl IntoResponse for ApiError {
             error: ErrorDetail {
                 code: self.code.name().to_owned(),
                 message: self.message,
+                kind: self.code.openai_type().to_owned(),
             },
         };
         (self.code.status(), Json(body)).into_response()

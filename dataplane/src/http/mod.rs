@@ -3,6 +3,7 @@
 
 pub mod codes;
 mod error;
+pub mod gateway;
 mod wire;
 
 use std::sync::Arc;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub probes: Vec<Arc<dyn Probe>>,
     /// False while starting and once shutdown begins, so load balancers stop routing here.
     pub accepting: AtomicBool,
+    /// The OpenAI-compatible gateway (`/v1/chat/completions`, `/v1/models`, `/v1/embeddings`).
+    pub gateway: Arc<crate::gateway::Gateway>,
 }
 
 /// JSON body extractor whose rejections use the API's error format.
@@ -76,7 +79,7 @@ fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Arc<Tenant>, Ap
     Ok(state.cache.authenticate(bearer, tenant)?)
 }
 
-fn request_id(headers: &HeaderMap) -> String {
+pub(crate) fn request_id(headers: &HeaderMap) -> String {
     headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
@@ -610,9 +613,22 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize, timeout: Duration) ->
         .route("/v1/feedback", post(feedback))
         .route("/v1/stats", get(stats))
         .layer(DefaultBodyLimit::disable())
+        .layer(RequestBodyLimitLayer::new(max_body_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::GATEWAY_TIMEOUT,
+            timeout,
+        ));
+    // The gateway's routes wait on the upstream, under each upstream's own deadlines (a
+    // completion may take minutes), not the API's request timeout.
+    let gateway = Router::new()
+        .route("/v1/chat/completions", post(gateway::chat_completions))
+        .route("/v1/models", get(gateway::models))
+        .route("/v1/embeddings", post(gateway::embeddings))
+        .layer(DefaultBodyLimit::disable())
         .layer(RequestBodyLimitLayer::new(max_body_bytes));
     Router::new()
         .merge(api)
+        .merge(gateway)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
@@ -622,10 +638,6 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize, timeout: Duration) ->
             close_while_draining,
         ))
         .layer(axum::middleware::map_response(error::rewrite_plain_errors))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::GATEWAY_TIMEOUT,
-            timeout,
-        ))
         .layer(CatchPanicLayer::custom(error::panic_response))
         .with_state(state)
 }

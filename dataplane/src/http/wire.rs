@@ -34,6 +34,10 @@ pub struct ScopeBody {
     /// Earlier turns of the conversation (`{"role","content"}` objects), oldest first.
     #[schema(value_type = Vec<Object>)]
     pub messages: Vec<Value>,
+    /// Any other generation parameter by its API name (`seed`, `tool_choice`, ...); the
+    /// gateway derives these from a chat request's body.
+    #[schema(value_type = Object)]
+    pub params: std::collections::BTreeMap<String, Value>,
 }
 
 impl From<ScopeBody> for Scope {
@@ -49,6 +53,7 @@ impl From<ScopeBody> for Scope {
             response_format: b.response_format,
             system: b.system,
             messages: b.messages,
+            params: b.params,
         }
     }
 }

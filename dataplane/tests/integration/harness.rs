@@ -28,6 +28,7 @@ pub struct Setup {
     /// Extra `[server]` lines.
     pub server_extra: String,
     pub tenant_a_extra: String,
+    pub tenant_b_extra: String,
     pub flush_max_rows: usize,
     pub max_body_bytes: usize,
     /// `cache.min_similarity`; `None` leaves the default (0.9, or a verifier's own floor).
@@ -49,6 +50,7 @@ impl Default for Setup {
             storage_extra: String::new(),
             server_extra: String::new(),
             tenant_a_extra: String::new(),
+            tenant_b_extra: String::new(),
             flush_max_rows: 64,
             max_body_bytes: 64 * 1024,
             min_similarity: Some(0.9),
@@ -116,6 +118,7 @@ api_key_sha256 = ["{a}"]
 [[tenants]]
 name = "team-b"
 api_key_sha256 = ["{b}"]
+{b_extra}
 "#,
             body = self.max_body_bytes,
             admin = sha(ADMIN),
@@ -127,6 +130,7 @@ api_key_sha256 = ["{b}"]
             a = sha(KEY_A),
             b = sha(KEY_B),
             a_extra = self.tenant_a_extra,
+            b_extra = self.tenant_b_extra,
             min_similarity = self
                 .min_similarity
                 .map(|m| format!("min_similarity = {m}"))
