@@ -42,6 +42,8 @@ pub struct GatewayMetrics {
     pub usd_spent_micros: IntCounterVec,
     pub coalesced: IntCounterVec,
     pub coalesce_waiting: IntGaugeVec,
+    pub rate_limited: IntCounterVec,
+    pub ratelimit_fail_open: IntCounterVec,
 }
 
 impl Metrics {
@@ -183,6 +185,18 @@ impl Metrics {
                     &r,
                     "semantis_gateway_coalesced_total",
                     "Requests answered from an identical request's upstream call.",
+                    &["tenant"],
+                )?,
+                rate_limited: counter(
+                    &r,
+                    "semantis_gateway_rate_limited_total",
+                    "Requests refused with 429, by whose limit (tenant, user) and which (requests, tokens, usd).",
+                    &["tenant", "who", "kind"],
+                )?,
+                ratelimit_fail_open: counter(
+                    &r,
+                    "semantis_gateway_ratelimit_fail_open_total",
+                    "Limit checks or charges that Redis could not answer: the request went through unchecked.",
                     &["tenant"],
                 )?,
                 coalesce_waiting: {

@@ -40,6 +40,8 @@ pub struct Built {
     pub metadata: MetadataStore,
     pub probes: Vec<Arc<dyn Probe>>,
     pub usage_writer: JoinHandle<()>,
+    /// Cluster mode's Redis, for the gateway's rate-limit windows.
+    pub redis: Option<redis::aio::ConnectionManager>,
 }
 
 /// The embedder `e` describes, with batching and (when configured) its cache in front.
@@ -333,6 +335,7 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
         metadata,
         probes,
         usage_writer,
+        redis: redis.as_ref().map(|(_, c)| c.clone()),
     })
 }
 
@@ -544,9 +547,10 @@ pub async fn run(cfg: DataplaneConfig) -> anyhow::Result<()> {
         metadata,
         probes,
         usage_writer,
+        redis,
     } = build(&cfg, metrics.clone()).await?;
     let gateway = Arc::new(
-        semantis_dataplane::gateway::Gateway::new(&cfg, metrics.gateway.clone())
+        semantis_dataplane::gateway::Gateway::new(&cfg, metrics.gateway.clone(), redis)
             .context("failed to set up the gateway's upstreams")?,
     );
     let state = Arc::new(AppState {

@@ -571,6 +571,7 @@ pub fn dataplane_config(c: &ValidatedCache, o: &Observed, n: &ChildNames) -> Dat
                 upstream: None,
                 upstream_key: semantis_contract::UpstreamKey::Config,
                 max_cacheable_temperature: None,
+                limits: Default::default(),
             })
             .collect(),
     }

@@ -517,6 +517,41 @@ pub struct TenantConfig {
     pub upstream_key: UpstreamKey,
     /// Gateway: overrides `cache.max_cacheable_temperature`.
     pub max_cacheable_temperature: Option<f64>,
+    /// Gateway: rate limits and budgets.
+    pub limits: LimitsConfig,
+}
+
+/// A tenant's gateway limits: over one, a request is answered 429 with `Retry-After`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// The tenant's requests together.
+    pub tenant: Limit,
+    /// Each end user apart (the body's `user`, or the `X-Semantis-User` header); requests
+    /// without a user are held to `tenant` only.
+    pub user: Limit,
+    /// Whether cache hits count against `requests_per_minute` (and are refused over it).
+    /// Default: no; a hit costs nothing upstream.
+    pub count_hits: bool,
+}
+
+/// Windows are fixed: the minute and the UTC day. Unset: no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limit {
+    pub requests_per_minute: Option<u64>,
+    /// Upstream tokens (prompt + completion) per minute.
+    pub tokens_per_minute: Option<u64>,
+    /// Upstream spend per UTC day, in US dollars, from the upstream's price table.
+    pub usd_per_day: Option<f64>,
+}
+
+impl Limit {
+    pub fn is_set(&self) -> bool {
+        self.requests_per_minute.is_some()
+            || self.tokens_per_minute.is_some()
+            || self.usd_per_day.is_some()
+    }
 }
 
 #[cfg(test)]

@@ -419,6 +419,17 @@ fn pieces(text: &str, max: usize) -> Vec<String> {
         .collect()
 }
 
+/// Whether an event's data is the usage-only chunk `stream_options.include_usage` adds
+/// (no choices, a usage).
+pub fn is_usage_chunk(data: &str) -> bool {
+    serde_json::from_str::<Value>(data).is_ok_and(|v| {
+        v.get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(Vec::is_empty)
+            && v.get("usage").is_some_and(|u| !u.is_null())
+    })
+}
+
 /// One server-sent event's data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SseData {

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use semantis_contract::{
-    CacheDefaults, DataplaneConfig, EvictionPolicy, LOCAL_VERIFIER, NO_VERIFIER, UpstreamKey,
+    CacheDefaults, DataplaneConfig, EvictionPolicy, LOCAL_VERIFIER, LimitsConfig, NO_VERIFIER,
+    UpstreamKey,
 };
 use sha2::{Digest, Sha256};
 
@@ -30,6 +31,8 @@ pub struct Tenant {
     pub upstream_key: UpstreamKey,
     /// Gateway: chat requests with a higher temperature are never cached.
     pub max_cacheable_temperature: f64,
+    /// Gateway: rate limits and budgets.
+    pub limits: LimitsConfig,
 }
 
 /// A tenant's verifier settings, resolved.
@@ -312,6 +315,21 @@ fn resolve(
             "0..2",
         ));
     }
+    for (who, l) in [("tenant", &t.limits.tenant), ("user", &t.limits.user)] {
+        if let Some(usd) = l.usd_per_day
+            && !(usd.is_finite() && usd >= 0.0)
+        {
+            return Err(out_of(
+                if who == "tenant" {
+                    "limits.tenant.usd_per_day"
+                } else {
+                    "limits.user.usd_per_day"
+                },
+                usd,
+                "0..",
+            ));
+        }
+    }
     Ok(Tenant {
         name: t.name.clone(),
         min_similarity,
@@ -323,6 +341,7 @@ fn resolve(
         upstream: t.upstream.clone(),
         upstream_key: t.upstream_key,
         max_cacheable_temperature,
+        limits: t.limits.clone(),
     })
 }
 

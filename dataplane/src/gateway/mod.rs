@@ -8,6 +8,7 @@
 //! this module holds the flow, [`upstream`] the calls out.
 
 pub mod flights;
+pub mod limits;
 pub mod upstream;
 
 use std::collections::{HashMap, HashSet};
@@ -29,6 +30,7 @@ use semantis_cache::{Cache, HitPath, LookupQuery, StoreCommand};
 use semantis_contract::DataplaneConfig;
 
 use self::flights::{Flights, Joined, Leader};
+use self::limits::{Admission, Limits, Plan, RateState};
 use self::upstream::{ClientCredentials, Upstream, UpstreamConfigError, UpstreamError};
 use crate::http::ApiError;
 use crate::http::codes::Code;
@@ -60,6 +62,8 @@ pub struct Controls {
     pub min_similarity: Option<f32>,
     /// `X-Semantis-Namespace: <name>`: a partition inside the tenant.
     pub namespace: Option<String>,
+    /// `X-Semantis-User: <id>`: the end user limits hold apart (else the body's `user`).
+    pub user: Option<String>,
 }
 
 impl Controls {
@@ -110,6 +114,9 @@ impl Controls {
         let namespace = text("x-semantis-namespace")?
             .filter(|n| !n.is_empty())
             .map(str::to_owned);
+        let user = text("x-semantis-user")?
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned);
         Ok(Self {
             bypass: flag("x-semantis-cache-bypass")?,
             no_lookup: flag("x-semantis-no-lookup")?,
@@ -118,12 +125,14 @@ impl Controls {
             ttl_secs,
             min_similarity,
             namespace,
+            user,
         })
     }
 }
 
 pub struct Gateway {
     upstreams: HashMap<String, Arc<Upstream>>,
+    limits: Limits,
     flights: Flights,
     coalesce_wait: Duration,
     metrics: GatewayMetrics,
@@ -144,9 +153,12 @@ enum Answer {
 }
 
 impl Gateway {
+    /// `redis`: the windows of rate limits and budgets, shared by replicas (cluster mode);
+    /// without it they are the process's own.
     pub fn new(
         cfg: &DataplaneConfig,
         metrics: GatewayMetrics,
+        redis: Option<redis::aio::ConnectionManager>,
     ) -> Result<Self, UpstreamConfigError> {
         let mut upstreams = HashMap::new();
         for (name, u) in &cfg.upstreams {
@@ -154,6 +166,11 @@ impl Gateway {
         }
         Ok(Self {
             upstreams,
+            limits: Limits::new(
+                redis,
+                metrics.ratelimit_fail_open.clone(),
+                metrics.rate_limited.clone(),
+            ),
             flights: Flights::default(),
             coalesce_wait: Duration::from_millis(cfg.cache.coalesce_wait_ms),
             metrics,
@@ -212,6 +229,8 @@ impl Gateway {
             tenant.max_cacheable_temperature,
         )?;
         let model = self.model_label(&call.model);
+        let user = controls.user.clone().or_else(|| call.user.clone());
+        let plan = Limits::plan(&tenant, user.as_deref(), now_ms());
         let ctx = CallCtx {
             gateway: self.clone(),
             cache: cache.clone(),
@@ -223,7 +242,16 @@ impl Gateway {
             request_id,
             stream: call.stream,
             include_usage: call.include_usage,
+            plan,
         };
+        // With `count_hits`, every request counts; otherwise only those that go upstream.
+        let mut rate = None;
+        if ctx.tenant.limits.count_hits {
+            match self.admit(&ctx).await {
+                Ok(r) => rate = r,
+                Err(refused) => return Ok(refused),
+            }
+        }
         let key = match (controls.bypass, call.key) {
             (true, _) => Err(Bypass::Client),
             (false, k) => k,
@@ -239,10 +267,17 @@ impl Gateway {
                         ),
                     ));
                 }
+                if !ctx.tenant.limits.count_hits {
+                    match self.admit(&ctx).await {
+                        Ok(r) => rate = r,
+                        Err(refused) => return Ok(refused),
+                    }
+                }
                 self.count(&ctx, "bypass");
                 let mut r = ctx.forward(body, None).await?;
                 set(&mut r, CACHE_HEADER, "BYPASS");
                 set(&mut r, BYPASS_REASON_HEADER, reason.as_str());
+                rate_headers(&mut r, rate.as_ref());
                 return Ok(r);
             }
             Ok(k) => k,
@@ -272,7 +307,9 @@ impl Gateway {
                             .with_label_values(&[&ctx.tenant.name])
                             .inc();
                         self.count(&ctx, "coalesced");
-                        return Ok(ctx.replay(&completion, &Answer::Coalesced));
+                        let mut r = ctx.replay(&completion, &Answer::Coalesced);
+                        rate_headers(&mut r, rate.as_ref());
+                        return Ok(r);
                     }
                     None
                 }
@@ -302,7 +339,7 @@ impl Gateway {
                     // for themselves and find the same entry.
                     drop(leader);
                     self.count(&ctx, "hit");
-                    return Ok(ctx.replay(
+                    let mut r = ctx.replay(
                         &completion,
                         &Answer::Hit {
                             path: match hit.path {
@@ -312,7 +349,9 @@ impl Gateway {
                             similarity: Some(hit.similarity),
                             entry_id: Some(hit.entry.id.clone()),
                         },
-                    ));
+                    );
+                    rate_headers(&mut r, rate.as_ref());
+                    return Ok(r);
                 }
             }
         }
@@ -323,6 +362,12 @@ impl Gateway {
                 "nothing cached answers this request, and `x-semantis-cache-only` is set",
             ));
         }
+        if !ctx.tenant.limits.count_hits {
+            match self.admit(&ctx).await {
+                Ok(r) => rate = r,
+                Err(refused) => return Ok(refused),
+            }
+        }
         self.count(&ctx, "miss");
         let store = Store {
             key,
@@ -332,7 +377,43 @@ impl Gateway {
         };
         let mut r = ctx.forward(body, Some(store)).await?;
         set(&mut r, CACHE_HEADER, "MISS");
+        rate_headers(&mut r, rate.as_ref());
         Ok(r)
+    }
+
+    /// Hold a request to its limits: `Err` is the 429 to answer.
+    async fn admit(&self, ctx: &CallCtx) -> Result<Option<RateState>, Response> {
+        match self
+            .limits
+            .admit(&ctx.tenant.name, &ctx.plan, now_ms())
+            .await
+        {
+            Admission::Allowed(state) => Ok(state),
+            Admission::Refused { state, kind, who } => {
+                self.count(ctx, "rate_limited");
+                let what = match kind {
+                    limits::Kind::Requests => "requests per minute",
+                    limits::Kind::Tokens => "tokens per minute",
+                    limits::Kind::Usd => "dollars per day",
+                };
+                let whose = if who == "user" {
+                    "this user"
+                } else {
+                    "this tenant"
+                };
+                let mut r = ApiError::new(
+                    Code::RateLimited,
+                    format!(
+                        "{whose} is over its {what} (limit {}); retry in {} s",
+                        state.limit, state.reset_secs
+                    ),
+                )
+                .into_response();
+                set(&mut r, "retry-after", &state.reset_secs.to_string());
+                rate_headers(&mut r, Some(&state));
+                Err(r)
+            }
+        }
     }
 
     fn count(&self, ctx: &CallCtx, outcome: &str) {
@@ -537,6 +618,8 @@ struct CallCtx {
     request_id: String,
     stream: bool,
     include_usage: bool,
+    /// The limit windows this request is held to.
+    plan: Plan,
 }
 
 fn set(r: &mut Response, name: &'static str, value: &str) {
@@ -583,6 +666,23 @@ fn server_error(u: &Upstream, status: reqwest::StatusCode, body: &[u8]) -> ApiEr
         Code::UpstreamError,
         format!("upstream `{}` answered {}: {said}", u.name, status.as_u16()),
     )
+}
+
+fn now_ms() -> i64 {
+    semantis_cache::vector::now_ms()
+}
+
+/// `X-RateLimit-Limit`, `-Remaining` and `-Reset` (seconds until the window ends).
+fn rate_headers(r: &mut Response, state: Option<&RateState>) {
+    if let Some(s) = state {
+        set(r, "x-ratelimit-limit", &format!("{}", s.limit));
+        set(
+            r,
+            "x-ratelimit-remaining",
+            &format!("{}", s.remaining.floor()),
+        );
+        set(r, "x-ratelimit-reset", &s.reset_secs.to_string());
+    }
 }
 
 fn now_secs() -> i64 {
@@ -647,7 +747,19 @@ impl CallCtx {
 
     /// Call the upstream and answer with what it says. With `store`, a complete answer is
     /// handed to the flight's followers and stored.
-    async fn forward(self, body: Value, store: Option<Store>) -> Result<Response, ApiError> {
+    async fn forward(self, mut body: Value, store: Option<Store>) -> Result<Response, ApiError> {
+        // A stream's usage comes only in a last chunk the client must ask for: ask for it
+        // always (spend, budgets and the stored answer need it) and, when the client did not,
+        // leave that chunk out of what it is sent.
+        let strip_usage = self.stream && !self.include_usage;
+        if strip_usage && let Value::Object(o) = &mut body {
+            let options = o.entry("stream_options").or_insert_with(|| json!({}));
+            if let Value::Object(opts) = options {
+                opts.insert("include_usage".into(), Value::Bool(true));
+            } else {
+                *options = json!({"include_usage": true});
+            }
+        }
         let started = Instant::now();
         let sent = self
             .upstream
@@ -706,7 +818,7 @@ impl CallCtx {
         }
         let mut r = if self.stream {
             self.upstream.breaker.success();
-            self.stream_through(resp, store)
+            self.stream_through(resp, store, strip_usage)
         } else {
             let bytes = match tokio::time::timeout(self.upstream.timeout, resp.bytes()).await {
                 Ok(Ok(b)) => b,
@@ -776,6 +888,20 @@ impl CallCtx {
         m.usd_spent_micros
             .with_label_values(&[&self.tenant.name, &self.model])
             .inc_by((cost * 1e6).round().clamp(0.0, u64::MAX as f64) as u64);
+        if !self.plan.windows.is_empty() {
+            let (gateway, tenant, plan) = (
+                self.gateway.clone(),
+                self.tenant.name.clone(),
+                self.plan.clone(),
+            );
+            let tokens = prompt_tokens.saturating_add(completion_tokens);
+            tokio::spawn(async move {
+                gateway
+                    .limits
+                    .charge(&tenant, &plan, tokens, cost, now_ms())
+                    .await;
+            });
+        }
         let Some(store) = store else {
             return;
         };
@@ -820,8 +946,16 @@ impl CallCtx {
 
     /// Forward an event stream chunk by chunk as it arrives, assembling the completion beside
     /// it; only a stream that ended normally (`[DONE]`, every choice finished) is stored.
-    fn stream_through(self, resp: reqwest::Response, store: Option<Store>) -> Response {
+    fn stream_through(
+        self,
+        resp: reqwest::Response,
+        store: Option<Store>,
+        strip_usage: bool,
+    ) -> Response {
         struct Tee {
+            /// Re-frame events and drop the usage-only chunk (the client did not ask for it);
+            /// otherwise the upstream's bytes go through as they are.
+            strip_usage: bool,
             inner: futures::stream::BoxStream<'static, reqwest::Result<Bytes>>,
             decoder: SseDecoder,
             assembler: StreamAssembler,
@@ -831,6 +965,7 @@ impl CallCtx {
             ended: bool,
         }
         let tee = Tee {
+            strip_usage,
             inner: resp.bytes_stream().boxed(),
             decoder: SseDecoder::default(),
             assembler: StreamAssembler::default(),
@@ -840,40 +975,61 @@ impl CallCtx {
             ended: false,
         };
         let body = futures::stream::unfold(tee, |mut t| async move {
-            if t.ended {
-                return None;
-            }
-            let idle = t.ctx.upstream.idle_timeout;
-            match tokio::time::timeout(idle, t.inner.next()).await {
-                Ok(Some(Ok(bytes))) => {
-                    t.decoder.push(&bytes, &mut t.events);
-                    for e in t.events.drain(..) {
-                        t.assembler.push(&e);
+            loop {
+                if t.ended {
+                    return None;
+                }
+                let idle = t.ctx.upstream.idle_timeout;
+                match tokio::time::timeout(idle, t.inner.next()).await {
+                    Ok(Some(Ok(bytes))) => {
+                        t.decoder.push(&bytes, &mut t.events);
+                        let mut framed = String::new();
+                        for e in t.events.drain(..) {
+                            t.assembler.push(&e);
+                            if t.strip_usage {
+                                match &e {
+                                    SseData::Done => framed.push_str("data: [DONE]\n\n"),
+                                    SseData::Data(d) if !chat::is_usage_chunk(d) => {
+                                        framed.push_str("data: ");
+                                        framed.push_str(d);
+                                        framed.push_str("\n\n");
+                                    }
+                                    SseData::Data(_) => {}
+                                }
+                            }
+                        }
+                        let out = if t.strip_usage {
+                            Bytes::from(framed)
+                        } else {
+                            bytes
+                        };
+                        if out.is_empty() {
+                            continue;
+                        }
+                        return Some((Ok::<Bytes, std::io::Error>(out), t));
                     }
-                    Some((Ok::<Bytes, std::io::Error>(bytes), t))
-                }
-                Ok(None) => {
-                    t.ended = true;
-                    let assembler = std::mem::take(&mut t.assembler);
-                    match assembler.finish() {
-                        Some(completion) => t.ctx.complete(completion, t.store.take()),
-                        None => t.ctx.error_kind("stream_cut"),
+                    Ok(None) => {
+                        t.ended = true;
+                        let assembler = std::mem::take(&mut t.assembler);
+                        match assembler.finish() {
+                            Some(completion) => t.ctx.complete(completion, t.store.take()),
+                            None => t.ctx.error_kind("stream_cut"),
+                        }
+                        return None;
                     }
-                    None
-                }
-                Ok(Some(Err(e))) => {
-                    t.ended = true;
-                    t.ctx.upstream.breaker.failure();
-                    t.ctx.error_kind("stream_cut");
-                    Some((
-                        Err(std::io::Error::other(format!("upstream stream broke: {e}"))),
-                        t,
-                    ))
-                }
-                Err(_) => {
-                    t.ended = true;
-                    t.ctx.error_kind("timeout");
-                    Some((Err(std::io::Error::other("upstream stream went idle")), t))
+                    Ok(Some(Err(e))) => {
+                        t.ended = true;
+                        t.ctx.upstream.breaker.failure();
+                        t.ctx.error_kind("stream_cut");
+                        let e = std::io::Error::other(format!("upstream stream broke: {e}"));
+                        return Some((Err(e), t));
+                    }
+                    Err(_) => {
+                        t.ended = true;
+                        t.ctx.error_kind("timeout");
+                        let e = std::io::Error::other("upstream stream went idle");
+                        return Some((Err(e), t));
+                    }
                 }
             }
         });

@@ -40,6 +40,7 @@ pub enum Code {
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
+    RateLimited,
 }
 
 /// One row of the table.
@@ -128,6 +129,8 @@ pub static TABLE: &[CodeInfo] = &[
         "the upstream did not answer within its `timeout_ms`"),
     row(Code::UpstreamUnavailable, "upstream_unavailable", StatusCode::SERVICE_UNAVAILABLE,
         "the upstream refused the connection, or its circuit breaker is open"),
+    row(Code::RateLimited, "rate_limited", StatusCode::TOO_MANY_REQUESTS,
+        "a gateway request is over a tenant's or user's limit; `Retry-After` says when to retry"),
 ];
 
 impl Code {

@@ -11,7 +11,10 @@ use reqwest::Method;
 use semantis_dataplane::fake_openai::FakeOpenAi;
 use serde_json::{Value, json};
 
-use crate::harness::{KEY_A, KEY_B, Server, Setup, metric_sum};
+use crate::harness::{
+    KEY_A, KEY_B, Server, Setup, fresh_database, metric_sum, private_redis, services,
+    shared_postgres,
+};
 
 const UPSTREAM_KEY: &str = "sk-upstream-secret";
 
@@ -45,7 +48,8 @@ output_per_million = 2.0
             url = fake.url,
             key = key_file.display()
         ),
-        tenant_a_extra: "upstream = \"fake\"\n".into(),
+        tenant_a_extra: "upstream = \"fake\"\n[tenants.limits.user]\nrequests_per_minute = 3\n"
+            .into(),
         tenant_b_extra: "upstream = \"fake\"\nupstream_key = \"client\"\n".into(),
         ..Setup::default()
     };
@@ -402,5 +406,84 @@ async fn a_tenant_without_an_upstream_is_told_so() -> anyhow::Result<()> {
         (status, v["error"]["code"].as_str()),
         (400, Some("upstream_not_configured"))
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn limits_are_shared_by_replicas_and_fail_open_without_redis() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fake = FakeOpenAi::start("127.0.0.1:0").await?;
+    let setup = Setup {
+        local_model: true,
+        min_similarity: None,
+        redis_url: Some(private_redis("gateway-limits")?),
+        postgres_url: Some(fresh_database(&shared_postgres()?).await?),
+        extra: format!("[upstreams.fake]\nbase_url = \"{}\"\n", fake.url),
+        tenant_a_extra: "upstream = \"fake\"\n[tenants.limits.user]\nrequests_per_minute = 5\n"
+            .into(),
+        ..Setup::default()
+    };
+    let r1 = Server::start_replica(dir.path(), "r1", &setup).await?;
+    let r2 = Server::start_replica(dir.path(), "r2", &setup).await?;
+    let auth = format!("Bearer {KEY_A}");
+    let minute = || semantis_cache::vector::now_ms() / 60_000;
+    // Five requests a minute for this user, whichever replica takes them: the sixth is
+    // refused. A burst that crossed a minute is run again under a fresh user.
+    let mut refused = None;
+    for attempt in 0..3 {
+        let started = minute();
+        let user = format!("carol-{attempt}");
+        // `i` requests went through before this one.
+        for i in 0..8 {
+            let replica = if i % 2 == 0 { &r1 } else { &r2 };
+            let mut body = chat(&format!("Question {i} of attempt {attempt}"), false);
+            body["user"] = json!(user);
+            let res = replica
+                .http
+                .post(format!("{}/v1/chat/completions", replica.url))
+                .header("authorization", &auth)
+                .json(&body)
+                .send()
+                .await?;
+            if res.status().as_u16() == 429 {
+                let retry: u64 = res
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .context("a 429 has Retry-After")?;
+                let v: Value = res.json().await?;
+                refused = Some((i, retry, v));
+                break;
+            }
+            assert_eq!(res.status().as_u16(), 200);
+        }
+        if minute() == started {
+            break;
+        }
+        refused = None;
+    }
+    let (allowed, retry, v) = refused.context("the sixth request in a minute was refused")?;
+    assert_eq!(allowed, 5, "the replicas share the user's window");
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_eq!(v["error"]["code"], "rate_limited");
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+
+    // Redis down: limits fail open and say so.
+    services(&["stop-redis", "gateway-limits"])?;
+    let mut body = chat("A question while Redis is down", false);
+    body["user"] = json!("dave");
+    let (status, cache, text) = post_chat(&r1, &[("authorization", &auth)], &body).await?;
+    assert_eq!((status, cache.as_str()), (200, "MISS"), "{text}");
+    let m = r1.metrics().await?;
+    assert!(
+        metric_sum(
+            &m,
+            "semantis_gateway_ratelimit_fail_open_total",
+            &[("tenant", "team-a")]
+        ) >= 1.0,
+        "the fail-open is counted"
+    );
+    services(&["redis", "gateway-limits"])?;
     Ok(())
 }

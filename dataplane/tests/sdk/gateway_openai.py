@@ -191,6 +191,32 @@ try:
 except openai.APIStatusError as e:
     check(e.status_code == 504 and e.body["code"] == "cache_miss", "a cut stream is not stored")
 
+# A stream whose client did not ask for usage gets none (the gateway asks upstream for it).
+h, t, u, f, _ = stream(f"Name three rivers ({run})")
+check(h["x-semantis-cache"] == "MISS" and t and u is None, "stream: no usage chunk unless asked for")
+
+# Over a user's requests per minute (3 for this tenant's users): 429 with Retry-After.
+allowed = 0
+for i in range(8):
+    try:
+        client.chat.completions.create(
+            model=MODEL, user=f"alice-{run}",
+            messages=[{"role": "user", "content": f"Question number {i} from alice ({run})"}])
+        allowed += 1
+    except openai.RateLimitError as e:
+        check(e.body["code"] == "rate_limited", "limits: the error says rate_limited")
+        retry = int(e.response.headers["retry-after"])
+        check(1 <= retry <= 60, f"limits: Retry-After is within the minute ({retry})")
+        check(e.response.headers["x-ratelimit-limit"] == "3"
+              and e.response.headers["x-ratelimit-remaining"] == "0", "limits: X-RateLimit-* say why")
+        break
+check(3 <= allowed <= 6, f"limits: 3 requests a minute went through before the 429 ({allowed})")
+h, _ = create(f"A question from bob ({run})", user=f"bob-{run}")
+check(h["x-ratelimit-limit"] == "3" and h["x-ratelimit-remaining"] == "2",
+      "limits: another user has a window of their own")
+h, _ = create(f"Question number 0 from alice ({run})", user=f"alice-{run}")
+check(h["x-semantis-cache"] == "HIT", "limits: a user over the limit is still answered from the cache")
+
 # Pass-throughs.
 ids = [m.id for m in client.models.list()]
 check(ids == ["fake-small", "fake-large"], "models: the upstream's list")
