@@ -20,8 +20,8 @@ use crate::error::{CacheError, StoreError};
 use crate::feedback::{Judgements, ServedHit};
 use crate::metrics::CacheMetrics;
 use crate::ports::{
-    Embedder, EntryStore, Feedback, FeedbackStore, HotLayer, ModelUsage, PendingStore, UsageEvent,
-    UsageReport, UsageSink, Verifier,
+    DayUsage, Embedder, EntryStore, Feedback, FeedbackStore, HotLayer, ModelUsage, PendingStore,
+    UpstreamUsage, UsageEvent, UsageReport, UsageSink, Verifier,
 };
 use crate::scope::{Scope, exact_key, normalize_prompt};
 use crate::tenants::{Tenant, TenantRegistry, Verification};
@@ -202,6 +202,12 @@ pub struct TenantStats {
     pub usd_saved: f64,
     /// The same figures per model.
     pub by_model: Vec<ModelUsage>,
+    /// Gateway calls that went upstream, the tokens they used and what they cost.
+    pub upstream_calls: u64,
+    pub tokens_used: u64,
+    pub usd_spent: f64,
+    /// The last 30 UTC days, oldest first (days without use are left out).
+    pub by_day: Vec<DayUsage>,
     /// The verifier semantic hits must pass, if any.
     pub verifier: Option<String>,
     /// The score it asks for now (feedback may have raised it).
@@ -837,6 +843,7 @@ impl Cache {
             request_id: q.request_id.clone(),
             tokens_saved: 0,
             usd_saved: 0.0,
+            upstream: None,
         };
         match hit {
             Some(h) => {
@@ -1093,6 +1100,8 @@ impl Cache {
             |f: fn(&ModelUsage) -> u64| by_model.iter().map(f).fold(0u64, u64::saturating_add);
         let lookups = total(|u| u.lookups);
         let hits = total(|u| u.hits);
+        let since = crate::vector::day_of(now_ms() - 29 * 86_400_000);
+        let by_day = self.usage_report.usage_by_day(&tenant.name, &since).await?;
         Ok(TenantStats {
             tenant: tenant.name.clone(),
             entries,
@@ -1111,7 +1120,11 @@ impl Cache {
             },
             tokens_saved: total(|u| u.tokens_saved),
             usd_saved: by_model.iter().map(|u| u.usd_saved).sum(),
+            upstream_calls: total(|u| u.upstream_calls),
+            tokens_used: total(|u| u.tokens_used),
+            usd_spent: by_model.iter().map(|u| u.usd_spent).sum(),
             by_model,
+            by_day,
             verifier: tenant.verification.as_ref().map(|v| v.verifier.clone()),
             verifier_min_score: tenant
                 .verification
@@ -1125,6 +1138,23 @@ impl Cache {
                 }
             },
         })
+    }
+
+    /// Account for a gateway call that went to the upstream (spend beside savings in stats).
+    pub fn record_upstream(&self, tenant: &Tenant, model: &str, usage: UpstreamUsage) {
+        self.usage.record(UsageEvent {
+            tenant: tenant.name.clone(),
+            model: model.to_owned(),
+            at_ms: now_ms(),
+            hit: false,
+            path: None,
+            entry_id: None,
+            similarity: None,
+            request_id: String::new(),
+            tokens_saved: 0,
+            usd_saved: 0.0,
+            upstream: Some(usage),
+        });
     }
 
     /// Record whether a served hit was right. A wrong one is never served again for its

@@ -164,6 +164,15 @@ pub struct UsageEvent {
     pub request_id: String,
     pub tokens_saved: u64,
     pub usd_saved: f64,
+    /// Set for a gateway call to the upstream (then the event is not a lookup).
+    pub upstream: Option<UpstreamUsage>,
+}
+
+/// What one upstream call used.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct UpstreamUsage {
+    pub tokens: u64,
+    pub usd: f64,
 }
 
 /// Where usage events go. Never blocks the caller: nothing on the hit path waits for the
@@ -180,12 +189,31 @@ pub struct ModelUsage {
     pub hits: u64,
     pub tokens_saved: u64,
     pub usd_saved: f64,
+    /// Gateway calls that went to the upstream.
+    pub upstream_calls: u64,
+    pub tokens_used: u64,
+    pub usd_spent: f64,
+}
+
+/// Usage totals for one tenant and UTC day (`YYYY-MM-DD`), every model together.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct DayUsage {
+    pub day: String,
+    pub lookups: u64,
+    pub hits: u64,
+    pub tokens_saved: u64,
+    pub usd_saved: f64,
+    pub upstream_calls: u64,
+    pub tokens_used: u64,
+    pub usd_spent: f64,
 }
 
 /// The accounting totals `stats` reports (written by the usage sink, read back here).
 #[async_trait]
 pub trait UsageReport: Send + Sync {
     async fn usage(&self, tenant: &str) -> Result<Vec<ModelUsage>, StoreError>;
+    /// The tenant's totals per day from `since` (`YYYY-MM-DD`, inclusive), oldest first.
+    async fn usage_by_day(&self, tenant: &str, since: &str) -> Result<Vec<DayUsage>, StoreError>;
 }
 
 /// Why a verifier gave no scores. Providers put their context into the strings.

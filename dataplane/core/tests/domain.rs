@@ -10,8 +10,8 @@ use parking_lot::Mutex;
 use semantis_cache::entry::{Candidate, Entry, EntryFilter, Removed};
 use semantis_cache::metrics::CacheMetrics;
 use semantis_cache::ports::{
-    EmbedError, Embedder, EntryStore, Feedback, FeedbackStore, HotLayer, ModelUsage, PendingStore,
-    UsageEvent, UsageReport, UsageSink, Verifier, VerifyError,
+    DayUsage, EmbedError, Embedder, EntryStore, Feedback, FeedbackStore, HotLayer, ModelUsage,
+    PendingStore, UsageEvent, UsageReport, UsageSink, Verifier, VerifyError,
 };
 use semantis_cache::scope::Scope;
 use semantis_cache::tenants::{Tenant, TenantRegistry, VerifierDefaults, hash_key};
@@ -294,12 +294,41 @@ impl UsageReport for MemUsage {
         for e in self.0.lock().iter().filter(|e| e.tenant == tenant) {
             let u = by_model.entry(e.model.clone()).or_default();
             u.model.clone_from(&e.model);
+            if let Some(up) = e.upstream {
+                u.upstream_calls += 1;
+                u.tokens_used += up.tokens;
+                u.usd_spent += up.usd;
+                continue;
+            }
             u.lookups += 1;
             u.hits += u64::from(e.hit);
             u.tokens_saved += e.tokens_saved;
             u.usd_saved += e.usd_saved;
         }
         Ok(by_model.into_values().collect())
+    }
+
+    async fn usage_by_day(&self, tenant: &str, since: &str) -> Result<Vec<DayUsage>, StoreError> {
+        let mut by_day: std::collections::BTreeMap<String, DayUsage> = Default::default();
+        for e in self.0.lock().iter().filter(|e| e.tenant == tenant) {
+            let day = semantis_cache::vector::day_of(e.at_ms);
+            if day.as_str() < since {
+                continue;
+            }
+            let u = by_day.entry(day.clone()).or_default();
+            u.day = day;
+            if let Some(up) = e.upstream {
+                u.upstream_calls += 1;
+                u.tokens_used += up.tokens;
+                u.usd_spent += up.usd;
+                continue;
+            }
+            u.lookups += 1;
+            u.hits += u64::from(e.hit);
+            u.tokens_saved += e.tokens_saved;
+            u.usd_saved += e.usd_saved;
+        }
+        Ok(by_day.into_values().collect())
     }
 }
 

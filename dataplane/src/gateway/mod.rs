@@ -888,6 +888,14 @@ impl CallCtx {
         m.usd_spent_micros
             .with_label_values(&[&self.tenant.name, &self.model])
             .inc_by((cost * 1e6).round().clamp(0.0, u64::MAX as f64) as u64);
+        self.cache.record_upstream(
+            &self.tenant,
+            &self.request_model,
+            semantis_cache::ports::UpstreamUsage {
+                tokens: prompt_tokens.saturating_add(completion_tokens),
+                usd: cost,
+            },
+        );
         if !self.plan.windows.is_empty() {
             let (gateway, tenant, plan) = (
                 self.gateway.clone(),

@@ -31,7 +31,9 @@ use semantis_cache::{
     Cache, CacheError, FeedbackCommand, FeedbackScope, LookupOutcome, LookupQuery, StoreCommand,
 };
 
-pub use self::wire::{FeedbackCountsBody, HitPathBody, ModelUsageBody, ScopeBody, StatsBody};
+pub use self::wire::{
+    DayUsageBody, FeedbackCountsBody, HitPathBody, ModelUsageBody, ScopeBody, StatsBody,
+};
 use crate::metrics::Metrics;
 use crate::store::Probe;
 
@@ -550,7 +552,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 #[openapi(
     info(title = "Semantis dataplane", description = "Semantic cache for LLM applications."),
     paths(lookup, store, delete_entry, invalidate, feedback, stats, readyz),
-    components(schemas(ErrorBody, ScopeBody, StatsBody, ModelUsageBody, FeedbackCountsBody, VerifierBody)),
+    components(schemas(ErrorBody, ScopeBody, StatsBody, ModelUsageBody, DayUsageBody, FeedbackCountsBody, VerifierBody)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

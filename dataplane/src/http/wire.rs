@@ -4,7 +4,7 @@
 
 use semantis_cache::HitPath;
 use semantis_cache::TenantStats;
-use semantis_cache::ports::ModelUsage;
+use semantis_cache::ports::{DayUsage, ModelUsage};
 use semantis_cache::scope::Scope;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -85,6 +85,11 @@ pub struct ModelUsageBody {
     pub hits: u64,
     pub tokens_saved: u64,
     pub usd_saved: f64,
+    /// Gateway calls that went to the upstream.
+    pub upstream_calls: u64,
+    pub tokens_used: u64,
+    /// What those calls cost, from the upstream's price table.
+    pub usd_spent: f64,
 }
 
 impl From<ModelUsage> for ModelUsageBody {
@@ -95,6 +100,39 @@ impl From<ModelUsage> for ModelUsageBody {
             hits: u.hits,
             tokens_saved: u.tokens_saved,
             usd_saved: u.usd_saved,
+            upstream_calls: u.upstream_calls,
+            tokens_used: u.tokens_used,
+            usd_spent: u.usd_spent,
+        }
+    }
+}
+
+/// Usage totals for one tenant and UTC day, every model together.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = DayUsage)]
+pub struct DayUsageBody {
+    /// `YYYY-MM-DD` (UTC).
+    pub day: String,
+    pub lookups: u64,
+    pub hits: u64,
+    pub tokens_saved: u64,
+    pub usd_saved: f64,
+    pub upstream_calls: u64,
+    pub tokens_used: u64,
+    pub usd_spent: f64,
+}
+
+impl From<DayUsage> for DayUsageBody {
+    fn from(u: DayUsage) -> Self {
+        Self {
+            day: u.day,
+            lookups: u.lookups,
+            hits: u.hits,
+            tokens_saved: u.tokens_saved,
+            usd_saved: u.usd_saved,
+            upstream_calls: u.upstream_calls,
+            tokens_used: u.tokens_used,
+            usd_spent: u.usd_spent,
         }
     }
 }
@@ -123,6 +161,13 @@ pub struct StatsBody {
     pub usd_saved: f64,
     /// The same figures per model.
     pub by_model: Vec<ModelUsageBody>,
+    /// Gateway calls that went to the upstream, the tokens they used and what they cost
+    /// (beside `tokens_saved` and `usd_saved`: what the cache spared).
+    pub upstream_calls: u64,
+    pub tokens_used: u64,
+    pub usd_spent: f64,
+    /// Spend and savings per UTC day, the last 30 days, oldest first.
+    pub by_day: Vec<DayUsageBody>,
     /// The verifier semantic hits must pass (absent: cosine similarity alone decides).
     pub verifier: Option<String>,
     /// The verifier score a candidate needs now (feedback toward a target error rate may have
@@ -157,6 +202,10 @@ impl From<TenantStats> for StatsBody {
             tokens_saved: s.tokens_saved,
             usd_saved: s.usd_saved,
             by_model: s.by_model.into_iter().map(Into::into).collect(),
+            upstream_calls: s.upstream_calls,
+            tokens_used: s.tokens_used,
+            usd_spent: s.usd_spent,
+            by_day: s.by_day.into_iter().map(Into::into).collect(),
             verifier: s.verifier,
             verifier_min_score: s.verifier_min_score,
             feedback: FeedbackCountsBody {

@@ -19,8 +19,9 @@ use crate::metrics::Metrics;
 use semantis_cache::StoreError;
 use semantis_cache::entry::{Entry, EntryFilter};
 use semantis_cache::index_version::{IndexVersionState, UnknownState};
-pub use semantis_cache::ports::ModelUsage;
+pub use semantis_cache::ports::{DayUsage, ModelUsage};
 use semantis_cache::ports::{Feedback, FeedbackStore, PendingStore, UsageReport};
+use semantis_cache::vector::day_of;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -39,6 +40,10 @@ pub struct MetadataSnapshot {
     /// Verdicts on served hits, oldest first (absent from backups made before feedback).
     #[serde(default)]
     pub feedback: Vec<FeedbackRow>,
+    /// The gateway's spend: (tenant, model, day, upstream_calls, tokens_used, usd_spent)
+    /// (absent from backups made before the gateway).
+    #[serde(default)]
+    pub spend: Vec<(String, String, String, i64, i64, f64)>,
 }
 
 /// One verdict as a backup keeps it.
@@ -155,19 +160,25 @@ const SET_INDEX_VERSION: &str = "INSERT INTO index_versions
      ON CONFLICT (tenant, fingerprint)
      DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at";
 
-const READ_USAGE: &str = "SELECT model, CAST(SUM(lookups) AS BIGINT) AS lookups,
+const USAGE_SUMS: &str = "CAST(SUM(lookups) AS BIGINT) AS lookups,
        CAST(SUM(hits) AS BIGINT) AS hits, CAST(SUM(tokens_saved) AS BIGINT) AS tokens_saved,
-       CAST(SUM(usd_saved) AS DOUBLE PRECISION) AS usd_saved
-     FROM usage WHERE tenant = $1 GROUP BY model ORDER BY model";
+       CAST(SUM(usd_saved) AS DOUBLE PRECISION) AS usd_saved,
+       CAST(SUM(upstream_calls) AS BIGINT) AS upstream_calls,
+       CAST(SUM(tokens_used) AS BIGINT) AS tokens_used,
+       CAST(SUM(usd_spent) AS DOUBLE PRECISION) AS usd_spent";
 
 const UPSERT_USAGE: &str = "INSERT INTO usage
-       (tenant, model, day, lookups, hits, tokens_saved, usd_saved)
-     VALUES ($1, $2, $3, $4, $5, $6, $7)
+       (tenant, model, day, lookups, hits, tokens_saved, usd_saved, upstream_calls,
+        tokens_used, usd_spent)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
      ON CONFLICT (tenant, model, day) DO UPDATE SET
        lookups = usage.lookups + excluded.lookups,
        hits = usage.hits + excluded.hits,
        tokens_saved = usage.tokens_saved + excluded.tokens_saved,
-       usd_saved = usage.usd_saved + excluded.usd_saved";
+       usd_saved = usage.usd_saved + excluded.usd_saved,
+       upstream_calls = usage.upstream_calls + excluded.upstream_calls,
+       tokens_used = usage.tokens_used + excluded.tokens_used,
+       usd_spent = usage.usd_spent + excluded.usd_spent";
 
 const INSERT_AUDIT: &str = "INSERT INTO hit_audit
        (at_ms, tenant, request_id, entry_id, path, similarity)
@@ -545,6 +556,13 @@ impl MetadataStore {
             .fetch_all(pool)
             .await
             .map_err(meta("export the hit audit trail"))?;
+            let spend = sqlx::query_as::<_, (String, String, String, i64, i64, f64)>(
+                "SELECT tenant, model, day, upstream_calls, tokens_used, usd_spent
+                 FROM usage WHERE upstream_calls > 0 ORDER BY tenant, model, day",
+            )
+            .fetch_all(pool)
+            .await
+            .map_err(meta("export spend"))?;
             let feedback = sqlx::query(READ_FEEDBACK)
                 .bind(0i64)
                 .bind(i64::MAX)
@@ -561,6 +579,7 @@ impl MetadataStore {
                 usage,
                 hit_audit,
                 feedback,
+                spend,
             })
         })
     }
@@ -620,6 +639,22 @@ impl MetadataStore {
                 .await
                 .map_err(meta("restore usage"))?;
             }
+            for (tenant, model, day, calls, tokens, usd) in &snap.spend {
+                sqlx::query(UPSERT_USAGE)
+                    .bind(tenant)
+                    .bind(model)
+                    .bind(day)
+                    .bind(0i64)
+                    .bind(0i64)
+                    .bind(0i64)
+                    .bind(0f64)
+                    .bind(calls)
+                    .bind(tokens)
+                    .bind(usd)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(meta("restore spend"))?;
+            }
             for (at_ms, tenant, request_id, entry_id, path, similarity) in &snap.hit_audit {
                 sqlx::query(INSERT_AUDIT)
                     .bind(at_ms)
@@ -654,7 +689,9 @@ impl MetadataStore {
 
     pub async fn usage(&self, tenant: &str) -> Result<Vec<ModelUsage>, BackendError> {
         on_pool!(self, |pool| {
-            let rows = sqlx::query(READ_USAGE)
+            let rows = sqlx::query(&format!(
+                "SELECT model, {USAGE_SUMS} FROM usage WHERE tenant = $1 GROUP BY model ORDER BY model"
+            ))
                 .bind(tenant)
                 .fetch_all(pool)
                 .await
@@ -667,10 +704,47 @@ impl MetadataStore {
                         hits: to_u64(r.try_get("hits")?),
                         tokens_saved: to_u64(r.try_get("tokens_saved")?),
                         usd_saved: r.try_get("usd_saved")?,
+                        upstream_calls: to_u64(r.try_get("upstream_calls")?),
+                        tokens_used: to_u64(r.try_get("tokens_used")?),
+                        usd_spent: r.try_get("usd_spent")?,
                     })
                 })
                 .collect::<Result<Vec<_>, sqlx::Error>>()
                 .map_err(meta("decode usage"))
+        })
+    }
+
+    /// A tenant's totals per day from `since` (inclusive), oldest first.
+    pub async fn usage_by_day(
+        &self,
+        tenant: &str,
+        since: &str,
+    ) -> Result<Vec<DayUsage>, BackendError> {
+        on_pool!(self, |pool| {
+            let rows = sqlx::query(&format!(
+                "SELECT day, {USAGE_SUMS} FROM usage WHERE tenant = $1 AND day >= $2
+                 GROUP BY day ORDER BY day"
+            ))
+            .bind(tenant)
+            .bind(since)
+            .fetch_all(pool)
+            .await
+            .map_err(meta("read usage by day"))?;
+            rows.iter()
+                .map(|r| {
+                    Ok(DayUsage {
+                        day: r.try_get("day")?,
+                        lookups: to_u64(r.try_get("lookups")?),
+                        hits: to_u64(r.try_get("hits")?),
+                        tokens_saved: to_u64(r.try_get("tokens_saved")?),
+                        usd_saved: r.try_get("usd_saved")?,
+                        upstream_calls: to_u64(r.try_get("upstream_calls")?),
+                        tokens_used: to_u64(r.try_get("tokens_used")?),
+                        usd_spent: r.try_get("usd_spent")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(meta("decode usage by day"))
         })
     }
 
@@ -762,6 +836,12 @@ impl MetadataStore {
                 .entry((e.tenant.clone(), e.model.clone(), day_of(e.at_ms)))
                 .or_default();
             // Saturating: one bad value must not stop the writer every tenant shares.
+            if let Some(u) = e.upstream {
+                t.upstream_calls = t.upstream_calls.saturating_add(1);
+                t.tokens_used = t.tokens_used.saturating_add(u.tokens);
+                t.usd_spent += u.usd;
+                continue;
+            }
             t.lookups = t.lookups.saturating_add(1);
             t.hits = t.hits.saturating_add(u64::from(e.hit));
             t.tokens_saved = t.tokens_saved.saturating_add(e.tokens_saved);
@@ -778,6 +858,9 @@ impl MetadataStore {
                     .bind(to_i64(t.hits))
                     .bind(to_i64(t.tokens_saved))
                     .bind(t.usd_saved)
+                    .bind(to_i64(t.upstream_calls))
+                    .bind(to_i64(t.tokens_used))
+                    .bind(t.usd_spent)
                     .execute(&mut *tx)
                     .await
                     .map_err(meta("record usage"))?;
@@ -805,21 +888,6 @@ impl MetadataStore {
         })?;
         Ok(())
     }
-}
-
-/// UTC day `YYYY-MM-DD` of a millisecond timestamp (civil-from-days, Howard Hinnant).
-fn day_of(ms: i64) -> String {
-    let days = ms.div_euclid(86_400_000);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
 }
 
 /// The queue in front of [`MetadataStore`].
@@ -931,11 +999,15 @@ impl UsageReport for MetadataStore {
     async fn usage(&self, tenant: &str) -> Result<Vec<ModelUsage>, StoreError> {
         Ok(MetadataStore::usage(self, tenant).await?)
     }
+
+    async fn usage_by_day(&self, tenant: &str, since: &str) -> Result<Vec<DayUsage>, StoreError> {
+        Ok(MetadataStore::usage_by_day(self, tenant, since).await?)
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::day_of;
+    use semantis_cache::vector::day_of;
 
     #[test]
     fn days_are_utc_calendar_dates() {

@@ -145,7 +145,42 @@ async fn the_openai_sdk_gets_hits_from_the_gateway() -> anyhow::Result<()> {
     for (auth, _, _) in &seen {
         assert_eq!(auth.as_deref(), Some(&*format!("Bearer {UPSTREAM_KEY}")));
     }
-    // Spend and savings are counted.
+    // Spend and savings are reported side by side, in total and for today.
+    let today = semantis_cache::vector::day_of(semantis_cache::vector::now_ms());
+    let stats = std::sync::Arc::new(parking_lot::Mutex::new(Value::Null));
+    server
+        .eventually(
+            "spend and savings in /v1/stats",
+            Duration::from_secs(10),
+            || {
+                let stats = stats.clone();
+                let server = &server;
+                async move {
+                    let (_, v, _) = server
+                        .call(Method::GET, "/v1/stats", Some(KEY_A), None)
+                        .await?;
+                    let ready = v["usd_spent"].as_f64().unwrap_or(0.0) > 0.0
+                        && v["usd_saved"].as_f64().unwrap_or(0.0) > 0.0;
+                    *stats.lock() = v;
+                    Ok(ready)
+                }
+            },
+        )
+        .await?;
+    let v = stats.lock().clone();
+    assert!(v["upstream_calls"].as_u64().unwrap_or(0) >= 10, "{v}");
+    assert!(v["tokens_used"].as_u64().unwrap_or(0) > 0, "{v}");
+    let day = v["by_day"]
+        .as_array()
+        .and_then(|d| d.last())
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(day["day"].as_str(), Some(today.as_str()), "{v}");
+    assert!(
+        day["usd_spent"].as_f64().unwrap_or(0.0) > 0.0
+            && day["usd_saved"].as_f64().unwrap_or(0.0) > 0.0,
+        "{v}"
+    );
     let m = server.metrics().await?;
     assert!(
         metric_sum(
