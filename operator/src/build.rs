@@ -552,7 +552,18 @@ pub fn dataplane_config(c: &ValidatedCache, o: &Observed, n: &ChildNames) -> Dat
             ..CacheDefaults::default()
         },
         verifiers: verifiers_config(c),
-        upstreams: BTreeMap::new(),
+        upstreams: c
+            .upstreams
+            .iter()
+            .map(|u| {
+                let mut config = u.config.clone();
+                config.api_key_file = u
+                    .api_key_secret
+                    .as_ref()
+                    .map(|_| upstream_key_file(&u.name));
+                (u.name.clone(), config)
+            })
+            .collect(),
         tenants: c
             .tenants
             .iter()
@@ -568,13 +579,18 @@ pub fn dataplane_config(c: &ValidatedCache, o: &Observed, n: &ChildNames) -> Dat
                 verifier_min_score: t.verifier_min_score,
                 verifier_budget_ms: t.verifier_budget_ms,
                 target_error_rate: t.target_error_rate,
-                upstream: None,
-                upstream_key: semantis_contract::UpstreamKey::Config,
-                max_cacheable_temperature: None,
-                limits: Default::default(),
+                upstream: t.upstream.clone(),
+                upstream_key: t.upstream_key,
+                max_cacheable_temperature: t.max_cacheable_temperature,
+                limits: t.limits.clone(),
             })
             .collect(),
     }
+}
+
+/// Where an upstream's API key is mounted.
+fn upstream_key_file(name: &str) -> String {
+    format!("/etc/semantis/upstreams/{name}/api-key")
 }
 
 /// Where a verifier's API key is mounted.
@@ -755,6 +771,36 @@ fn dataplane_volumes(c: &ValidatedCache, n: &ChildNames) -> (Vec<Volume>, Vec<Vo
             ..Volume::default()
         });
         mounts.push(mount("verifier-keys", "/etc/semantis/verifiers"));
+    }
+    let upstream_keys: Vec<VolumeProjection> = c
+        .upstreams
+        .iter()
+        .filter_map(|u| {
+            let key = u.api_key_secret.as_ref()?;
+            Some(VolumeProjection {
+                secret: Some(SecretProjection {
+                    name: key.name.clone(),
+                    items: Some(vec![KeyToPath {
+                        key: key.key.clone(),
+                        path: format!("{}/api-key", u.name),
+                        mode: None,
+                    }]),
+                    optional: None,
+                }),
+                ..VolumeProjection::default()
+            })
+        })
+        .collect();
+    if !upstream_keys.is_empty() {
+        volumes.push(Volume {
+            name: "upstream-keys".to_owned(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(upstream_keys),
+                default_mode: None,
+            }),
+            ..Volume::default()
+        });
+        mounts.push(mount("upstream-keys", "/etc/semantis/upstreams"));
     }
     if !c.tenants.is_empty() {
         volumes.push(Volume {

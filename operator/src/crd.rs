@@ -34,7 +34,9 @@ use serde::{Deserialize, Serialize};
     validation = Rule::new("self.tenants.all(t, self.tenants.exists_one(u, u.name == t.name))").message("spec.tenants: tenant names must be unique").field_path(".tenants"),
     validation = Rule::new("!has(self.verifiers) || self.verifiers.all(v, self.verifiers.exists_one(u, u.name == v.name))").message("spec.verifiers: verifier names must be unique").field_path(".verifiers"),
     validation = Rule::new("self.tenants.all(t, !has(t.verifier) || t.verifier in ['none', 'local'] || (has(self.verifiers) && self.verifiers.exists(v, v.name == t.verifier)))").message("spec.tenants[].verifier must be none, local or the name of one of spec.verifiers").field_path(".tenants"),
-    validation = Rule::new("!has(self.cache) || !has(self.cache.verifier) || self.cache.verifier in ['none', 'local'] || (has(self.verifiers) && self.verifiers.exists(v, v.name == self.cache.verifier))").message("spec.cache.verifier must be none, local or the name of one of spec.verifiers").field_path(".cache.verifier")
+    validation = Rule::new("!has(self.cache) || !has(self.cache.verifier) || self.cache.verifier in ['none', 'local'] || (has(self.verifiers) && self.verifiers.exists(v, v.name == self.cache.verifier))").message("spec.cache.verifier must be none, local or the name of one of spec.verifiers").field_path(".cache.verifier"),
+    validation = Rule::new("!has(self.upstreams) || self.upstreams.all(v, self.upstreams.exists_one(u, u.name == v.name))").message("spec.upstreams: upstream names must be unique").field_path(".upstreams"),
+    validation = Rule::new("self.tenants.all(t, !has(t.gateway) || (has(self.upstreams) && self.upstreams.exists(u, u.name == t.gateway.upstream)))").message("spec.tenants[].gateway.upstream must be the name of one of spec.upstreams").field_path(".tenants")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SemanticCacheSpec {
@@ -53,6 +55,12 @@ pub struct SemanticCacheSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 16))]
     pub verifiers: Option<Vec<VerifierSpec>>,
+    /// OpenAI-compatible LLM endpoints (OpenAI, Azure OpenAI, vLLM, Ollama, LiteLLM) that the
+    /// dataplane's gateway (`/v1/chat/completions`) forwards misses to. Tenants pick one with
+    /// `gateway.upstream`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    pub upstreams: Option<Vec<UpstreamSpec>>,
     /// The Redis the operator runs for this cache (hot layer, write-ahead log, notifications).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisSpec>,
@@ -152,6 +160,124 @@ pub struct SecretKeyRef {
     /// Key inside the Secret.
     #[schemars(length(min = 1, max = 253))]
     pub key: String,
+}
+
+/// How the gateway sends an upstream's API key.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamAuth {
+    /// `Authorization: Bearer <key>` (OpenAI, vLLM, Ollama, LiteLLM).
+    Bearer,
+    /// `api-key: <key>` (Azure OpenAI).
+    ApiKey,
+}
+
+/// An OpenAI-compatible LLM endpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamSpec {
+    /// The name tenants use in `gateway.upstream`.
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"),
+        length(min = 1, max = 63)
+    )]
+    pub name: String,
+    /// The base URL an OpenAI SDK would take, e.g. `https://api.openai.com/v1`, or an Azure
+    /// deployment's `https://<resource>.openai.azure.com/openai/deployments/<deployment>`.
+    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("spec.upstreams[].baseUrl must be an http:// or https:// URL"))]
+    pub base_url: String,
+    /// bearer (default) or api-key (Azure OpenAI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<UpstreamAuth>,
+    /// Secret holding the upstream's API key (not needed for tenants that pass their clients'
+    /// own keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret: Option<SecretKeyRef>,
+    /// Query parameters added to every call (Azure's `api-version`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<BTreeMap<String, String>>,
+    /// Deadline for the upstream's answer to begin (the whole answer when not streaming), in
+    /// seconds. Default: 60.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub timeout_seconds: Option<u64>,
+    /// What each model costs, for spend, savings and dollar budgets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub prices: Option<Vec<ModelPriceSpec>>,
+}
+
+/// A model's price in US dollars per million tokens.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelPriceSpec {
+    /// The model name as requests give it, e.g. `gpt-4o-mini`.
+    #[schemars(length(min = 1, max = 200))]
+    pub model: String,
+    #[schemars(range(min = 0.0))]
+    pub input_per_million: f64,
+    #[schemars(range(min = 0.0))]
+    pub output_per_million: f64,
+}
+
+/// Whose key the gateway sends upstream.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamKey {
+    /// The upstream's `apiKeySecret`; clients authenticate with their Semantis key.
+    Config,
+    /// The client's own `Authorization`; clients name their tenant with `X-Semantis-Key`.
+    Client,
+}
+
+/// A tenant's use of the gateway.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantGatewaySpec {
+    /// The upstream chat misses go to: one of spec.upstreams.
+    pub upstream: String,
+    /// config (default) or client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_key: Option<UpstreamKey>,
+    /// Requests with a higher temperature are forwarded and never cached. Default: 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 2.0))]
+    pub max_cacheable_temperature: Option<f64>,
+    /// Rate limits and budgets; over one a request is answered 429 with Retry-After.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsSpec>,
+}
+
+/// Rate limits and budgets, in fixed windows (the minute, the UTC day).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitsSpec {
+    /// The tenant's requests together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<LimitSpec>,
+    /// Each end user apart (the request's `user`, or the `X-Semantis-User` header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<LimitSpec>,
+    /// Whether cache hits count against requestsPerMinute. Default: false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count_hits: Option<bool>,
+}
+
+/// One set of limits; unset: no limit.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub requests_per_minute: Option<u64>,
+    /// Upstream tokens (prompt and completion) per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub tokens_per_minute: Option<u64>,
+    /// Upstream spend per UTC day in US dollars, from the upstream's prices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub usd_per_day: Option<f64>,
 }
 
 /// Eviction policies.
@@ -297,6 +423,9 @@ pub struct TenantSpec {
     /// Quotas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quotas: Option<TenantQuotas>,
+    /// The OpenAI-compatible gateway: where this tenant's chat misses go, and its limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<TenantGatewaySpec>,
 }
 
 /// Tenant quotas.

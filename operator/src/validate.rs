@@ -61,6 +61,8 @@ pub struct ValidatedCache {
     pub verifier_budget_ms: Option<u64>,
     /// spec.verifiers, sorted by name.
     pub verifiers: Vec<Verifier>,
+    /// spec.upstreams in the contract's form, by name (the key file path filled by build).
+    pub upstreams: Vec<Upstream>,
     pub default_ttl_secs: u64,
     pub max_entries: u64,
     pub eviction: ContractEviction,
@@ -87,6 +89,19 @@ pub struct Tenant {
     pub verifier_min_score: Option<f32>,
     pub verifier_budget_ms: Option<u64>,
     pub target_error_rate: Option<f32>,
+    /// The gateway: upstream name, whose key, temperature ceiling, limits.
+    pub upstream: Option<String>,
+    pub upstream_key: semantis_contract::UpstreamKey,
+    pub max_cacheable_temperature: Option<f64>,
+    pub limits: semantis_contract::LimitsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    pub name: String,
+    pub api_key_secret: Option<SecretKeyRef>,
+    /// Without `api_key_file`, which build sets where the Secret is mounted.
+    pub config: semantis_contract::UpstreamConfig,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -420,6 +435,60 @@ pub fn validate(
     known("spec.cache.verifier", &cache_spec.verifier)?;
     let eviction = cache_spec.eviction.as_ref();
 
+    let mut upstreams: Vec<Upstream> = Vec::new();
+    for (i, u) in spec.upstreams.iter().flatten().enumerate() {
+        if upstreams.iter().any(|x| x.name == u.name) {
+            return Err(invalid(
+                &format!("spec.upstreams[{i}].name"),
+                format!("upstream {:?} appears twice", u.name),
+            ));
+        }
+        if !(u.base_url.starts_with("http://") || u.base_url.starts_with("https://")) {
+            return Err(invalid(
+                &format!("spec.upstreams[{i}].baseUrl"),
+                "must be an http:// or https:// URL",
+            ));
+        }
+        let mut prices = BTreeMap::new();
+        for (j, p) in u.prices.iter().flatten().enumerate() {
+            let ok = |x: f64| x.is_finite() && x >= 0.0;
+            if !ok(p.input_per_million) || !ok(p.output_per_million) {
+                return Err(invalid(
+                    &format!("spec.upstreams[{i}].prices[{j}]"),
+                    "prices must be finite and not negative",
+                ));
+            }
+            prices.insert(
+                p.model.clone(),
+                semantis_contract::ModelPrice {
+                    input_per_million: p.input_per_million,
+                    output_per_million: p.output_per_million,
+                },
+            );
+        }
+        let defaults = semantis_contract::UpstreamConfig::default();
+        upstreams.push(Upstream {
+            name: u.name.clone(),
+            api_key_secret: u.api_key_secret.clone(),
+            config: semantis_contract::UpstreamConfig {
+                base_url: u.base_url.clone(),
+                auth: match u.auth {
+                    Some(crate::crd::UpstreamAuth::ApiKey) => {
+                        semantis_contract::UpstreamAuth::ApiKey
+                    }
+                    _ => semantis_contract::UpstreamAuth::Bearer,
+                },
+                query: u.query.clone().unwrap_or_default(),
+                timeout_ms: u
+                    .timeout_seconds
+                    .map_or(defaults.timeout_ms, |t| t.saturating_mul(1000)),
+                prices,
+                ..defaults
+            },
+        });
+    }
+    upstreams.sort_by(|a, b| a.name.cmp(&b.name));
+
     let mut tenants = Vec::with_capacity(spec.tenants.len());
     for (i, t) in spec.tenants.iter().enumerate() {
         if tenants.iter().any(|x: &Tenant| x.name == t.name) {
@@ -429,6 +498,48 @@ pub fn validate(
             ));
         }
         known(&format!("spec.tenants[{i}].verifier"), &t.verifier)?;
+        let gateway = t.gateway.as_ref();
+        if let Some(g) = gateway
+            && !upstreams.iter().any(|u| u.name == g.upstream)
+        {
+            return Err(invalid(
+                &format!("spec.tenants[{i}].gateway.upstream"),
+                format!("{:?} is not one of spec.upstreams", g.upstream),
+            ));
+        }
+        if let Some(t) = gateway.and_then(|g| g.max_cacheable_temperature)
+            && !(0.0..=2.0).contains(&t)
+        {
+            return Err(invalid(
+                &format!("spec.tenants[{i}].gateway.maxCacheableTemperature"),
+                "must be within 0..2",
+            ));
+        }
+        let limit = |l: Option<&crate::crd::LimitSpec>, field: &str| match l {
+            None => Ok(semantis_contract::Limit::default()),
+            Some(l) => {
+                if l.usd_per_day.is_some_and(|u| !(u.is_finite() && u >= 0.0)) {
+                    return Err(invalid(field, "usdPerDay must be finite and not negative"));
+                }
+                Ok(semantis_contract::Limit {
+                    requests_per_minute: l.requests_per_minute,
+                    tokens_per_minute: l.tokens_per_minute,
+                    usd_per_day: l.usd_per_day,
+                })
+            }
+        };
+        let limits = gateway.and_then(|g| g.limits.as_ref());
+        let limits = semantis_contract::LimitsConfig {
+            tenant: limit(
+                limits.and_then(|l| l.tenant.as_ref()),
+                &format!("spec.tenants[{i}].gateway.limits.tenant"),
+            )?,
+            user: limit(
+                limits.and_then(|l| l.user.as_ref()),
+                &format!("spec.tenants[{i}].gateway.limits.user"),
+            )?,
+            count_hits: limits.and_then(|l| l.count_hits).unwrap_or(false),
+        };
         tenants.push(Tenant {
             name: t.name.clone(),
             api_key_secret: t.api_key_secret.clone(),
@@ -442,6 +553,13 @@ pub fn validate(
             verifier_min_score: t.verifier_min_score.map(|x| x as f32),
             verifier_budget_ms: t.verifier_budget_ms,
             target_error_rate: t.target_error_rate.map(|x| x as f32),
+            upstream: gateway.map(|g| g.upstream.clone()),
+            upstream_key: match gateway.and_then(|g| g.upstream_key) {
+                Some(crate::crd::UpstreamKey::Client) => semantis_contract::UpstreamKey::Client,
+                _ => semantis_contract::UpstreamKey::Config,
+            },
+            max_cacheable_temperature: gateway.and_then(|g| g.max_cacheable_temperature),
+            limits,
         });
     }
     tenants.sort_by(|a, b| a.name.cmp(&b.name));
@@ -560,6 +678,7 @@ pub fn validate(
         verifier: cache_spec.verifier.clone(),
         verifier_budget_ms: cache_spec.verifier_budget_ms,
         verifiers,
+        upstreams,
         default_ttl_secs: cache_spec.default_ttl_seconds.unwrap_or(86_400),
         max_entries: eviction
             .and_then(|e| e.max_entries_per_tenant)
@@ -673,6 +792,21 @@ mod tests {
                 "  tenants: []\n",
                 "  tenants: []\n  backup: {schedule: 'every day', s3: {bucket: bkt}, credentialsSecret: {name: s}}\n",
                 "spec.backup.schedule",
+            ),
+            (
+                "  tenants: []\n",
+                "  tenants: [{name: a, apiKeySecret: {name: s, key: k}, gateway: {upstream: nowhere}}]\n",
+                "spec.tenants[0].gateway.upstream",
+            ),
+            (
+                "  tenants: []\n",
+                "  tenants: []\n  upstreams: [{name: u, baseUrl: 'ftp://x'}]\n",
+                "spec.upstreams[0].baseUrl",
+            ),
+            (
+                "  tenants: []\n",
+                "  tenants: [{name: a, apiKeySecret: {name: s, key: k}, gateway: {upstream: u, limits: {user: {usdPerDay: -1}}}}]\n  upstreams: [{name: u, baseUrl: 'http://x/v1'}]\n",
+                "spec.tenants[0].gateway.limits.user",
             ),
         ];
         for (from, to, field) in cases {

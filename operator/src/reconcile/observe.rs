@@ -266,6 +266,15 @@ async fn missing_secrets(client: &Client, c: &ValidatedCache) -> Result<Vec<Stri
             ));
         }
     }
+    for u in &c.upstreams {
+        if let Some(k) = &u.api_key_secret {
+            references.push((
+                k.name.clone(),
+                Some(k.key.clone()),
+                format!("upstream {}", u.name),
+            ));
+        }
+    }
     if let Some(b) = &c.backup {
         references.push((b.credentials_secret.name.clone(), None, "backups".into()));
     }
