@@ -8,7 +8,7 @@ export SEMANTIS_E2E_DIR := $(E2E_DIR)
 NODE_DIR ?= /tmp/semantis-node
 export SEMANTIS_NODE_DIR := $(NODE_DIR)
 
-.PHONY: run test e2e e2e-up e2e-down node-up node-down images crds manifests lint fmt setup build release release-dataplane release-serve release-operator bench
+.PHONY: fake-openai run test e2e e2e-up e2e-down node-up node-down images crds manifests lint fmt setup build release release-dataplane release-serve release-operator bench
 
 ## Start the embedded default (LanceDB + SQLite + local model) on 127.0.0.1:8080. Builds
 ## exactly what `make test` builds (same packages, same features: `cargo build -p` would
@@ -17,6 +17,12 @@ export SEMANTIS_NODE_DIR := $(NODE_DIR)
 run: setup
 	$(CARGO) test --workspace --locked --no-run
 	$(DEV_BIN) serve --config dataplane/examples/embedded.toml
+
+## A fake OpenAI-compatible LLM on 127.0.0.1:9100, the upstream `make run`'s tenant forwards
+## gateway misses to (dataplane/examples/embedded.toml).
+fake-openai:
+	$(CARGO) test --workspace --locked --no-run
+	$(DEV_BIN) fake-openai --listen 127.0.0.1:9100
 
 ## Everything CI checks: formatting, clippy -D warnings, `crds/` drift, unit and integration
 ## tests (real Postgres and Redis on loopback, from scripts/services.sh), the chart, kustomize

@@ -6,6 +6,7 @@
 //! coordinated omission, as in wrk2).
 
 mod ann;
+mod gateway;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +44,9 @@ pub enum Scenario {
     /// No server: the resident index in process, loaded with `--seed` vectors; the hit
     /// decision through the HNSW graph against exhaustive search, and search latency.
     AnnRecall,
+    /// The OpenAI-compatible gateway against `--upstream-url`, side by side with a direct
+    /// lookup (hits) and a direct upstream call (misses).
+    Gateway,
 }
 
 #[derive(clap::Args, Debug)]
@@ -107,6 +111,10 @@ pub struct BenchArgs {
     /// was confirmed with a wider search.
     #[arg(long)]
     no_miss_confirmation: bool,
+    /// `gateway`: the upstream's base URL (the one the tenant names), called directly for
+    /// the miss baseline.
+    #[arg(long)]
+    upstream_url: Option<String>,
     /// `embed-local`: the model directory (default: where scripts/fetch-model.sh puts it).
     #[arg(long)]
     model_dir: Option<std::path::PathBuf>,
@@ -348,7 +356,7 @@ fn request(
                 json!({"vector": normalized(v), "scope": scope(scenario)}),
             )
         }
-        Scenario::Store | Scenario::EmbedLocal | Scenario::AnnRecall => {
+        Scenario::Store | Scenario::EmbedLocal | Scenario::AnnRecall | Scenario::Gateway => {
             let v: Vec<f32> = (0..dim).map(|_| rng.random_range(-1.0f32..1.0)).collect();
             (
                 "/v1/entries",
@@ -415,6 +423,9 @@ struct Tally {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.scenario == Scenario::EmbedLocal {
         return embed_local(&args).await;
+    }
+    if args.scenario == Scenario::Gateway {
+        return gateway::run(&args).await;
     }
     if args.scenario == Scenario::AnnRecall {
         return tokio::task::spawn_blocking(move || ann::run(&args))

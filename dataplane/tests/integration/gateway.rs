@@ -522,3 +522,55 @@ async fn limits_are_shared_by_replicas_and_fail_open_without_redis() -> anyhow::
     services(&["redis", "gateway-limits"])?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_failing_upstream_opens_its_breaker_and_hits_are_still_served() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let fake = FakeOpenAi::start("127.0.0.1:0").await?;
+    let setup = Setup {
+        local_model: true,
+        min_similarity: None,
+        extra: format!(
+            "[upstreams.fake]\nbase_url = \"{}\"\nbreaker_failures = 2\nbreaker_cooldown_ms = 600000\n",
+            fake.url
+        ),
+        tenant_a_extra: "upstream = \"fake\"\n".into(),
+        ..Setup::default()
+    };
+    let server = Server::start(root.path(), &setup).await?;
+    let auth = format!("Bearer {KEY_A}");
+    let h = [("authorization", auth.as_str())];
+    let cached = chat("What is the tallest mountain?", false);
+    let (status, cache, _) = post_chat(&server, &h, &cached).await?;
+    assert_eq!((status, cache.as_str()), (200, "MISS"));
+    for _ in 0..2 {
+        let (status, _, text) = post_chat(&server, &h, &chat("[500] fail", false)).await?;
+        assert_eq!(status, 502, "{text}");
+    }
+    let calls = fake.calls();
+    let (status, _, text) = post_chat(&server, &h, &chat("A new question", false)).await?;
+    let v: Value = serde_json::from_str(&text)?;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (503, Some("upstream_unavailable")),
+        "{text}"
+    );
+    assert_eq!(fake.calls(), calls, "an open breaker calls nothing");
+    // The cache still answers what it holds.
+    server
+        .eventually(
+            "the first answer is served from the cache",
+            Duration::from_secs(10),
+            || async { Ok(post_chat(&server, &h, &cached).await?.1 == "HIT") },
+        )
+        .await?;
+    let m = server.metrics().await?;
+    assert!(
+        metric_sum(
+            &m,
+            "semantis_gateway_upstream_errors_total",
+            &[("kind", "circuit_open")]
+        ) >= 1.0
+    );
+    Ok(())
+}
