@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -35,6 +35,8 @@ struct Inner {
     held: AtomicU64,
     /// Each chat request's `Authorization` and `api-key` headers, and its body.
     seen: Mutex<Vec<Seen>>,
+    /// Each chat request's query string.
+    queries: Mutex<Vec<Option<String>>>,
     /// Added to every answer before it is sent (a model's thinking time, for `bench`).
     delay: Mutex<Duration>,
 }
@@ -95,6 +97,11 @@ impl FakeOpenAi {
         self.inner.seen.lock().clone()
     }
 
+    /// The query string of every chat request, in arrival order.
+    pub fn queries(&self) -> Vec<Option<String>> {
+        self.inner.queries.lock().clone()
+    }
+
     pub fn set_delay(&self, d: Duration) {
         *self.inner.delay.lock() = d;
     }
@@ -124,9 +131,11 @@ fn words(s: &str) -> u64 {
 
 async fn chat(
     State(fake): State<FakeOpenAi>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
+    fake.inner.queries.lock().push(query);
     let header_text = |n: &str| {
         headers
             .get(n)

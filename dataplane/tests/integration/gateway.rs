@@ -574,3 +574,38 @@ async fn a_failing_upstream_opens_its_breaker_and_hits_are_still_served() -> any
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn an_azure_style_upstream_gets_its_api_key_header_and_version() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let fake = FakeOpenAi::start("127.0.0.1:0").await?;
+    let key_file = root.path().join("azure-key");
+    std::fs::write(&key_file, "azure-secret\n")?;
+    let setup = Setup {
+        local_model: true,
+        min_similarity: None,
+        extra: format!(
+            "[upstreams.azure]\nbase_url = \"{}\"\nauth = \"api-key\"\napi_key_file = \"{}\"\nquery = {{ \"api-version\" = \"2024-10-21\" }}\n",
+            fake.url,
+            key_file.display()
+        ),
+        tenant_a_extra: "upstream = \"azure\"\n".into(),
+        ..Setup::default()
+    };
+    let server = Server::start(root.path(), &setup).await?;
+    // An Azure client sends its key in `api-key`: here the Semantis key names the tenant.
+    let (status, cache, text) =
+        post_chat(&server, &[("api-key", KEY_A)], &chat("Hello Azure", false)).await?;
+    assert_eq!((status, cache.as_str()), (200, "MISS"), "{text}");
+    let (auth, api_key, _) = fake
+        .seen()
+        .last()
+        .cloned()
+        .context("the fake saw the call")?;
+    assert_eq!((auth, api_key.as_deref()), (None, Some("azure-secret")));
+    assert_eq!(
+        fake.queries().last().cloned().flatten().as_deref(),
+        Some("api-version=2024-10-21")
+    );
+    Ok(())
+}
