@@ -29,7 +29,7 @@ use semantis_contract::{
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::crd::{AccessMode, SemanticCache};
+use crate::crd::{AccessMode, SecretKeyRef, SemanticCache};
 use crate::validate::{PostgresSource, ValidatedCache};
 
 pub const MANAGED_BY: &str = "semantis-operator";
@@ -742,94 +742,77 @@ fn dataplane_volumes(c: &ValidatedCache, n: &ChildNames) -> (Vec<Volume>, Vec<Vo
         volumes.push(secret_volume("embedder", &key.name, &key.key, "api-key"));
         mounts.push(mount("embedder", "/etc/semantis/embedder"));
     }
-    let verifier_keys: Vec<VolumeProjection> = c
+    let verifier_keys = c
         .verifiers
         .iter()
-        .filter_map(|v| {
-            let key = v.api_key_secret.as_ref()?;
-            Some(VolumeProjection {
-                secret: Some(SecretProjection {
-                    name: key.name.clone(),
-                    items: Some(vec![KeyToPath {
-                        key: key.key.clone(),
-                        path: format!("{}/api-key", v.name),
-                        mode: None,
-                    }]),
-                    optional: None,
-                }),
-                ..VolumeProjection::default()
-            })
-        })
-        .collect();
-    if !verifier_keys.is_empty() {
-        volumes.push(Volume {
-            name: "verifier-keys".to_owned(),
-            projected: Some(ProjectedVolumeSource {
-                sources: Some(verifier_keys),
-                default_mode: None,
-            }),
-            ..Volume::default()
-        });
-        mounts.push(mount("verifier-keys", "/etc/semantis/verifiers"));
-    }
-    let upstream_keys: Vec<VolumeProjection> = c
+        .filter_map(|v| Some((v.name.as_str(), v.api_key_secret.as_ref()?)));
+    keys_volume(
+        "verifier-keys",
+        "/etc/semantis/verifiers",
+        verifier_keys,
+        &mut volumes,
+        &mut mounts,
+    );
+    let upstream_keys = c
         .upstreams
         .iter()
-        .filter_map(|u| {
-            let key = u.api_key_secret.as_ref()?;
-            Some(VolumeProjection {
-                secret: Some(SecretProjection {
-                    name: key.name.clone(),
-                    items: Some(vec![KeyToPath {
-                        key: key.key.clone(),
-                        path: format!("{}/api-key", u.name),
-                        mode: None,
-                    }]),
-                    optional: None,
-                }),
-                ..VolumeProjection::default()
-            })
+        .filter_map(|u| Some((u.name.as_str(), u.api_key_secret.as_ref()?)));
+    keys_volume(
+        "upstream-keys",
+        "/etc/semantis/upstreams",
+        upstream_keys,
+        &mut volumes,
+        &mut mounts,
+    );
+    let tenant_keys = c
+        .tenants
+        .iter()
+        .map(|t| (t.name.as_str(), &t.api_key_secret));
+    keys_volume(
+        "tenant-keys",
+        "/etc/semantis/tenants",
+        tenant_keys,
+        &mut volumes,
+        &mut mounts,
+    );
+    (volumes, mounts)
+}
+
+/// One projected volume of API keys mounted at `dir`, each at `<owner>/api-key`; nothing when
+/// there are none.
+fn keys_volume<'a>(
+    name: &str,
+    dir: &str,
+    keys: impl Iterator<Item = (&'a str, &'a SecretKeyRef)>,
+    volumes: &mut Vec<Volume>,
+    mounts: &mut Vec<VolumeMount>,
+) {
+    let sources: Vec<VolumeProjection> = keys
+        .map(|(owner, key)| VolumeProjection {
+            secret: Some(SecretProjection {
+                name: key.name.clone(),
+                items: Some(vec![KeyToPath {
+                    key: key.key.clone(),
+                    path: format!("{owner}/api-key"),
+                    mode: None,
+                }]),
+                optional: None,
+            }),
+            ..VolumeProjection::default()
         })
         .collect();
-    if !upstream_keys.is_empty() {
-        volumes.push(Volume {
-            name: "upstream-keys".to_owned(),
-            projected: Some(ProjectedVolumeSource {
-                sources: Some(upstream_keys),
-                default_mode: None,
-            }),
-            ..Volume::default()
-        });
-        mounts.push(mount("upstream-keys", "/etc/semantis/upstreams"));
+    if sources.is_empty() {
+        return;
     }
-    if !c.tenants.is_empty() {
-        volumes.push(Volume {
-            name: "tenant-keys".to_owned(),
-            projected: Some(ProjectedVolumeSource {
-                sources: Some(
-                    c.tenants
-                        .iter()
-                        .map(|t| VolumeProjection {
-                            secret: Some(SecretProjection {
-                                name: t.api_key_secret.name.clone(),
-                                items: Some(vec![KeyToPath {
-                                    key: t.api_key_secret.key.clone(),
-                                    path: format!("{}/api-key", t.name),
-                                    mode: None,
-                                }]),
-                                optional: None,
-                            }),
-                            ..VolumeProjection::default()
-                        })
-                        .collect(),
-                ),
-                default_mode: None,
-            }),
-            ..Volume::default()
-        });
-        mounts.push(mount("tenant-keys", "/etc/semantis/tenants"));
-    }
-    (volumes, mounts)
+    volumes.push(Volume {
+        name: name.to_owned(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(sources),
+            default_mode: None,
+        }),
+        ..Volume::default()
+    });
+    mounts.push(mount(name, dir));
 }
 
 fn secret_volume(name: &str, secret: &str, key: &str, path: &str) -> Volume {

@@ -688,18 +688,59 @@ impl MetadataStore {
     }
 
     pub async fn usage(&self, tenant: &str) -> Result<Vec<ModelUsage>, BackendError> {
+        Ok(self
+            .usage_totals(UsageKey::Model, tenant, "")
+            .await?
+            .into_iter()
+            .map(|t| ModelUsage {
+                model: t.day,
+                lookups: t.lookups,
+                hits: t.hits,
+                tokens_saved: t.tokens_saved,
+                usd_saved: t.usd_saved,
+                upstream_calls: t.upstream_calls,
+                tokens_used: t.tokens_used,
+                usd_spent: t.usd_spent,
+            })
+            .collect())
+    }
+
+    /// A tenant's totals per day from `since` (inclusive), oldest first.
+    pub async fn usage_by_day(
+        &self,
+        tenant: &str,
+        since: &str,
+    ) -> Result<Vec<DayUsage>, BackendError> {
+        self.usage_totals(UsageKey::Day, tenant, since).await
+    }
+
+    /// A tenant's usage from the day `since` on, summed by `key` (in `DayUsage::day`), in
+    /// the key's order.
+    async fn usage_totals(
+        &self,
+        key: UsageKey,
+        tenant: &str,
+        since: &str,
+    ) -> Result<Vec<DayUsage>, BackendError> {
+        let column = match key {
+            UsageKey::Model => "model",
+            UsageKey::Day => "day",
+        };
+        let sql = format!(
+            "SELECT {column} AS key, {USAGE_SUMS} FROM usage WHERE tenant = $1 AND day >= $2
+             GROUP BY {column} ORDER BY {column}"
+        );
         on_pool!(self, |pool| {
-            let rows = sqlx::query(&format!(
-                "SELECT model, {USAGE_SUMS} FROM usage WHERE tenant = $1 GROUP BY model ORDER BY model"
-            ))
+            let rows = sqlx::query(&sql)
                 .bind(tenant)
+                .bind(since)
                 .fetch_all(pool)
                 .await
                 .map_err(meta("read usage"))?;
             rows.iter()
                 .map(|r| {
-                    Ok(ModelUsage {
-                        model: r.try_get("model")?,
+                    Ok(DayUsage {
+                        day: r.try_get("key")?,
                         lookups: to_u64(r.try_get("lookups")?),
                         hits: to_u64(r.try_get("hits")?),
                         tokens_saved: to_u64(r.try_get("tokens_saved")?),
@@ -711,40 +752,6 @@ impl MetadataStore {
                 })
                 .collect::<Result<Vec<_>, sqlx::Error>>()
                 .map_err(meta("decode usage"))
-        })
-    }
-
-    /// A tenant's totals per day from `since` (inclusive), oldest first.
-    pub async fn usage_by_day(
-        &self,
-        tenant: &str,
-        since: &str,
-    ) -> Result<Vec<DayUsage>, BackendError> {
-        on_pool!(self, |pool| {
-            let rows = sqlx::query(&format!(
-                "SELECT day, {USAGE_SUMS} FROM usage WHERE tenant = $1 AND day >= $2
-                 GROUP BY day ORDER BY day"
-            ))
-            .bind(tenant)
-            .bind(since)
-            .fetch_all(pool)
-            .await
-            .map_err(meta("read usage by day"))?;
-            rows.iter()
-                .map(|r| {
-                    Ok(DayUsage {
-                        day: r.try_get("day")?,
-                        lookups: to_u64(r.try_get("lookups")?),
-                        hits: to_u64(r.try_get("hits")?),
-                        tokens_saved: to_u64(r.try_get("tokens_saved")?),
-                        usd_saved: r.try_get("usd_saved")?,
-                        upstream_calls: to_u64(r.try_get("upstream_calls")?),
-                        tokens_used: to_u64(r.try_get("tokens_used")?),
-                        usd_spent: r.try_get("usd_spent")?,
-                    })
-                })
-                .collect::<Result<Vec<_>, sqlx::Error>>()
-                .map_err(meta("decode usage by day"))
         })
     }
 
@@ -888,6 +895,13 @@ impl MetadataStore {
         })?;
         Ok(())
     }
+}
+
+/// What usage totals are summed by.
+#[derive(Clone, Copy)]
+enum UsageKey {
+    Model,
+    Day,
 }
 
 /// The queue in front of [`MetadataStore`].
