@@ -287,48 +287,53 @@ impl UsageSink for MemUsage {
     }
 }
 
+impl MemUsage {
+    /// A tenant's totals by `key` (in `DayUsage::day`), from the day `since` on.
+    fn totals(&self, tenant: &str, since: &str, key: fn(&UsageEvent) -> String) -> Vec<DayUsage> {
+        let mut by: std::collections::BTreeMap<String, DayUsage> = Default::default();
+        for e in self.0.lock().iter().filter(|e| e.tenant == tenant) {
+            if semantis_cache::vector::day_of(e.at_ms).as_str() < since {
+                continue;
+            }
+            let k = key(e);
+            let u = by.entry(k.clone()).or_default();
+            u.day = k;
+            if let Some(up) = e.upstream {
+                u.upstream_calls += 1;
+                u.tokens_used += up.tokens;
+                u.usd_spent += up.usd;
+                continue;
+            }
+            u.lookups += 1;
+            u.hits += u64::from(e.hit);
+            u.tokens_saved += e.tokens_saved;
+            u.usd_saved += e.usd_saved;
+        }
+        by.into_values().collect()
+    }
+}
+
 #[async_trait]
 impl UsageReport for MemUsage {
     async fn usage(&self, tenant: &str) -> Result<Vec<ModelUsage>, StoreError> {
-        let mut by_model: HashMap<String, ModelUsage> = HashMap::new();
-        for e in self.0.lock().iter().filter(|e| e.tenant == tenant) {
-            let u = by_model.entry(e.model.clone()).or_default();
-            u.model.clone_from(&e.model);
-            if let Some(up) = e.upstream {
-                u.upstream_calls += 1;
-                u.tokens_used += up.tokens;
-                u.usd_spent += up.usd;
-                continue;
-            }
-            u.lookups += 1;
-            u.hits += u64::from(e.hit);
-            u.tokens_saved += e.tokens_saved;
-            u.usd_saved += e.usd_saved;
-        }
-        Ok(by_model.into_values().collect())
+        Ok(self
+            .totals(tenant, "", |e| e.model.clone())
+            .into_iter()
+            .map(|t| ModelUsage {
+                model: t.day,
+                lookups: t.lookups,
+                hits: t.hits,
+                tokens_saved: t.tokens_saved,
+                usd_saved: t.usd_saved,
+                upstream_calls: t.upstream_calls,
+                tokens_used: t.tokens_used,
+                usd_spent: t.usd_spent,
+            })
+            .collect())
     }
 
     async fn usage_by_day(&self, tenant: &str, since: &str) -> Result<Vec<DayUsage>, StoreError> {
-        let mut by_day: std::collections::BTreeMap<String, DayUsage> = Default::default();
-        for e in self.0.lock().iter().filter(|e| e.tenant == tenant) {
-            let day = semantis_cache::vector::day_of(e.at_ms);
-            if day.as_str() < since {
-                continue;
-            }
-            let u = by_day.entry(day.clone()).or_default();
-            u.day = day;
-            if let Some(up) = e.upstream {
-                u.upstream_calls += 1;
-                u.tokens_used += up.tokens;
-                u.usd_spent += up.usd;
-                continue;
-            }
-            u.lookups += 1;
-            u.hits += u64::from(e.hit);
-            u.tokens_saved += e.tokens_saved;
-            u.usd_saved += e.usd_saved;
-        }
-        Ok(by_day.into_values().collect())
+        Ok(self.totals(tenant, since, |e| semantis_cache::vector::day_of(e.at_ms)))
     }
 }
 

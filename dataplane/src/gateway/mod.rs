@@ -453,13 +453,7 @@ impl Gateway {
         if status.is_server_error() {
             return Err(server_error(&upstream, status, &bytes));
         }
-        let mut r = Response::new(Body::from(bytes));
-        *r.status_mut() = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-        r.headers_mut().extend(headers);
-        if let Some(ct) = content_type.and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok()) {
-            r.headers_mut().insert(header::CONTENT_TYPE, ct);
-        }
-        Ok(r)
+        Ok(as_answered(status, bytes, headers, content_type))
     }
 }
 
@@ -668,6 +662,23 @@ fn server_error(u: &Upstream, status: reqwest::StatusCode, body: &[u8]) -> ApiEr
     )
 }
 
+/// The upstream's answer as it gave it: status, body, content type and the headers worth
+/// passing on.
+fn as_answered(
+    status: reqwest::StatusCode,
+    bytes: Bytes,
+    headers: HeaderMap,
+    content_type: Option<reqwest::header::HeaderValue>,
+) -> Response {
+    let mut r = Response::new(Body::from(bytes));
+    *r.status_mut() = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    r.headers_mut().extend(headers);
+    if let Some(ct) = content_type.and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok()) {
+        r.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    r
+}
+
 fn now_ms() -> i64 {
     semantis_cache::vector::now_ms()
 }
@@ -806,15 +817,7 @@ impl CallCtx {
                 return Err(server_error(&self.upstream, status, &bytes));
             }
             // A 4xx is the request's fault: the client sees the upstream's own answer.
-            let mut r = Response::new(Body::from(bytes));
-            *r.status_mut() =
-                StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-            r.headers_mut().extend(forwarded);
-            if let Some(ct) = content_type.and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
-            {
-                r.headers_mut().insert(header::CONTENT_TYPE, ct);
-            }
-            return Ok(r);
+            return Ok(as_answered(status, bytes, forwarded, content_type));
         }
         let mut r = if self.stream {
             self.upstream.breaker.success();
