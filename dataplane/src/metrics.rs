@@ -4,8 +4,8 @@
 //! entry id, a prompt or an error message.
 
 use prometheus::{
-    Encoder, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
-    exponential_buckets,
+    Encoder, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder, exponential_buckets,
 };
 pub use semantis_cache::metrics::CacheMetrics;
 use semantis_cache::metrics::{counter, histogram};
@@ -24,6 +24,9 @@ pub struct Metrics {
     pub store_flushed_entries: IntCounterVec,
     pub log_records_skipped: IntCounterVec,
     pub log_gaps: IntCounterVec,
+    pub concurrency_refused: IntCounterVec,
+    pub open_connections: IntGauge,
+    pub requests_in_flight: IntGaugeVec,
     pub store_compaction_duration: HistogramVec,
     pub store_index_build_duration: HistogramVec,
     pub usage_events_dropped: IntCounter,
@@ -88,7 +91,22 @@ impl Metrics {
             "Usage and audit events dropped because the metadata store was unavailable.",
         )?;
         r.register(Box::new(dropped.clone()))?;
+        let open_connections = IntGauge::new(
+            "semantis_http_open_connections",
+            "Connections open on the API port (at most server.max_connections).",
+        )?;
+        r.register(Box::new(open_connections.clone()))?;
+        let requests_in_flight = IntGaugeVec::new(
+            Opts::new(
+                "semantis_http_requests_in_flight",
+                "A tenant's requests being handled on this replica (at most its max_concurrent_requests); a streamed answer counts until its last byte.",
+            ),
+            &["tenant"],
+        )?;
+        r.register(Box::new(requests_in_flight.clone()))?;
         Ok(Self {
+            open_connections,
+            requests_in_flight,
             cache,
             resident_entries,
             resident_pending,
@@ -132,6 +150,12 @@ impl Metrics {
                 &r,
                 "semantis_log_gaps_total",
                 "Times this replica found the shared log trimmed past its position and reloaded from the table.",
+                &["tenant"],
+            )?,
+            concurrency_refused: counter(
+                &r,
+                "semantis_http_concurrency_refused_total",
+                "Requests refused (429 too_many_concurrent_requests) because their tenant had max_concurrent_requests in flight.",
                 &["tenant"],
             )?,
             store_compaction_duration: histogram(

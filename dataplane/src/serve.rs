@@ -77,6 +77,7 @@ pub async fn load_embedder(
                 // Misconfiguration (wrong dimension, key, model or URL) never heals by waiting.
                 Err(
                     err @ (EmbedError::Dimension { .. }
+                    | EmbedError::Rejected { .. }
                     | EmbedError::Http {
                         status: 400..=428 | 430..=499,
                         ..
@@ -559,6 +560,7 @@ pub async fn run(cfg: DataplaneConfig) -> anyhow::Result<()> {
         probes,
         accepting: AtomicBool::new(true),
         gateway,
+        admission: semantis_dataplane::http::admission::Admission::default(),
     });
     let app = router(
         state.clone(),
@@ -595,7 +597,12 @@ pub async fn run(cfg: DataplaneConfig) -> anyhow::Result<()> {
     let grace = Duration::from_millis(cfg.server.shutdown_grace_ms);
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let mut signals = ShutdownSignals::listen();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let limits = semantis_dataplane::http::listen::ConnectionLimits {
+        header_read_timeout: Duration::from_millis(cfg.server.header_read_timeout_ms),
+        max_connections: cfg.server.max_connections,
+        open: state.metrics.open_connections.clone(),
+    };
+    let server = semantis_dataplane::http::listen::serve(listener, app, limits, async move {
         signals.next().await;
         draining.accepting.store(false, Ordering::Relaxed);
         if !delay.is_zero() {
@@ -614,10 +621,10 @@ pub async fn run(cfg: DataplaneConfig) -> anyhow::Result<()> {
     // Serve until the signal, then give in-flight requests up to the grace period. The block
     // drops the server (and its clone of the state) before the final flush.
     {
-        let server = async move { server.await };
+        let server = server;
         tokio::pin!(server);
         tokio::select! {
-            res = &mut server => res.context("failed to serve HTTP")?,
+            () = &mut server => {}
             () = async {
                 let _ = drained_rx.await;
                 tokio::time::sleep(grace).await;

@@ -1,6 +1,8 @@
 //! The dataplane's integration tests: one test binary (each extra binary re-links lancedb).
 //! Every test starts the real `semantis-dataplane` process on loopback.
 
+#[path = "integration/admission.rs"]
+mod admission;
 #[path = "integration/api.rs"]
 mod api;
 #[path = "integration/backup.rs"]

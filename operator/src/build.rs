@@ -583,6 +583,7 @@ pub fn dataplane_config(c: &ValidatedCache, o: &Observed, n: &ChildNames) -> Dat
                 upstream_key: t.upstream_key,
                 max_cacheable_temperature: t.max_cacheable_temperature,
                 limits: t.limits.clone(),
+                max_concurrent_requests: t.max_concurrent_requests,
             })
             .collect(),
     }

@@ -436,6 +436,12 @@ pub struct TenantQuotas {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_entries: Option<u64>,
+    /// Requests of this tenant each dataplane replica handles at once (lookups, stores and
+    /// gateway calls together; a streamed completion counts until it ends). Past it the
+    /// tenant's requests are answered 429 `too_many_concurrent_requests`. Default: 256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_concurrent_requests: Option<u32>,
 }
 
 /// Redis run by the operator.

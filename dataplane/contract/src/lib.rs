@@ -213,8 +213,14 @@ pub struct ServerConfig {
     pub metrics_listen: String,
     /// Requests with a larger body are refused with 413 `payload_too_large`.
     pub max_body_bytes: usize,
-    /// Whole-request deadline, in milliseconds.
+    /// Whole-request deadline, in milliseconds (the gateway's routes: reading the body only;
+    /// the upstream's own deadlines bound the rest).
     pub request_timeout_ms: u64,
+    /// A connection that has not sent a whole request head within this time is closed, in
+    /// milliseconds; the same bound closes kept-alive connections idle that long (slowloris).
+    pub header_read_timeout_ms: u64,
+    /// Open connections at most; past it new ones wait in the listen backlog until one closes.
+    pub max_connections: usize,
     /// On SIGTERM, keep serving this long with `/readyz` failing before closing the listener,
     /// in milliseconds, so load balancers stop routing here first (Kubernetes removes a
     /// terminating pod's endpoints at the same time as it signals it). A second signal ends
@@ -234,6 +240,8 @@ impl Default for ServerConfig {
             metrics_listen: "127.0.0.1:9464".to_owned(),
             max_body_bytes: 1024 * 1024,
             request_timeout_ms: 10_000,
+            header_read_timeout_ms: 30_000,
+            max_connections: 10_000,
             shutdown_delay_ms: 0,
             shutdown_grace_ms: 10_000,
             admin_key_sha256: Vec::new(),
@@ -471,6 +479,10 @@ pub struct CacheDefaults {
     /// Gateway: how long a request waits for an identical one already in flight before it
     /// calls the upstream itself, in milliseconds.
     pub coalesce_wait_ms: u64,
+    /// Requests of one tenant a replica handles at once (API and gateway together); past it
+    /// the tenant's next requests are answered 429 `too_many_concurrent_requests` before
+    /// their bodies are read, so one tenant's flood cannot take what another's lookups need.
+    pub max_concurrent_requests: u32,
 }
 
 impl Default for CacheDefaults {
@@ -485,6 +497,7 @@ impl Default for CacheDefaults {
             near_miss_margin: 0.05,
             max_cacheable_temperature: 1.0,
             coalesce_wait_ms: 30_000,
+            max_concurrent_requests: 256,
         }
     }
 }
@@ -519,6 +532,8 @@ pub struct TenantConfig {
     pub max_cacheable_temperature: Option<f64>,
     /// Gateway: rate limits and budgets.
     pub limits: LimitsConfig,
+    /// Overrides `cache.max_concurrent_requests`.
+    pub max_concurrent_requests: Option<u32>,
 }
 
 /// A tenant's gateway limits: over one, a request is answered 429 with `Retry-After`.

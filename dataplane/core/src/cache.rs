@@ -20,8 +20,8 @@ use crate::error::{CacheError, StoreError};
 use crate::feedback::{Judgements, ServedHit};
 use crate::metrics::CacheMetrics;
 use crate::ports::{
-    DayUsage, Embedder, EntryStore, Feedback, FeedbackStore, HotLayer, ModelUsage, PendingStore,
-    UpstreamUsage, UsageEvent, UsageReport, UsageSink, Verifier,
+    DayUsage, EmbedError, Embedder, EntryStore, Feedback, FeedbackStore, HotLayer, ModelUsage,
+    PendingStore, UpstreamUsage, UsageEvent, UsageReport, UsageSink, Verifier,
 };
 use crate::scope::{Scope, exact_key, normalize_prompt};
 use crate::tenants::{Tenant, TenantRegistry, Verification};
@@ -387,9 +387,11 @@ impl Cache {
         Ok(())
     }
 
-    async fn embed_one(&self, text: &str) -> Result<Vec<f32>, String> {
+    async fn embed_one(&self, text: &str) -> Result<Vec<f32>, EmbedError> {
         let Some(embedder) = &self.embedder else {
-            return Err("no embedder is configured".to_owned());
+            return Err(EmbedError::Inference(
+                "no embedder is configured".to_owned(),
+            ));
         };
         let started = std::time::Instant::now();
         let result = embedder.embed(&[text.to_owned()]).await;
@@ -399,16 +401,16 @@ impl Cache {
             .observe(started.elapsed().as_secs_f64());
         match result {
             Ok(mut v) if v.len() == 1 => Ok(v.remove(0)),
-            Ok(v) => Err(format!(
+            Ok(v) => Err(EmbedError::Inference(format!(
                 "the embedder returned {} vectors for 1 text",
                 v.len()
-            )),
+            ))),
             Err(e) => {
                 self.metrics
                     .embed_errors
                     .with_label_values(&[embedder.provider()])
                     .inc();
-                Err(e.to_string())
+                Err(e)
             }
         }
     }
@@ -497,6 +499,11 @@ impl Cache {
             None => match &q.prompt {
                 Some(p) if self.embedder.is_some() => match self.embed_one(p).await {
                     Ok(v) => Some(v),
+                    Err(e @ EmbedError::Rejected { .. }) => {
+                        tracing::info!(tenant = %tenant.name, reason = %e, "the embedder refused this prompt; answering from the exact path only");
+                        degraded = Some("prompt_not_embeddable");
+                        None
+                    }
                     Err(reason) => {
                         tracing::warn!(tenant = %tenant.name, %reason, "embedder failed; answering from the exact path only");
                         self.metrics
@@ -926,9 +933,15 @@ impl Cache {
                 Ok(v) => (v, None),
                 // Without an embedder at all there is nothing to wait for.
                 Err(e) if self.embedder.is_none() => {
-                    return Err(CacheError::EmbedderUnavailable(e));
+                    return Err(CacheError::EmbedderUnavailable(e.to_string()));
                 }
-                Err(e) => (Vec::new(), Some(e)),
+                // Waiting cannot help a text the provider refuses: say so now.
+                Err(EmbedError::Rejected { status, body, .. }) => {
+                    return Err(CacheError::PromptNotEmbeddable(format!(
+                        "HTTP {status}: {body}"
+                    )));
+                }
+                Err(e) => (Vec::new(), Some(e.to_string())),
             },
         };
         let fp = cmd.scope.fingerprint();
@@ -1328,57 +1341,113 @@ impl Cache {
     }
 
     /// Embed stores accepted while the embedder was down and move them into the entry store,
-    /// at most `limit` per tenant. Returns how many moved; stops at the first embed failure,
-    /// giving that batch's claims back so the next pass (here or on another replica) retries.
-    /// A replica that dies holding claims loses them after `PENDING_CLAIM_MS`.
+    /// at most `limit` per tenant. Returns how many moved. Each entry stands alone: one the
+    /// provider refuses (an over-long prompt, say) is abandoned at once, with a metric and a
+    /// log line naming it, and never holds back the rest; one that fails for an outage is
+    /// given back so the next pass (here or on another replica) retries it. A tenant's
+    /// failure never stops another tenant's pass; the first error is returned once every
+    /// tenant had its turn. A replica that dies holding claims loses them after
+    /// `PENDING_CLAIM_MS`.
     pub async fn embed_pending(&self, limit: usize) -> Result<usize, CacheError> {
         let Some(embedder) = &self.embedder else {
             return Ok(0);
         };
         let mut moved = 0;
+        let mut first_error = None;
         for part in self.partitions.values() {
-            let now = now_ms();
-            let claimed = self
-                .pending
-                .claim(&part.tenant.name, limit, now, now + PENDING_CLAIM_MS)
-                .await?;
-            if claimed.is_empty() {
-                continue;
-            }
-            let (live, expired): (Vec<Entry>, Vec<Entry>) =
-                claimed.into_iter().partition(|p| p.expires_at_ms > now);
-            let prompts: Vec<String> = live.iter().map(|p| p.prompt.clone()).collect();
-            let vectors = if prompts.is_empty() {
-                Vec::new()
-            } else {
-                match embedder.embed(&prompts).await {
-                    Ok(v) => v,
-                    Err(e) => {
-                        let ids: Vec<String> = live.iter().map(|p| p.id.clone()).collect();
-                        self.pending.release(&part.tenant.name, &ids).await?;
-                        return Err(CacheError::EmbedderUnavailable(e.to_string()));
-                    }
+            match self.embed_pending_of(embedder.as_ref(), part, limit).await {
+                Ok(n) => moved += n,
+                Err(e) => {
+                    first_error.get_or_insert(e);
                 }
-            };
-            let mut done: Vec<String> = expired.iter().map(|p| p.id.clone()).collect();
-            for (pending, vector) in live.into_iter().zip(vectors) {
-                let id = pending.id.clone();
-                part.store
-                    .insert(Arc::new(pending.with_vector(vector)))
-                    .await?;
-                // Tracked since the store was accepted; after a restart, from now on.
-                part.access.lock().insert(&id);
-                done.push(id);
-                moved += 1;
-                self.metrics
-                    .pending_embedded
-                    .with_label_values(&[&part.tenant.name])
-                    .inc();
             }
-            self.pending.remove(&part.tenant.name, &done).await?;
-            self.set_entries_gauge(part);
         }
-        Ok(moved)
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(moved),
+        }
+    }
+
+    async fn embed_pending_of(
+        &self,
+        embedder: &dyn Embedder,
+        part: &Partition,
+        limit: usize,
+    ) -> Result<usize, CacheError> {
+        let tenant = &part.tenant.name;
+        let now = now_ms();
+        let claimed = self
+            .pending
+            .claim(tenant, limit, now, now + PENDING_CLAIM_MS)
+            .await?;
+        if claimed.is_empty() {
+            return Ok(0);
+        }
+        let (live, expired): (Vec<Entry>, Vec<Entry>) =
+            claimed.into_iter().partition(|p| p.expires_at_ms > now);
+        // One call per text: the embedder's batching layer merges them into provider calls
+        // and answers each text apart.
+        let results = futures::future::join_all(
+            live.iter()
+                .map(|p| embedder.embed(std::slice::from_ref(&p.prompt))),
+        )
+        .await;
+        let mut done: Vec<String> = expired.iter().map(|p| p.id.clone()).collect();
+        let (mut retry, mut outage, mut moved) = (Vec::new(), None, 0);
+        for (pending, result) in live.into_iter().zip(results) {
+            let id = pending.id.clone();
+            match result.map(|mut v| v.pop()) {
+                Ok(Some(vector)) => {
+                    part.store
+                        .insert(Arc::new(pending.with_vector(vector)))
+                        .await?;
+                    // Tracked since the store was accepted; after a restart, from now on.
+                    part.access.lock().insert(&id);
+                    moved += 1;
+                    self.metrics
+                        .pending_embedded
+                        .with_label_values(&[tenant])
+                        .inc();
+                }
+                Err(e @ EmbedError::Rejected { .. }) => {
+                    tracing::warn!(
+                        tenant = %tenant,
+                        entry_id = %id,
+                        reason = %e,
+                        "abandoned a deferred store: the embedding provider refuses its prompt, so it can never answer a lookup"
+                    );
+                    self.hot.remove(tenant, &pending.exact_key).await;
+                    part.access.lock().remove(&id);
+                    self.metrics
+                        .pending_abandoned
+                        .with_label_values(&[tenant])
+                        .inc();
+                }
+                Ok(None) => {
+                    outage.get_or_insert_with(|| "the embedder returned no vector".to_owned());
+                    retry.push(id);
+                    continue;
+                }
+                Err(e) => {
+                    outage.get_or_insert_with(|| e.to_string());
+                    retry.push(id);
+                    continue;
+                }
+            }
+            done.push(id);
+        }
+        self.pending.remove(tenant, &done).await?;
+        if !retry.is_empty() {
+            self.pending.release(tenant, &retry).await?;
+        }
+        self.set_entries_gauge(part);
+        match outage {
+            Some(reason) => Err(CacheError::EmbedderUnavailable(format!(
+                "{reason} for {} of tenant `{tenant}`'s deferred stores",
+                retry.len()
+            ))),
+            None => Ok(moved),
+        }
     }
 
     /// Flush due tails and run table maintenance for every tenant.

@@ -51,6 +51,10 @@ pub enum CacheError {
     FeedbackTargetRequired,
     #[error("the embedder is unavailable and no vector was supplied: {0}")]
     EmbedderUnavailable(String),
+    #[error(
+        "the embedding provider refuses this prompt ({0}); store it with a `vector`, or shorten it"
+    )]
+    PromptNotEmbeddable(String),
     #[error("the store is unavailable: {0}")]
     StoreUnavailable(#[from] StoreError),
 }

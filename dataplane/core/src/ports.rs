@@ -71,7 +71,7 @@ pub trait HotLayer: Send + Sync {
 
 /// Why an embedding call failed. Providers put their context into the strings; no transport
 /// type crosses this port.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum EmbedError {
     #[error("failed to load the embedding model from {path}: {reason}")]
     Load { path: String, reason: String },
@@ -95,6 +95,15 @@ pub enum EmbedError {
     Protocol {
         provider: &'static str,
         reason: String,
+    },
+    /// The provider refused this input (HTTP 400, 413 or 422: too long, empty, unsupported):
+    /// a verdict on the text, not on the provider's health. Retrying it cannot help, and it
+    /// must not fail other texts or count toward the circuit breaker.
+    #[error("failed to embed: `{provider}` refused the text (HTTP {status}): {body}")]
+    Rejected {
+        provider: &'static str,
+        status: u16,
+        body: String,
     },
     #[error("failed to embed with `{provider}`: {reason}")]
     Unavailable {

@@ -33,6 +33,8 @@ pub struct Tenant {
     pub max_cacheable_temperature: f64,
     /// Gateway: rate limits and budgets.
     pub limits: LimitsConfig,
+    /// Requests handled at once on a replica; the HTTP layer refuses the rest (429).
+    pub max_concurrent_requests: u32,
 }
 
 /// A tenant's verifier settings, resolved.
@@ -330,6 +332,12 @@ fn resolve(
             ));
         }
     }
+    let max_concurrent_requests = t
+        .max_concurrent_requests
+        .unwrap_or(defaults.max_concurrent_requests);
+    if max_concurrent_requests == 0 {
+        return Err(out_of("max_concurrent_requests", 0.0, "1.."));
+    }
     Ok(Tenant {
         name: t.name.clone(),
         min_similarity,
@@ -342,6 +350,7 @@ fn resolve(
         upstream_key: t.upstream_key,
         max_cacheable_temperature,
         limits: t.limits.clone(),
+        max_concurrent_requests,
     })
 }
 

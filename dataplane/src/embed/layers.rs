@@ -47,27 +47,37 @@ impl Batched {
                         .with_label_values(&[inner.provider()])
                         .observe(jobs.len() as f64);
                     let texts: Vec<String> = jobs.iter().map(|(t, _)| t.clone()).collect();
-                    match inner.embed(&texts).await {
-                        Ok(vectors) => {
-                            for ((_, reply), v) in jobs.into_iter().zip(vectors) {
-                                let _ = reply.send(Ok(v));
-                            }
-                        }
-                        Err(e) => {
-                            let message = e.to_string();
-                            let provider = inner.provider();
-                            for (_, reply) in jobs {
-                                let _ = reply.send(Err(EmbedError::Unavailable {
-                                    provider,
-                                    reason: message.clone(),
-                                }));
-                            }
-                        }
+                    let results = embed_each(inner.as_ref(), &texts).await;
+                    for ((_, reply), result) in jobs.into_iter().zip(results) {
+                        let _ = reply.send(result);
                     }
                 }
             });
         }
         Self { inner, tx }
+    }
+}
+
+/// One result per text. A batch refused because of some of its texts (another tenant's
+/// over-long prompt, say) is split in halves until each refused text stands alone: it fails by
+/// itself and the texts that rode with it are embedded.
+async fn embed_each(inner: &dyn Embedder, texts: &[String]) -> Vec<Result<Vec<f32>, EmbedError>> {
+    match inner.embed(texts).await {
+        Ok(vectors) => vectors.into_iter().map(Ok).collect(),
+        Err(EmbedError::Rejected { .. }) if texts.len() > 1 => {
+            let (a, b) = texts.split_at(texts.len() / 2);
+            let mut out = Box::pin(embed_each(inner, a)).await;
+            out.extend(Box::pin(embed_each(inner, b)).await);
+            out
+        }
+        Err(e @ EmbedError::Rejected { .. }) => vec![Err(e); texts.len()],
+        Err(e) => {
+            let e = EmbedError::Unavailable {
+                provider: inner.provider(),
+                reason: e.to_string(),
+            };
+            vec![Err(e); texts.len()]
+        }
     }
 }
 

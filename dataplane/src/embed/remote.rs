@@ -244,13 +244,22 @@ impl RemoteEmbedder {
             // A little of the body helps operators; never all of it.
             let text = res.text().await.unwrap_or_default();
             let snippet: String = text.chars().take(200).collect();
+            let status = status.as_u16();
             return Err(Attempt {
-                error: EmbedError::Http {
-                    provider,
-                    status: status.as_u16(),
-                    body: snippet,
+                error: if matches!(status, 400 | 413 | 422) {
+                    EmbedError::Rejected {
+                        provider,
+                        status,
+                        body: snippet,
+                    }
+                } else {
+                    EmbedError::Http {
+                        provider,
+                        status,
+                        body: snippet,
+                    }
                 },
-                retry: status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error(),
+                retry: status == StatusCode::TOO_MANY_REQUESTS.as_u16() || status >= 500,
                 retry_after,
             });
         }
@@ -284,7 +293,7 @@ impl RemoteEmbedder {
         match result {
             Ok(v) => Ok(v),
             Err(Attempt {
-                error: EmbedError::Http { status: 413, .. },
+                error: EmbedError::Rejected { status: 413, .. },
                 ..
             }) if self.protocol == Protocol::Tei && texts.len() > 1 => {
                 let (a, b) = texts.split_at(texts.len() / 2);
@@ -322,6 +331,8 @@ impl Embedder for RemoteEmbedder {
                     self.breaker.success();
                     out.extend(v);
                 }
+                // The text's fault, not the provider's: the breaker is for outages.
+                Err(e @ EmbedError::Rejected { .. }) => return Err(e),
                 Err(e) => {
                     self.breaker.failure();
                     self.metrics

@@ -32,6 +32,7 @@ pub enum Code {
     InvalidTtl,
     ValueOutOfRange,
     Internal,
+    PromptNotEmbeddable,
     EmbedderUnavailable,
     StoreUnavailable,
     Timeout,
@@ -41,6 +42,7 @@ pub enum Code {
     UpstreamTimeout,
     UpstreamUnavailable,
     RateLimited,
+    TooManyConcurrentRequests,
 }
 
 /// One row of the table.
@@ -113,6 +115,8 @@ pub static TABLE: &[CodeInfo] = &[
         "a number is outside what the field allows (token counts above 1,000,000,000)"),
     row(Code::Internal, "internal", StatusCode::INTERNAL_SERVER_ERROR,
         "a handler panicked (a bug; the process keeps serving)"),
+    row(Code::PromptNotEmbeddable, "prompt_not_embeddable", StatusCode::UNPROCESSABLE_ENTITY,
+        "the embedding provider refused the prompt (too long, say): a store needs a `vector` then"),
     row(Code::EmbedderUnavailable, "embedder_unavailable", StatusCode::SERVICE_UNAVAILABLE,
         "the embedder is down and the request had no vector (a store is deferred instead when it can be)"),
     row(Code::StoreUnavailable, "store_unavailable", StatusCode::SERVICE_UNAVAILABLE,
@@ -131,6 +135,8 @@ pub static TABLE: &[CodeInfo] = &[
         "the upstream refused the connection, or its circuit breaker is open"),
     row(Code::RateLimited, "rate_limited", StatusCode::TOO_MANY_REQUESTS,
         "a gateway request is over a tenant's or user's limit; `Retry-After` says when to retry"),
+    row(Code::TooManyConcurrentRequests, "too_many_concurrent_requests", StatusCode::TOO_MANY_REQUESTS,
+        "the tenant already has `max_concurrent_requests` requests in flight on this replica; refused before the body is read"),
 ];
 
 impl Code {
@@ -181,6 +187,7 @@ pub fn code_of(e: &CacheError) -> Code {
         CacheError::RequestNotFound(_) => Code::RequestNotFound,
         CacheError::FeedbackTargetRequired => Code::FeedbackTargetRequired,
         CacheError::EmbedderUnavailable(_) => Code::EmbedderUnavailable,
+        CacheError::PromptNotEmbeddable(_) => Code::PromptNotEmbeddable,
         CacheError::StoreUnavailable(_) => Code::StoreUnavailable,
     }
 }

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, header};
 use axum::response::Response;
 use serde_json::Value;
@@ -16,6 +16,7 @@ use serde_json::Value;
 use semantis_cache::tenants::Tenant;
 use semantis_contract::UpstreamKey;
 
+use super::admission::Caller;
 use super::codes::Code;
 use super::{ApiError, ApiJson, AppState, TENANT_HEADER, request_id};
 use crate::gateway::Controls;
@@ -32,7 +33,7 @@ fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// The tenant, and the client's credentials when they go upstream.
-fn caller(
+pub(super) fn caller(
     state: &AppState,
     headers: &HeaderMap,
 ) -> Result<(Arc<Tenant>, Option<ClientCredentials>), ApiError> {
@@ -74,10 +75,10 @@ fn caller(
 /// OpenAI's chat completions, through the cache.
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
+    Extension(Caller { tenant, client }): Extension<Caller>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
-    let (tenant, client) = caller(&state, &headers)?;
     let controls = Controls::from_headers(&headers)?;
     state
         .gateway
@@ -95,9 +96,8 @@ pub async fn chat_completions(
 /// The upstream's model list, as it answers it.
 pub async fn models(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Extension(Caller { tenant, client }): Extension<Caller>,
 ) -> Result<Response, ApiError> {
-    let (tenant, client) = caller(&state, &headers)?;
     state
         .gateway
         .pass_through(&tenant, client, reqwest::Method::GET, "/models", None)
@@ -107,9 +107,8 @@ pub async fn models(
 /// The upstream's embeddings.
 pub async fn embeddings(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Extension(Caller { tenant, client }): Extension<Caller>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
-    let (tenant, client) = caller(&state, &headers)?;
     state.gateway.embeddings(&tenant, client, body).await
 }

@@ -1,9 +1,11 @@
 //! The versioned JSON HTTP API. Handlers only extract, call the cache domain and map the
 //! result; [`ApiError`] is the one place that turns domain errors into HTTP statuses.
 
+pub mod admission;
 pub mod codes;
 mod error;
 pub mod gateway;
+pub mod listen;
 mod wire;
 
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -20,9 +22,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::timeout::TimeoutLayer;
+use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 use utoipa::{OpenApi, ToSchema};
 
+use self::admission::Caller;
 pub use self::error::{ApiError, ErrorBody};
 use semantis_cache::entry::EntryFilter;
 use semantis_cache::scope::Scope;
@@ -50,6 +53,8 @@ pub struct AppState {
     pub accepting: AtomicBool,
     /// The OpenAI-compatible gateway (`/v1/chat/completions`, `/v1/models`, `/v1/embeddings`).
     pub gateway: Arc<crate::gateway::Gateway>,
+    /// Each tenant's requests in flight (`max_concurrent_requests`).
+    pub admission: admission::Admission,
 }
 
 /// JSON body extractor whose rejections use the API's error format.
@@ -121,7 +126,7 @@ pub struct LookupResponse {
     /// The prompt the cached response answered.
     pub cached_prompt: Option<String>,
     /// Set when a component failed and the answer came from what was reachable
-    /// (`embedder_unavailable`, `store_unavailable`, `verifier_unavailable`,
+    /// (`embedder_unavailable`, `prompt_not_embeddable`, `store_unavailable`, `verifier_unavailable`,
     /// `verifier_over_budget`).
     pub degraded: Option<String>,
     /// This lookup's id (the `X-Request-Id` header if sent, else generated): name it in
@@ -252,10 +257,10 @@ fn cache_header(hit: bool) -> [(&'static str, HeaderValue); 1] {
     security(("bearer" = [])))]
 async fn lookup(
     State(state): State<Arc<AppState>>,
+    Extension(Caller { tenant, .. }): Extension<Caller>,
     headers: HeaderMap,
     ApiJson(req): ApiJson<LookupRequest>,
 ) -> Result<Response, ApiError> {
-    let tenant = authenticate(&state, &headers)?;
     let request_id = request_id(&headers);
     let outcome = state
         .cache
@@ -327,10 +332,9 @@ fn lookup_body(outcome: LookupOutcome, request_id: String) -> LookupResponse {
     security(("bearer" = [])))]
 async fn feedback(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Extension(Caller { tenant, .. }): Extension<Caller>,
     ApiJson(req): ApiJson<FeedbackRequest>,
 ) -> Result<Json<FeedbackResponse>, ApiError> {
-    let tenant = authenticate(&state, &headers)?;
     let recorded = state
         .cache
         .feedback(
@@ -360,10 +364,9 @@ async fn feedback(
     security(("bearer" = [])))]
 async fn store(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Extension(Caller { tenant, .. }): Extension<Caller>,
     ApiJson(req): ApiJson<StoreRequest>,
 ) -> Result<Response, ApiError> {
-    let tenant = authenticate(&state, &headers)?;
     let response = serde_json::to_vec(&req.response)
         .map_err(|e| CacheError::InvalidRequest(format!("failed to encode the response: {e}")))?;
     let stored = state
@@ -402,10 +405,9 @@ async fn store(
     security(("bearer" = [])))]
 async fn delete_entry(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Extension(Caller { tenant, .. }): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let tenant = authenticate(&state, &headers)?;
     state.cache.delete(&tenant, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -416,10 +418,9 @@ async fn delete_entry(
     security(("bearer" = [])))]
 async fn invalidate(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Extension(Caller { tenant, .. }): Extension<Caller>,
     ApiJson(req): ApiJson<InvalidateRequest>,
 ) -> Result<Json<InvalidateResponse>, ApiError> {
-    let tenant = authenticate(&state, &headers)?;
     let filter = match (req.scope, req.namespace, req.all) {
         (Some(scope), None, false) => EntryFilter::Scope(Scope::from(scope).fingerprint().0),
         (None, Some(ns), false) => EntryFilter::Namespace(ns),
@@ -441,9 +442,8 @@ async fn invalidate(
     security(("bearer" = [])))]
 async fn stats(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Extension(Caller { tenant, .. }): Extension<Caller>,
 ) -> Result<Json<StatsBody>, ApiError> {
-    let tenant = authenticate(&state, &headers)?;
     Ok(Json(state.cache.stats(&tenant).await?.into()))
 }
 
@@ -614,6 +614,10 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize, timeout: Duration) ->
         .route("/v1/invalidate", post(invalidate))
         .route("/v1/feedback", post(feedback))
         .route("/v1/stats", get(stats))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admission::admit_api,
+        ))
         .layer(DefaultBodyLimit::disable())
         .layer(RequestBodyLimitLayer::new(max_body_bytes))
         .layer(TimeoutLayer::with_status_code(
@@ -626,8 +630,13 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize, timeout: Duration) ->
         .route("/v1/chat/completions", post(gateway::chat_completions))
         .route("/v1/models", get(gateway::models))
         .route("/v1/embeddings", post(gateway::embeddings))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admission::admit_gateway,
+        ))
         .layer(DefaultBodyLimit::disable())
-        .layer(RequestBodyLimitLayer::new(max_body_bytes));
+        .layer(RequestBodyLimitLayer::new(max_body_bytes))
+        .layer(RequestBodyTimeoutLayer::new(timeout));
     Router::new()
         .merge(api)
         .merge(gateway)

@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+
 use axum::Json;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +19,7 @@ use semantis_dataplane::metrics::Metrics;
 use serde_json::{Value, json};
 
 use crate::harness::{
-    KEY_A, Server, Setup, answer, fresh_database, private_redis, serve_fake, shared_postgres,
+    KEY_A, KEY_B, Server, Setup, answer, fresh_database, private_redis, serve_fake, shared_postgres,
 };
 
 pub const DIM: usize = 16;
@@ -25,7 +27,7 @@ const API_KEY: &str = "sk-test-very-secret-0123456789";
 
 /// What the fake does with the next requests.
 #[derive(Clone, Debug, PartialEq)]
-enum Fault {
+pub enum Fault {
     None,
     /// Answer 500 this many more times.
     ServerErrors(u32),
@@ -41,6 +43,12 @@ enum Fault {
     MaxBatch(usize),
     /// Refuse everything.
     Down,
+    /// After `delay`, answer 400 (as OpenAI does for an over-long input) to any batch holding
+    /// a text that contains `marker`.
+    Refuse {
+        marker: &'static str,
+        delay: Duration,
+    },
 }
 
 #[derive(Default)]
@@ -50,7 +58,7 @@ struct Seen {
 
 #[derive(Clone)]
 pub struct Fake {
-    fault: Arc<Mutex<Fault>>,
+    pub fault: Arc<Mutex<Fault>>,
     seen: Arc<Mutex<Seen>>,
 }
 
@@ -127,6 +135,15 @@ async fn handle(fake: Fake, protocol: &'static str, headers: HeaderMap, body: Va
         }
         Fault::MaxBatch(_) => {}
         Fault::Down => return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response(),
+        Fault::Refuse { marker, delay } => {
+            tokio::time::sleep(delay).await;
+            if texts.iter().any(|t| t.contains(marker)) {
+                let error = json!({"error": {
+                    "message": "This model's maximum context length is 8192 tokens",
+                    "type": "invalid_request_error", "code": "context_length_exceeded"}});
+                return (StatusCode::BAD_REQUEST, Json(error)).into_response();
+            }
+        }
     }
     let vectors: Vec<Vec<f32>> = texts.iter().map(|t| embed_text(t, dim)).collect();
     match protocol {
@@ -630,6 +647,186 @@ async fn replicas_share_embeddings_through_the_redis_tier() -> anyhow::Result<()
             &[("result", "hit_shared")]
         ),
         1.0
+    );
+    Ok(())
+}
+
+/// An OpenAI-style provider with deadlines for a loaded machine and a short breaker cooldown.
+fn patient_setup(url: &str, key: &std::path::Path) -> Setup {
+    Setup {
+        embedder: Some(format!(
+            "provider = \"openai\"\nmodel = \"fake-embed\"\ndimension = {DIM}\nendpoint = \"{url}\"\n\
+             api_key_file = \"{}\"\ntimeout_ms = 2000\nmax_attempts = 1\nbreaker_failures = 2\n\
+             breaker_cooldown_ms = 200",
+            key.display()
+        )),
+        // Word-order paraphrases are the fake's same vector; the verifier would judge them.
+        extra: "verifier = \"none\"".into(),
+        ..Setup::default()
+    }
+}
+
+/// Every ordering of `text`'s words after the first: new texts with the same bag of words,
+/// so the fake gives them all the same vector.
+fn paraphrases(text: &str, n: usize) -> Vec<String> {
+    let mut w: Vec<&str> = text.split(' ').collect();
+    let mut out = Vec::new();
+    while out.len() < n {
+        // The next lexicographic permutation (wrapping around to the first).
+        match (0..w.len() - 1).rev().find(|&i| w[i] < w[i + 1]) {
+            Some(i) => {
+                let j = (i + 1..w.len())
+                    .rev()
+                    .find(|&j| w[j] > w[i])
+                    .unwrap_or(i + 1);
+                w.swap(i, j);
+                w[i + 1..].reverse();
+            }
+            None => w.reverse(),
+        }
+        let p = w.join(" ");
+        if p != text && !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_refused_text_fails_alone_and_never_opens_the_breaker() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (url, fake) = start_fake().await?;
+    let key = key_file(dir.path())?;
+    let s = Server::start(dir.path(), &patient_setup(&url, &key)).await?;
+    let question = "how do i reset my password";
+    s.store(
+        KEY_A,
+        json!({"prompt": question, "response": answer("reset")}),
+    )
+    .await?;
+    // team-b's prompts are too long for the provider; slow answers make the texts of both
+    // tenants ride in the same provider calls.
+    *fake.fault.lock() = Fault::Refuse {
+        marker: "poison",
+        delay: Duration::from_millis(50),
+    };
+    let mut quiet = paraphrases(question, 40).into_iter();
+    let mut violations = Vec::new();
+    for round in 0..10 {
+        let mut calls = Vec::new();
+        for i in 0..4 {
+            let prompt = quiet.next().context("paraphrases")?;
+            calls.push((KEY_A, json!({"prompt": prompt})));
+            calls.push((KEY_B, json!({"prompt": format!("poison {round} {i}")})));
+        }
+        let answers = futures::future::join_all(
+            calls
+                .iter()
+                .map(|(key, body)| s.call(Method::POST, "/v1/lookup", Some(key), Some(body))),
+        )
+        .await;
+        for ((key, _), answer) in calls.iter().zip(answers) {
+            let (status, v, _) = answer?;
+            let right = if *key == KEY_A {
+                status == 200 && v["path"] == "semantic" && v["degraded"].is_null()
+            } else {
+                status == 200 && v["hit"] == false && v["degraded"] == "prompt_not_embeddable"
+            };
+            if !right {
+                violations.push(format!("{key}: {status} {v}"));
+            }
+        }
+    }
+    assert!(
+        violations.is_empty(),
+        "{} of 80 lookups went wrong: {:?}",
+        violations.len(),
+        violations.first()
+    );
+    // A store of a refused prompt is refused at once, not deferred forever.
+    let (status, v, _) = s
+        .call(
+            Method::POST,
+            "/v1/entries",
+            Some(KEY_B),
+            Some(&json!({"prompt": "poison pill", "response": {}})),
+        )
+        .await?;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (422, Some("prompt_not_embeddable")),
+        "{v}"
+    );
+    let (status, v, _) = s.call(Method::GET, "/readyz", None, None).await?;
+    assert_eq!((status, v["degraded"].clone()), (200, json!([])), "{v}");
+    let m = s.metrics().await?;
+    assert_eq!(
+        crate::harness::metric_sum(
+            &m,
+            "semantis_embedder_circuit_open",
+            &[("provider", "openai")]
+        ),
+        0.0
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_deferred_store_the_provider_refuses_is_abandoned_and_the_rest_are_embedded()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (url, fake) = start_fake().await?;
+    let key = key_file(dir.path())?;
+    let s = Server::start(dir.path(), &patient_setup(&url, &key)).await?;
+    *fake.fault.lock() = Fault::Down;
+    let question = "how do i reset my password";
+    for prompt in ["poison question one", question, "poison question two"] {
+        let (status, v, _) = s
+            .call(
+                Method::POST,
+                "/v1/entries",
+                Some(KEY_A),
+                Some(&json!({"prompt": prompt, "response": answer(prompt)})),
+            )
+            .await?;
+        assert_eq!(
+            (status, v["embedding_pending"].as_bool()),
+            (201, Some(true)),
+            "{v}"
+        );
+    }
+    // The provider is back, but refuses two of the three prompts for good.
+    *fake.fault.lock() = Fault::Refuse {
+        marker: "poison",
+        delay: Duration::ZERO,
+    };
+    let paraphrase = paraphrases(question, 1).remove(0);
+    s.eventually(
+        "the embeddable store answers semantic lookups",
+        Duration::from_secs(20),
+        || async {
+            let v = s.lookup(KEY_A, json!({"prompt": paraphrase})).await?;
+            Ok(v["path"] == "semantic")
+        },
+    )
+    .await?;
+    s.eventually(
+        "both refused stores are abandoned",
+        Duration::from_secs(20),
+        || async {
+            let m = s.metrics().await?;
+            Ok(crate::harness::metric_sum(
+                &m,
+                "semantis_cache_pending_abandoned_total",
+                &[("tenant", "team-a")],
+            ) == 2.0)
+        },
+    )
+    .await?;
+    assert!(
+        s.log().contains("abandoned a deferred store"),
+        "{}",
+        s.log()
     );
     Ok(())
 }
