@@ -11,6 +11,8 @@ mod backup;
 mod cluster;
 #[path = "integration/embedders.rs"]
 mod embedders;
+#[path = "integration/fuzz.rs"]
+mod fuzz;
 #[path = "integration/gateway.rs"]
 mod gateway;
 #[path = "integration/harness.rs"]
