@@ -11,6 +11,8 @@ mod backup;
 mod cluster;
 #[path = "integration/embedders.rs"]
 mod embedders;
+#[path = "integration/faults.rs"]
+mod faults;
 #[path = "integration/fuzz.rs"]
 mod fuzz;
 #[path = "integration/gateway.rs"]

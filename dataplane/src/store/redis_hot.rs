@@ -8,23 +8,68 @@
 //! (`i:<id>` → exact key), so a DELETE that finds no entry can still clear a copy.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 
 use super::HotLayer;
 use crate::metrics::Metrics;
+use crate::upstream::Breaker;
 use semantis_cache::entry::Entry;
 use semantis_cache::vector::now_ms;
 
 pub struct RedisHotLayer {
     conn: ConnectionManager,
     metrics: Arc<Metrics>,
+    /// Reads and copies skip Redis for a second after one fails or is late: a hung Redis
+    /// would otherwise hold every lookup for the connection's whole reply deadline. Removals
+    /// never skip it (a tombstone must land).
+    breaker: Breaker,
 }
+
+/// How long a lookup waits for the hot layer before it reads the entry store instead.
+const READ_DEADLINE: Duration = Duration::from_millis(250);
 
 impl RedisHotLayer {
     pub fn new(conn: ConnectionManager, metrics: Arc<Metrics>) -> Self {
-        Self { conn, metrics }
+        Self {
+            conn,
+            metrics,
+            breaker: Breaker::new(1, Duration::from_secs(1)),
+        }
+    }
+
+    /// `call` within [`READ_DEADLINE`], unless the breaker is open; `None` on any failure.
+    async fn bounded<T>(
+        &self,
+        operation: &str,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        if !self.breaker.allows() {
+            return None;
+        }
+        match tokio::time::timeout(READ_DEADLINE, call).await {
+            Ok(Ok(v)) => {
+                self.breaker.success();
+                Some(v)
+            }
+            Ok(Err(e)) => {
+                self.breaker.failure();
+                self.failed(operation, &e);
+                None
+            }
+            Err(_) => {
+                self.breaker.failure();
+                tracing::debug!(operation, "Redis hot layer did not answer in time");
+                self.metrics
+                    .cache
+                    .store_errors
+                    .with_label_values(&["*", operation])
+                    .inc();
+                None
+            }
+        }
     }
 
     fn failed(&self, operation: &str, e: &redis::RedisError) {
@@ -62,21 +107,17 @@ return 1
 #[async_trait]
 impl HotLayer for RedisHotLayer {
     async fn get(&self, tenant: &str, exact_key: &str) -> Option<Arc<Entry>> {
-        let got: Result<Option<Vec<u8>>, _> = redis::cmd("GET")
-            .arg(key(tenant, exact_key))
-            .query_async(&mut self.conn.clone())
-            .await;
-        match got {
-            Ok(Some(bytes)) if bytes == TOMBSTONE => None,
-            Ok(Some(bytes)) => {
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(key(tenant, exact_key));
+        let get = cmd.query_async::<Option<Vec<u8>>>(&mut conn);
+        match self.bounded("hot_get", get).await? {
+            Some(bytes) if bytes == TOMBSTONE => None,
+            Some(bytes) => {
                 let entry: Entry = serde_json::from_slice(&bytes).ok()?;
                 entry.is_live(now_ms()).then(|| Arc::new(entry))
             }
-            Ok(None) => None,
-            Err(e) => {
-                self.failed("hot_get", &e);
-                None
-            }
+            None => None,
         }
     }
 
@@ -89,18 +130,19 @@ impl HotLayer for RedisHotLayer {
         let Ok(bytes) = serde_json::to_vec(&entry.without_vector()) else {
             return;
         };
-        let set: Result<i64, _> = redis::Script::new(PUT)
-            .key(key(tenant, &entry.exact_key))
+        // A copy skipped is only a slower next lookup. One that lands late is still ordered
+        // before any later removal on the same connection, and never replaces a tombstone.
+        let mut conn = self.conn.clone();
+        let script = redis::Script::new(PUT);
+        let mut invocation = script.key(key(tenant, &entry.exact_key));
+        invocation
             .key(id_key(tenant, &entry.id))
             .arg(bytes)
             .arg(ttl_ms)
             .arg(&entry.exact_key)
-            .arg(TOMBSTONE)
-            .invoke_async(&mut self.conn.clone())
-            .await;
-        if let Err(e) = set {
-            self.failed("hot_put", &e);
-        }
+            .arg(TOMBSTONE);
+        let set = invocation.invoke_async::<i64>(&mut conn);
+        let _ = self.bounded("hot_put", set).await;
     }
 
     async fn remove(&self, tenant: &str, exact_key: &str) {
