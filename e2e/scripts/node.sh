@@ -58,7 +58,9 @@ stop_node() {
   pkill -9 -f "containerd-shim-runc-v2 .*-address $SOCK" 2>/dev/null || true
   # kube-proxy's rules go with it.
   local bin
-  bin=$(ls -d "$CACHE"/e2e/node-bin/*/ 2>/dev/null | head -1)
+  # `|| true`: on a fresh machine nothing is built yet, and under pipefail the failed `ls`
+  # would end the script.
+  bin=$(ls -d "$CACHE"/e2e/node-bin/*/ 2>/dev/null | head -1 || true)
   [[ -n $bin && -x $bin/kube-proxy ]] && "$bin/kube-proxy" --cleanup >/dev/null 2>&1 || true
   bash "$HERE/control-plane.sh" stop
   # Volume, secret and rootfs mounts of the pods, deepest first.
