@@ -22,6 +22,7 @@ pub struct Metrics {
     pub embed_batch_size: HistogramVec,
     pub store_flush_duration: HistogramVec,
     pub store_flushed_entries: IntCounterVec,
+    pub store_write_fence: IntCounterVec,
     pub log_records_skipped: IntCounterVec,
     pub log_gaps: IntCounterVec,
     pub concurrency_refused: IntCounterVec,
@@ -139,6 +140,12 @@ impl Metrics {
                 "semantis_store_flushed_entries_total",
                 "Entries flushed from the write-ahead tail into LanceDB.",
                 &["tenant"],
+            )?,
+            store_write_fence: counter(
+                &r,
+                "semantis_store_write_fence_total",
+                "Times this replica, leading, did not write the table: outcome=busy (another writer, perhaps a stalled former leader, is mid-write) or fenced (a newer leader wrote it).",
+                &["tenant", "outcome"],
             )?,
             log_records_skipped: counter(
                 &r,

@@ -1,8 +1,9 @@
 //! `reindex`: fill the migration target's table from the active one.
 //!
 //! For each tenant: every live entry of the active version is re-embedded with the target
-//! embedder and merged (by id) into the target table; then deletes that raced the copy are
-//! swept out, the indexes are built and the version is marked `ready` in the metadata store.
+//! embedder and merged (by id) into the target table; then, once the serving replicas flushed
+//! the active log past the copy, deletes that raced the copy (this run's or an interrupted
+//! earlier one's) are swept out, the indexes are built and the version is marked `ready` in the metadata store.
 //! Serving replicas with the same `target_embedder` write new entries to both versions
 //! meanwhile (store::dual), so a ready target holds everything.
 //!
@@ -30,9 +31,10 @@ use semantis_dataplane::metrics::Metrics;
 use semantis_dataplane::store::lance::sql::live;
 use semantis_dataplane::store::lance::{Table, table_name};
 use semantis_dataplane::store::metadata::MetadataStore;
+use semantis_dataplane::store::redis_log::{Pos, RedisLog, connect};
 use semantis_dataplane::store::versions::prepare_target;
 
-use crate::serve::{load_embedder, open_metadata};
+use crate::serve::{load_embedder, open_metadata, redis_client};
 
 #[derive(clap::Args)]
 pub struct ReindexArgs {
@@ -145,6 +147,16 @@ pub async fn run(args: ReindexArgs) -> anyhow::Result<()> {
         .execute()
         .await
         .with_context(|| format!("failed to open LanceDB in {}", data_dir.display()))?;
+    let redis = match &cfg.redis {
+        Some(r) => {
+            let client = redis_client(r)?;
+            let conn = connect(&client)
+                .await
+                .context("failed to connect to Redis")?;
+            Some((client, conn))
+        }
+        None => None,
+    };
     let embedder = load_embedder(&target, &metrics, None)
         .await
         .context("failed to load the target embedder")?
@@ -160,6 +172,7 @@ pub async fn run(args: ReindexArgs) -> anyhow::Result<()> {
             active_fp: &active_fp,
             target_fp: &target_fp,
             batch: args.batch.max(1),
+            redis: redis.as_ref(),
         };
         job.run(&mut progress)
             .await
@@ -187,6 +200,9 @@ async fn serve_metrics(addr: &str, metrics: Arc<Metrics>) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// How long the sweep waits for the serving replicas to flush the active log.
+const FLUSH_WAIT: Duration = Duration::from_secs(300);
+
 fn conflict_backoff() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
@@ -203,6 +219,68 @@ struct TenantJob<'a> {
     active_fp: &'a str,
     target_fp: &'a str,
     batch: usize,
+    redis: Option<&'a RedisLogAccess>,
+}
+
+/// Cluster mode: how `reindex` reads the serving replicas' shared log.
+type RedisLogAccess = (redis::Client, redis::aio::ConnectionManager);
+
+/// Where the active version's log ended when the copy did.
+enum LogMark {
+    /// Cluster mode: the stream's last record then.
+    Stream { log: Box<RedisLog>, upto: Pos },
+    /// Embedded mode: the log segments then holding records (a flush deletes them).
+    Segments(Vec<PathBuf>),
+    /// The log was empty.
+    Empty,
+}
+
+impl LogMark {
+    async fn take(
+        redis: Option<&RedisLogAccess>,
+        data_dir: &str,
+        table: &str,
+    ) -> anyhow::Result<Self> {
+        if let Some((client, conn)) = redis {
+            let log = Box::new(RedisLog::new(
+                client.clone(),
+                conn.clone(),
+                table,
+                "reindex",
+            ));
+            return Ok(match log.last_pos().await? {
+                Some(upto) => Self::Stream { log, upto },
+                None => Self::Empty,
+            });
+        }
+        let dir = PathBuf::from(data_dir).join("wal").join(table);
+        let segments: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries
+                .filter_map(Result::ok)
+                .filter(|e| e.metadata().is_ok_and(|m| m.is_file() && m.len() > 0))
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                return Err(e).with_context(|| format!("failed to list {}", dir.display()));
+            }
+        };
+        Ok(if segments.is_empty() {
+            Self::Empty
+        } else {
+            Self::Segments(segments)
+        })
+    }
+
+    /// Whether everything the log held at the mark is in the active table now.
+    async fn reached(&self) -> anyhow::Result<bool> {
+        Ok(match self {
+            Self::Stream { log, upto } => log.flushed_through(*upto).await?,
+            Self::Segments(segments) => segments.iter().all(|p| !p.exists()),
+            Self::Empty => true,
+        })
+    }
 }
 
 impl TenantJob<'_> {
@@ -241,7 +319,6 @@ impl TenantJob<'_> {
         let scan_started_ms = now_ms();
         let total = source.count_live(scan_started_ms).await?;
         let mut done = present.len() as u64;
-        let mut copied: Vec<String> = Vec::new();
         let mut pending: Vec<Entry> = Vec::with_capacity(self.batch);
         let mut stream = Box::pin(source.scan(Some(live(scan_started_ms))).await?);
         progress.report(self.tenant, done, total, started, false);
@@ -252,21 +329,24 @@ impl TenantJob<'_> {
                 }
                 pending.push(entry);
                 if pending.len() >= self.batch {
-                    done += self.copy(&target, &mut pending, &mut copied).await?;
+                    done += self.copy(&target, &mut pending).await?;
                     progress.report(self.tenant, done, total, started, false);
                 }
             }
         }
-        done += self.copy(&target, &mut pending, &mut copied).await?;
+        done += self.copy(&target, &mut pending).await?;
         progress.report(self.tenant, done, total, started, true);
 
-        // A delete served while the copy ran may have reached the target before the copy of
-        // the same entry did. Once the serving replicas have flushed (two flush intervals),
-        // an entry created before the scan that is gone from the active table was deleted.
-        tokio::time::sleep(Duration::from_millis(
-            self.cfg.storage.flush_interval_ms.saturating_mul(2),
-        ))
-        .await;
+        // Deletes served while this run or an earlier, interrupted one copied may have reached
+        // the target before the copy of the same entry did (or found nothing there to delete).
+        // Once the serving replicas flushed the active log up to where it ends now, an entry
+        // created before this scan that the target holds and the active table does not was
+        // deleted (or expired): remove it from the target too. Rows created since the scan
+        // came from dual writes, which delete in both versions themselves.
+        let mark = LogMark::take(self.redis, &self.cfg.storage.data_dir, &source_name).await?;
+        self.wait_flushed(&mark).await?;
+        target.refresh().await?;
+        let in_target = target.ids(None).await?;
         let fresh = Table::open(self.db, &source_name, self.cfg.embedder.dimension).await?;
         let still: HashSet<String> = fresh
             .ids(None)
@@ -274,12 +354,16 @@ impl TenantJob<'_> {
             .into_iter()
             .map(|(id, _)| id)
             .collect();
-        let gone: Vec<String> = copied
+        let gone: Vec<String> = in_target
             .into_iter()
-            .filter(|id| !still.contains(id))
+            .filter(|(id, created)| *created < scan_started_ms && !still.contains(id))
+            .map(|(id, _)| id)
             .collect();
         if !gone.is_empty() {
-            target.delete_ids(&gone).await?;
+            (|| target.delete_ids(&gone))
+                .retry(conflict_backoff())
+                .notify(|e, wait| tracing::info!(error = %e, ?wait, "retrying the sweep"))
+                .await?;
         }
         // A serving replica's maintainer may index or compact the same table concurrently;
         // LanceDB then refuses one commit as a conflict, which a retry resolves.
@@ -312,13 +396,33 @@ impl TenantJob<'_> {
         Ok(())
     }
 
+    /// Wait until the serving replicas flushed the active log up to `mark`, saying so every
+    /// ten seconds; give up after [`FLUSH_WAIT`] (no replica serving the version?).
+    async fn wait_flushed(&self, mark: &LogMark) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let mut said = Instant::now();
+        while !mark.reached().await? {
+            if started.elapsed() >= FLUSH_WAIT {
+                bail!(
+                    "failed to sweep the deletes made during the copy: the serving replicas did not flush the active version's log within {}s (is a dataplane serving this cache?)",
+                    FLUSH_WAIT.as_secs()
+                );
+            }
+            if said.elapsed() >= Duration::from_secs(10) {
+                said = Instant::now();
+                tracing::info!(
+                    tenant = self.tenant,
+                    waited_secs = started.elapsed().as_secs(),
+                    "waiting for the serving replicas to flush the deletes made during the copy"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
     /// Re-embed `pending` and merge it into the target; returns how many were written.
-    async fn copy(
-        &self,
-        target: &Table,
-        pending: &mut Vec<Entry>,
-        copied: &mut Vec<String>,
-    ) -> anyhow::Result<u64> {
+    async fn copy(&self, target: &Table, pending: &mut Vec<Entry>) -> anyhow::Result<u64> {
         if pending.is_empty() {
             return Ok(0);
         }
@@ -349,7 +453,6 @@ impl TenantJob<'_> {
             .retry(conflict_backoff())
             .notify(|e, wait| tracing::info!(error = %e, ?wait, "retrying a merge"))
             .await?;
-        copied.extend(entries.iter().map(|e| e.id.clone()));
         Ok(entries.len() as u64)
     }
 }

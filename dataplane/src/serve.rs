@@ -22,6 +22,7 @@ use semantis_dataplane::http::{AppState, metrics_router, router};
 use semantis_dataplane::metrics::Metrics;
 use semantis_dataplane::store::dual::DualEntryStore;
 use semantis_dataplane::store::hot::InProcessHotLayer;
+use semantis_dataplane::store::lance::fence::fence_path;
 use semantis_dataplane::store::lance::{LanceEntryStore, LogConfig, table_name};
 use semantis_dataplane::store::metadata::{MetadataStore, QueuedUsage};
 use semantis_dataplane::store::redis_hot::RedisHotLayer;
@@ -181,18 +182,7 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
     // Cluster mode: Redis carries the write-ahead log and the exact-match layer.
     let redis = match &cfg.redis {
         Some(r) => {
-            let mut info: redis::ConnectionInfo = r
-                .url
-                .as_str()
-                .into_connection_info()
-                .context("failed to parse the Redis URL")?;
-            if let Some(path) = &r.password_file {
-                let password = std::fs::read_to_string(path)
-                    .with_context(|| format!("failed to read the Redis password file {path}"))?;
-                let settings = info.redis_settings().clone().set_password(password.trim());
-                info = info.set_redis_settings(settings);
-            }
-            let client = redis::Client::open(info).context("failed to configure Redis")?;
+            let client = redis_client(r)?;
             let conn = connect(&client)
                 .await
                 .context("failed to connect to Redis")?;
@@ -372,6 +362,22 @@ async fn check_index_version(
     Ok(())
 }
 
+/// A Redis client for `[redis]`, its password read from `password_file` when set.
+pub fn redis_client(r: &semantis_contract::RedisConfig) -> anyhow::Result<redis::Client> {
+    let mut info: redis::ConnectionInfo = r
+        .url
+        .as_str()
+        .into_connection_info()
+        .context("failed to parse the Redis URL")?;
+    if let Some(path) = &r.password_file {
+        let password = std::fs::read_to_string(path)
+            .with_context(|| format!("failed to read the Redis password file {path}"))?;
+        let settings = info.redis_settings().clone().set_password(password.trim());
+        info = info.set_redis_settings(settings);
+    }
+    redis::Client::open(info).context("failed to configure Redis")
+}
+
 /// Drop the tables of versions retired longer ago than the grace period. Replicas still on the
 /// old version (a rolling update) keep serving it until then.
 async fn retire_versions(
@@ -393,6 +399,11 @@ async fn retire_versions(
         match db.drop_table(&table, &[]).await {
             Ok(()) | Err(lancedb::Error::TableNotFound { .. }) => {}
             Err(e) => return Err(e).with_context(|| format!("failed to drop table {table}")),
+        }
+        let fence = fence_path(&data_dir.join("lance"), &table);
+        if fence.exists() {
+            std::fs::remove_file(&fence)
+                .with_context(|| format!("failed to remove {}", fence.display()))?;
         }
         let wal = data_dir.join("wal").join(&table);
         if wal.exists() {

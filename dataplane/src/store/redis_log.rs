@@ -34,17 +34,23 @@ fn redis_err(action: &'static str, key: &str, e: redis::RedisError) -> BackendEr
     }
 }
 
-/// Renew the lease if we hold it, take it if nobody does.
+/// Renew the lease if we hold it, take it if nobody does. The holder is stored as
+/// `replica#epoch`; every take increments the table's epoch counter, so a leader's epoch is
+/// larger than every earlier leader's (the write fence compares them). Returns the epoch
+/// held, or 0.
 const LEASE_SCRIPT: &str = r"
 local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-elseif not holder then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
+if holder then
+  local replica, epoch = string.match(holder, '^(.*)#(%d+)$')
+  if replica == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return tonumber(epoch)
+  end
+  return 0
 end
-return 0";
+local epoch = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. '#' .. epoch, 'PX', ARGV[2])
+return epoch";
 
 /// Append with the next sequence number of the log, in the same step: a follower that finds
 /// a number missing knows records were trimmed before it read them.
@@ -53,7 +59,17 @@ local n = redis.call('INCR', KEYS[2])
 return redis.call('XADD', KEYS[1], '*', 'r', ARGV[1], 'n', n)";
 
 const RELEASE_SCRIPT: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+local holder = redis.call('GET', KEYS[1])
+if holder and string.match(holder, '^(.*)#%d+$') == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0";
+
+/// Make the next lease take's epoch larger than `ARGV[1]` (an epoch a fence holds that the
+/// counter no longer reaches: Redis lost its data).
+const RAISE_EPOCH_SCRIPT: &str = r"
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
 return 0";
 
 pub struct RedisLog {
@@ -62,6 +78,7 @@ pub struct RedisLog {
     key: String,
     seq_key: String,
     lease_key: String,
+    epoch_key: String,
     replica: String,
 }
 
@@ -91,6 +108,7 @@ impl RedisLog {
             key: format!("semantis:{{{table}}}:log"),
             seq_key: format!("semantis:{{{table}}}:log-seq"),
             lease_key: format!("semantis:{{{table}}}:flush-lease"),
+            epoch_key: format!("semantis:{{{table}}}:flush-epoch"),
             replica: replica.to_owned(),
         }
     }
@@ -131,6 +149,28 @@ impl RedisLog {
         let mut batch = LogBatch::default();
         parse_entries(reply, &self.key, &mut batch);
         Ok(batch.last)
+    }
+
+    /// Whether every record up to `upto` reached the table: only `flushed` markers (and
+    /// records nobody can decode) remain at or before it.
+    pub async fn flushed_through(&self, upto: Pos) -> Result<bool, BackendError> {
+        const LOOK: usize = 16;
+        let reply: Value = redis::cmd("XRANGE")
+            .arg(&self.key)
+            .arg("-")
+            .arg(format_stream_id(upto))
+            .arg("COUNT")
+            .arg(LOOK)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| redis_err("read the start of", &self.key, e))?;
+        let mut batch = LogBatch::default();
+        parse_entries(reply, &self.key, &mut batch);
+        Ok(batch.records.len() + batch.undecodable < LOOK
+            && batch
+                .records
+                .iter()
+                .all(|(_, r)| matches!(r, WalRecord::Flushed { .. })))
     }
 
     /// A connection of its own for blocking reads (they would stall a shared one). Its reply
@@ -193,16 +233,29 @@ impl RedisLog {
         Ok(())
     }
 
-    /// Take or renew the table's flush lease; true while this replica holds it.
-    pub async fn lead(&self, ttl: Duration) -> Result<bool, BackendError> {
-        let held: i64 = redis::Script::new(LEASE_SCRIPT)
+    /// Take or renew the table's flush lease; the epoch of this replica's lease while it
+    /// holds it.
+    pub async fn lead(&self, ttl: Duration) -> Result<Option<u64>, BackendError> {
+        let epoch: u64 = redis::Script::new(LEASE_SCRIPT)
             .key(&self.lease_key)
+            .key(&self.epoch_key)
             .arg(&self.replica)
             .arg(u64::try_from(ttl.as_millis()).unwrap_or(10_000))
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|e| redis_err("take the flush lease", &self.lease_key, e))?;
-        Ok(held == 1)
+        Ok((epoch > 0).then_some(epoch))
+    }
+
+    /// Raise the epoch counter to at least `epoch`.
+    pub async fn raise_epoch(&self, epoch: u64) -> Result<(), BackendError> {
+        let _: i64 = redis::Script::new(RAISE_EPOCH_SCRIPT)
+            .key(&self.epoch_key)
+            .arg(epoch)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| redis_err("raise the flush epoch", &self.epoch_key, e))?;
+        Ok(())
     }
 
     pub async fn release(&self) -> Result<(), BackendError> {

@@ -558,3 +558,232 @@ async fn an_idle_follower_read_ends_empty_and_never_times_out() -> anyhow::Resul
     assert!(failures.is_empty(), "{failures:?}");
     Ok(())
 }
+
+/// The replica holding team-a's flush lease. The lease value is `<replica>#<epoch>`, the
+/// replica `<HOSTNAME>-<pid>`; the harness sets HOSTNAME to the replica's name.
+async fn flush_leader(
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> anyhow::Result<Option<String>> {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("semantis:{team-a--*}:flush-lease")
+        .query_async(conn)
+        .await?;
+    let Some(key) = keys.first() else {
+        return Ok(None);
+    };
+    let holder: Option<String> = redis::cmd("GET").arg(key).query_async(conn).await?;
+    Ok(holder.map(|h| {
+        let replica = h.split('#').next().unwrap_or_default();
+        replica
+            .rsplit_once('-')
+            .map_or(replica, |(name, _pid)| name)
+            .to_owned()
+    }))
+}
+
+fn entries_in(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, Iterator::count)
+}
+
+/// Committed versions of a Lance table (`_versions/<digits>.manifest`).
+fn manifests_in(table: &std::path::Path) -> usize {
+    std::fs::read_dir(table.join("_versions")).map_or(0, |d| {
+        d.filter_map(Result::ok)
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".manifest"))
+                    .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .count()
+    })
+}
+
+/// Freeze `pid` the moment a new file appears in `data` (a flush started writing its rows):
+/// true if it did within `within`.
+fn freeze_when_writing(
+    data: std::path::PathBuf,
+    before: usize,
+    pid: u32,
+    within: Duration,
+) -> anyhow::Result<bool> {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if entries_in(&data) > before {
+            let status = std::process::Command::new("kill")
+                .args(["-STOP", &pid.to_string()])
+                .status()?;
+            anyhow::ensure!(status.success(), "failed to freeze {pid}");
+            return Ok(true);
+        }
+        std::thread::yield_now();
+    }
+    Ok(false)
+}
+
+/// The leader is frozen (SIGSTOP) in the middle of a flush, after it started writing a batch
+/// holding entry X and before LanceDB committed it. Its lease runs out, the other replica
+/// takes over, and X is deleted. Before the write fence, the new leader applied the delete (a
+/// no-op: X was not in the table yet), and when the old leader went on its commit wrote X
+/// into the table for good: a replica restarted afterwards, loading from the table, served
+/// the deleted entry. Now the new leader waits for the frozen write (the fence's lock),
+/// applies the delete after it, and the old leader never writes again. Rounds alternate the
+/// leader; a round whose freeze came after the commit is not counted.
+#[tokio::test]
+async fn a_leader_frozen_mid_flush_never_writes_a_deleted_entry_back() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut setup = cluster_setup("frozen-leader").await?;
+    setup.max_body_bytes = 4 << 20;
+    setup.flush_max_rows = 1000;
+    let mut replicas = vec![
+        Server::start_replica(dir.path(), "r1", &setup).await?,
+        Server::start_replica(dir.path(), "r2", &setup).await?,
+    ];
+    let mut conn = redis::Client::open(setup.redis_url.clone().unwrap_or_default())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let lance = dir.path().join("data").join("lance");
+    let table = std::fs::read_dir(&lance)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("team-a--") && n.ends_with(".lance"))
+        })
+        .ok_or_else(|| anyhow::anyhow!("no table of team-a under {}", lance.display()))?;
+    let bulk = "b".repeat(1 << 20);
+    let big = "d".repeat(3 << 20);
+
+    let (mut caught, mut served_after_delete) = (0, Vec::<String>::new());
+    let mut attempts = 0;
+    for round in 0..15 {
+        if caught == 3 {
+            break;
+        }
+        attempts += 1;
+        replicas[0]
+            .eventually("a flush leader", Duration::from_secs(15), || async {
+                Ok(matches!(
+                    flush_leader(&mut conn.clone()).await?.as_deref(),
+                    Some("r1" | "r2")
+                ))
+            })
+            .await?;
+        let li = usize::from(flush_leader(&mut conn).await?.as_deref() == Some("r2"));
+        let (leader, follower) = (&replicas[li], &replicas[1 - li]);
+        let pid = leader
+            .pid()
+            .ok_or_else(|| anyhow::anyhow!("the leader is not running"))?;
+
+        let data = table.join("data");
+        let (files, versions) = (entries_in(&data), manifests_in(&table));
+        let prompt = format!("frozen question {round}");
+        let vector = axis(8, 1, 0.01 * round as f32);
+        // The doomed entry first and alone: the tail was empty, so the first flush to start
+        // after its acknowledgement holds it. Bulk stores through the other replica then make
+        // that flush longer (the frozen leader would hold stores sent to it).
+        let doomed = leader
+            .store(
+                KEY_A,
+                json!({"prompt": prompt, "vector": vector, "response": answer(&format!("{round}{big}"))}),
+            )
+            .await?;
+        let freezer = tokio::task::spawn_blocking(move || {
+            freeze_when_writing(data, files, pid, Duration::from_secs(10))
+        });
+        let bulk_stores = (0..4).map(|j| {
+            follower.store(
+                KEY_A,
+                json!({"prompt": format!("bulk {round} {j}"), "vector": axis(8, 4 + j % 4, 0.0), "response": answer(&bulk)}),
+            )
+        });
+        futures::future::try_join_all(bulk_stores).await?;
+        let frozen = freezer.await??;
+        anyhow::ensure!(frozen, "round {round}: the leader never flushed the batch");
+        let mid_flush = manifests_in(&table) == versions;
+        let fence_waits = |text: &str| {
+            metric_sum(
+                text,
+                "semantis_store_write_fence_total",
+                &[("outcome", "busy")],
+            ) + metric_sum(text, "semantis_store_flush_duration_seconds_count", &[])
+        };
+        let before = fence_waits(&follower.metrics().await?);
+        if mid_flush {
+            caught += 1;
+            let (status, v, _) = follower
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/entries/{doomed}"),
+                    Some(KEY_A),
+                    None,
+                )
+                .await?;
+            anyhow::ensure!(status == 204, "delete answered {status}: {v}");
+            let follower_name = if li == 0 { "r2" } else { "r1" };
+            follower
+                .eventually(
+                    "the other replica taking the lease",
+                    Duration::from_secs(20),
+                    || async {
+                        Ok(
+                            flush_leader(&mut conn.clone()).await?.as_deref()
+                                == Some(follower_name),
+                        )
+                    },
+                )
+                .await?;
+            // It flushes the delete (before the fence) or waits for the frozen write.
+            follower
+                .eventually(
+                    "the new leader flushing or waiting",
+                    Duration::from_secs(10),
+                    || async { Ok(fence_waits(&follower.metrics().await?) > before) },
+                )
+                .await?;
+        }
+        replicas[li].resume()?;
+        replicas[0]
+            .eventually("every record flushed", Duration::from_secs(30), || async {
+                Ok(log_records(&mut conn.clone()).await?.is_empty()
+                    || log_records(&mut conn.clone())
+                        .await?
+                        .iter()
+                        .all(|r| r.contains("\"op\":\"flushed\"")))
+            })
+            .await?;
+        if !mid_flush {
+            continue;
+        }
+        // The old leader starts again from the table and the log.
+        let old = replicas.remove(li);
+        replicas.insert(li, old.restart().await?);
+        for (ri, r) in replicas.iter().enumerate() {
+            for (path, body) in [
+                ("exact", json!({"prompt": prompt})),
+                ("semantic", json!({"vector": vector})),
+            ] {
+                let v = r.lookup(KEY_A, body).await?;
+                if v["entry_id"] == doomed.as_str() {
+                    served_after_delete.push(format!(
+                        "round {round}: r{} served the deleted entry on the {path} path{}",
+                        ri + 1,
+                        if ri == li { " after its restart" } else { "" }
+                    ));
+                }
+            }
+        }
+    }
+    eprintln!("{caught} of {attempts} freezes landed mid-flush");
+    anyhow::ensure!(
+        caught >= 2,
+        "the freeze landed mid-flush in {caught} of {attempts} rounds only"
+    );
+    assert!(
+        served_after_delete.is_empty(),
+        "{} deleted entries served after {caught} frozen leaders: {served_after_delete:#?}",
+        served_after_delete.len()
+    );
+    Ok(())
+}

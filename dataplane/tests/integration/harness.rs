@@ -230,7 +230,7 @@ pub struct Server {
     log_path: PathBuf,
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0").context("failed to find a free port")?;
     Ok(l.local_addr()?.port())
 }
@@ -281,6 +281,8 @@ impl Server {
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "info,lance=warn,lancedb=warn")
+            // The replica's name, as a pod's name would be (it names the replica in leases).
+            .env("HOSTNAME", config_path.file_stem().unwrap_or_default())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -350,6 +352,11 @@ impl Server {
     /// Send SIGTERM without waiting.
     pub fn signal_term(&self) -> anyhow::Result<()> {
         self.signal("TERM")
+    }
+
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
     }
 
     /// Freeze the process (SIGSTOP), as a stalled node or a long GC pause would.

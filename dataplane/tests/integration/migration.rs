@@ -2,6 +2,7 @@
 //! `target_embedder` (dual writes), `reindex` fills the target, replicas roll to the new
 //! embedder, all under concurrent lookups and stores.
 
+use std::collections::HashSet;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,9 +11,12 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 
-use crate::embedders::{key_file, start_fake};
+use semantis_dataplane::store::lance::Table;
+
+use crate::embedders::{Fault, key_file, start_fake};
 use crate::harness::{
-    KEY_A, Server, Setup, answer, fresh_database, private_redis, shared_postgres,
+    KEY_A, Server, Setup, answer, free_port, fresh_database, metric_sum, private_redis,
+    shared_postgres,
 };
 
 /// The words of `prompt` reversed: another exact key, the same bag-of-words vector, so only
@@ -264,17 +268,24 @@ async fn a_model_change_under_load_loses_nothing_and_fails_nothing() -> anyhow::
         .await?;
     assert_eq!(stats["entries"].as_u64(), Some(all.len() as u64), "{stats}");
 
-    // The grace period over, the retired version's table is deleted; the new one stays.
+    // The grace period over, the retired version's table (and its write fence) is deleted;
+    // the new one stays.
     let tables = || -> anyhow::Result<Vec<String>> {
         Ok(std::fs::read_dir(new.data_dir.join("lance"))?
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| n.starts_with("team-a--"))
+            .filter(|n| n.starts_with("team-a--") && n.ends_with(".lance"))
             .collect())
     };
     new.eventually(
         "the retired table is dropped",
         Duration::from_secs(15),
-        || async { Ok(tables()?.len() == 1) },
+        || async {
+            let fences = std::fs::read_dir(new.data_dir.join("lance"))?
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with("team-a--") && n.ends_with(".fence"))
+                .count();
+            Ok(tables()?.len() == 1 && fences <= 1)
+        },
     )
     .await?;
     let v = new
@@ -282,4 +293,214 @@ async fn a_model_change_under_load_loses_nothing_and_fails_nothing() -> anyhow::
         .await?;
     assert_eq!(v["hit"], true, "{v}");
     Ok(())
+}
+
+/// The ids in the migration target's table (the one holding 384-dimensional vectors).
+async fn target_ids(data_dir: &std::path::Path) -> anyhow::Result<HashSet<String>> {
+    let lance = data_dir.join("lance");
+    let db = lancedb::connect(&lance.to_string_lossy()).execute().await?;
+    for entry in std::fs::read_dir(&lance)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let Some(table) = name.strip_suffix(".lance") else {
+            continue;
+        };
+        if !table.starts_with("team-a--") {
+            continue;
+        }
+        if let Ok(t) = Table::open(&db, table, 384).await {
+            return Ok(t.ids(None).await?.into_iter().map(|(id, _)| id).collect());
+        }
+    }
+    Ok(HashSet::new())
+}
+
+/// `reindex` in the background, its progress on a metrics port.
+fn spawn_reindex(config: &std::path::Path, port: u16) -> anyhow::Result<std::process::Child> {
+    Ok(Command::new(env!("CARGO_BIN_EXE_semantis-dataplane"))
+        .args(["reindex", "--batch", "4", "--metrics-listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info,lance=warn,lancedb=warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?)
+}
+
+async fn reindexed(http: &reqwest::Client, port: u16) -> f64 {
+    match http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+    {
+        Ok(r) => metric_sum(
+            &r.text().await.unwrap_or_default(),
+            "semantis_reindex_entries_done",
+            &[("tenant", "team-a")],
+        ),
+        Err(_) => 0.0,
+    }
+}
+
+/// Deletes made while `reindex` runs, is killed (-9) and runs again must stay deleted after
+/// the switch to the new version: entries the killed run had copied (the resumed run skips
+/// them; its sweep used to look only at what it copied itself, after a fixed two flush
+/// intervals), entries deleted before any run copied them, and entries deleted while the
+/// resumed run copies.
+async fn deletes_during_a_killed_and_resumed_reindex_stay_deleted(
+    cluster: bool,
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (url, fake) = start_fake().await?;
+    let key = key_file(dir.path())?;
+    let section = |model: &str, dim: usize| {
+        format!(
+            "provider = \"openai\"\nmodel = \"{model}\"\ndimension = {dim}\nendpoint = \"{url}\"\n\
+             api_key_file = \"{}\"\ntimeout_ms = 5000\n",
+            key.display()
+        )
+    };
+    let base = Setup {
+        redis_url: if cluster {
+            Some(private_redis("resumed-reindex")?)
+        } else {
+            None
+        },
+        postgres_url: if cluster {
+            Some(fresh_database(&shared_postgres()?).await?)
+        } else {
+            None
+        },
+        min_similarity: Some(0.95),
+        embedder: Some(section("fake-embed-d256", 256)),
+        ..Setup::default()
+    };
+    let dual = Setup {
+        extra: format!("\n[target_embedder]\n{}", section("fake-embed-d384", 384)),
+        ..base.clone()
+    };
+    let migrated = Setup {
+        embedder: Some(section("fake-embed-d384", 384)),
+        ..base.clone()
+    };
+
+    let seeded = 96;
+    let mut old = Server::start_replica(dir.path(), "old", &base).await?;
+    let mut ids = Vec::new();
+    for i in 0..seeded {
+        ids.push(
+            old.store(
+                KEY_A,
+                json!({"prompt": prompt(i), "response": answer(&format!("seed-{i}"))}),
+            )
+            .await?,
+        );
+    }
+    assert!(old.stop_gracefully()?, "{}", old.log());
+    let mut dual_replica = Server::start_replica(dir.path(), "dual", &dual).await?;
+    let delete = |i: usize| {
+        let (r, id) = (&dual_replica, ids[i].clone());
+        async move {
+            let (status, v, _) = r
+                .call(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/entries/{id}"),
+                    Some(KEY_A),
+                    None,
+                )
+                .await?;
+            anyhow::ensure!(status == 204, "delete {i} answered {status}: {v}");
+            anyhow::Ok(i)
+        }
+    };
+    // Each target embedding call takes 100 ms, so the copy of 4 entries at a time is slow
+    // enough to kill and to delete under.
+    *fake.fault.lock() = Fault::Slow(Duration::from_millis(100));
+    let http = reqwest::Client::new();
+    let mut deleted = HashSet::new();
+
+    // The first run, killed once it copied a third.
+    let port = free_port()?;
+    let mut first = spawn_reindex(&dual_replica.config_path, port)?;
+    dual_replica
+        .eventually(
+            "the first run copying a third",
+            Duration::from_secs(60),
+            || async { Ok(reindexed(&http, port).await >= (seeded / 3) as f64) },
+        )
+        .await?;
+    first.kill()?;
+    first.wait()?;
+    let copied = target_ids(&dual_replica.data_dir).await?;
+    let (was_copied, not_yet): (Vec<usize>, Vec<usize>) =
+        (0..seeded).partition(|i| copied.contains(&ids[*i]));
+    assert!(
+        was_copied.len() >= 8 && not_yet.len() >= 24,
+        "copied {} of {seeded}",
+        was_copied.len()
+    );
+    for &i in was_copied.iter().take(8).chain(not_yet.iter().take(8)) {
+        deleted.insert(delete(i).await?);
+    }
+
+    // The second run, with deletes while it copies.
+    let port = free_port()?;
+    let second = spawn_reindex(&dual_replica.config_path, port)?;
+    dual_replica
+        .eventually(
+            "the second run copying",
+            Duration::from_secs(60),
+            || async { Ok(reindexed(&http, port).await > copied.len() as f64) },
+        )
+        .await?;
+    for &i in not_yet.iter().skip(8).step_by(2).take(8) {
+        deleted.insert(delete(i).await?);
+    }
+    let out = tokio::task::spawn_blocking(move || second.wait_with_output()).await??;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the resumed reindex failed:\n{log}");
+    assert!(log.contains("the target index version is ready"), "{log}");
+    *fake.fault.lock() = Fault::None;
+
+    // Switch to the new version.
+    let new = Server::start_replica(dir.path(), "new", &migrated).await?;
+    assert!(dual_replica.stop_gracefully()?, "{}", dual_replica.log());
+    let mut wrong = Vec::new();
+    for i in 0..seeded {
+        let exact = new.lookup(KEY_A, json!({"prompt": prompt(i)})).await?;
+        let semantic = new
+            .lookup(KEY_A, json!({"prompt": reordered(&prompt(i))}))
+            .await?;
+        let want = !deleted.contains(&i);
+        if exact["hit"].as_bool() != Some(want) || semantic["hit"].as_bool() != Some(want) {
+            wrong.push((i, want, exact["hit"].clone(), semantic["hit"].clone()));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {seeded} entries answered wrongly after the switch ({} deleted); (entry, should hit, exact, semantic): {wrong:?}",
+        wrong.len(),
+        deleted.len()
+    );
+    let (_, stats, _) = new
+        .call(reqwest::Method::GET, "/v1/stats", Some(KEY_A), None)
+        .await?;
+    assert_eq!(
+        stats["entries"].as_u64(),
+        Some((seeded - deleted.len()) as u64),
+        "{stats}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_during_a_killed_and_resumed_reindex_stay_deleted_in_cluster_mode()
+-> anyhow::Result<()> {
+    deletes_during_a_killed_and_resumed_reindex_stay_deleted(true).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_during_a_killed_and_resumed_reindex_stay_deleted_in_embedded_mode()
+-> anyhow::Result<()> {
+    deletes_during_a_killed_and_resumed_reindex_stay_deleted(false).await
 }

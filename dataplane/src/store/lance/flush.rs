@@ -1,10 +1,12 @@
 //! Flushing the tail into the table: only the lease holder (always, in embedded mode) writes,
-//! and a flush is recorded in the log so every replica drops what it wrote.
+//! under the write fence ([`super::fence`]), and a flush is recorded in the log so every
+//! replica drops what it wrote.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::LanceEntryStore;
+use super::fence::{FenceGuard, Turn};
 use super::log_state::FlushBatch;
 use super::store::Log;
 use crate::store::BackendError;
@@ -20,6 +22,9 @@ impl LanceEntryStore {
     /// repeated after a crash never duplicates a row. Only the lease holder calls this.
     pub(super) async fn flush_now(&self) -> Result<(), BackendError> {
         let _guard = self.flush_lock.lock().await;
+        let Some(_turn) = self.write_turn().await? else {
+            return Ok(());
+        };
         let gate = self.append_gate.write().await;
         let upto = match &self.log {
             Log::File(wal) => {
@@ -87,6 +92,52 @@ impl LanceEntryStore {
         Ok(())
     }
 
+    /// This replica's turn to write the table, held until the guard drops: always in
+    /// embedded mode; in cluster mode while the write fence accepts its lease's epoch.
+    /// `None`: not now (another writer is mid-write, or a newer leader fenced this one out).
+    pub(super) async fn write_turn(&self) -> Result<Option<FenceGuard>, BackendError> {
+        let Some(fence) = self.fence.clone() else {
+            return Ok(Some(FenceGuard::unfenced()));
+        };
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let path = fence.path().display().to_string();
+        let turn = tokio::task::spawn_blocking(move || fence.enter(epoch))
+            .await
+            .map_err(|e| BackendError::Io {
+                action: "take the write fence",
+                path,
+                source: std::io::Error::other(e.to_string()),
+            })??;
+        let outcome = match turn {
+            Turn::Held(guard) => return Ok(Some(guard)),
+            Turn::Busy => {
+                tracing::debug!(table = %self.table.name(), "another writer holds the table's write fence; flushing later");
+                "busy"
+            }
+            Turn::Fenced { current } => {
+                tracing::warn!(
+                    table = %self.table.name(),
+                    epoch,
+                    current,
+                    "a newer leader wrote the table after this replica's lease ended; this replica no longer writes it"
+                );
+                self.leading.store(false, Ordering::Release);
+                if let Log::Redis(log) = &self.log {
+                    // Holding the lease yet fenced means the epoch counter went back (Redis
+                    // lost its data): give the lease up so the next take is above the fence.
+                    log.raise_epoch(current).await?;
+                    log.release().await?;
+                }
+                "fenced"
+            }
+        };
+        self.metrics
+            .store_write_fence
+            .with_label_values(&[&self.tenant, outcome])
+            .inc();
+        Ok(None)
+    }
+
     pub(super) fn flush_due(&self) -> bool {
         let st = self.state.lock();
         st.tail_len() >= self.cfg.flush_max_rows
@@ -101,7 +152,13 @@ impl LanceEntryStore {
     pub(super) async fn leads(&self) -> Result<bool, BackendError> {
         let leads = match &self.log {
             Log::File(_) => true,
-            Log::Redis(log) => log.lead(LEASE).await?,
+            Log::Redis(log) => match log.lead(LEASE).await? {
+                Some(epoch) => {
+                    self.epoch.store(epoch, Ordering::Release);
+                    true
+                }
+                None => false,
+            },
         };
         // A replica taking over may find the previous leader's last flush half-recorded.
         if leads && !self.leading.swap(true, Ordering::AcqRel) {

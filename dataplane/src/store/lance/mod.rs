@@ -10,10 +10,12 @@
 //! - [`log_state`]: the tail and pending deletes, a pure state machine fed log records.
 //! - [`store`]: [`LanceEntryStore`], the `EntryStore` port: opening, replay, append, reads.
 //! - [`follow`]: cluster mode, applying other replicas' records; [`flush`]: the lease and
-//!   the flush; [`maintain`]: compaction and index builds; [`resident_load`]: the resident
-//!   index's life cycle.
+//!   the flush; [`fence`]: the file lock that keeps a stalled former leader from writing
+//!   after its successor; [`maintain`]: compaction and index builds; [`resident_load`]: the
+//!   resident index's life cycle.
 
 pub mod codec;
+pub mod fence;
 mod flush;
 mod follow;
 pub mod log_state;

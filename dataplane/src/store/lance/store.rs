@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -16,6 +16,7 @@ use semantis_cache::vector::cosine_similarity;
 use semantis_contract::StorageConfig;
 use tokio::sync::watch;
 
+use super::fence::{Fence, fence_path};
 use super::log_state::{LogState, PendingDelete};
 use super::sql;
 use super::table::Table;
@@ -67,6 +68,9 @@ pub struct LanceEntryStore {
     pub(super) always_merge: AtomicBool,
     /// Whether the last lease check found this replica leading.
     pub(super) leading: AtomicBool,
+    /// Cluster mode: the table's write fence, and the epoch of this replica's lease.
+    pub(super) fence: Option<Fence>,
+    pub(super) epoch: AtomicU64,
     pub(super) has_vector_index: AtomicBool,
     pub(super) has_scalar_indexes: AtomicBool,
     pub(super) last_table_maintenance: Mutex<Option<Instant>>,
@@ -90,6 +94,8 @@ impl LanceEntryStore {
     ) -> Result<Arc<Self>, BackendError> {
         let table = Table::open(db, table_name, dimension).await?;
         let indexes = table.indexes().await?;
+        let fence = matches!(log, LogConfig::Redis { .. })
+            .then(|| Fence::new(fence_path(Path::new(db.uri()), table_name)));
 
         let (log, replay, replayed_upto, replayed_seq) = match log {
             LogConfig::File { root } => {
@@ -153,6 +159,8 @@ impl LanceEntryStore {
             merge_next: AtomicBool::new(true),
             always_merge: AtomicBool::new(false),
             leading: AtomicBool::new(false),
+            fence,
+            epoch: AtomicU64::new(0),
             has_vector_index: AtomicBool::new(indexes.vector),
             has_scalar_indexes: AtomicBool::new(indexes.scalar),
             last_table_maintenance: Mutex::new(None),
@@ -494,6 +502,9 @@ impl EntryStore for LanceEntryStore {
         }
         *self.last_table_maintenance.lock() = Some(Instant::now());
         let _guard = self.flush_lock.lock().await;
+        let Some(_turn) = self.write_turn().await? else {
+            return Ok(());
+        };
         Ok(self.maintain_table().await?)
     }
 
