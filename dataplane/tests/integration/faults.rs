@@ -14,8 +14,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::embedders::{DIM, Fake, key_file, start_fake};
 use crate::harness::{
-    KEY_A, Server, Setup, answer, fresh_database, private_redis, scattered, shared_postgres,
+    KEY_A, Server, Setup, answer, fresh_database, metric_sum, private_redis, scattered,
+    shared_postgres,
 };
 
 /// What the proxy does to the traffic.
@@ -113,36 +115,105 @@ async fn pipe(
     }
 }
 
-/// Cluster mode with Redis behind the proxy.
-async fn through_proxy(name: &str) -> anyhow::Result<(Setup, FaultProxy)> {
-    let redis = private_redis(name)?;
-    let upstream = redis
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .to_owned();
-    let proxy = FaultProxy::start(upstream).await?;
-    Ok((
-        Setup {
-            redis_url: Some(format!("redis://{}", proxy.addr)),
-            postgres_url: Some(fresh_database(&shared_postgres()?).await?),
-            ..Setup::default()
-        },
-        proxy,
-    ))
+/// The dependency a run puts behind the proxy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Dependency {
+    Redis,
+    Postgres,
+    Embedder,
 }
 
-/// Rounds of stores and deletes while Redis is slow, hung, cut and back. Whatever was
+/// `host:port` of a URL (`scheme://[user@]host:port[/path]`).
+fn host_port(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    rest.split('/').next().unwrap_or(rest).to_owned()
+}
+
+/// Cluster mode (Redis, Postgres) with `dependency` reached through the proxy. The embedder
+/// run embeds text with the fake OpenAI-style server; the others store vectors.
+async fn through_proxy(
+    dependency: Dependency,
+    name: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<(Setup, FaultProxy, Option<Fake>)> {
+    let redis = private_redis(name)?;
+    let postgres = fresh_database(&shared_postgres()?).await?;
+    let mut setup = Setup {
+        redis_url: Some(redis.clone()),
+        postgres_url: Some(postgres.clone()),
+        ..Setup::default()
+    };
+    let (proxy, fake) = match dependency {
+        Dependency::Redis => {
+            let proxy = FaultProxy::start(host_port(&redis)).await?;
+            setup.redis_url = Some(format!("redis://{}", proxy.addr));
+            (proxy, None)
+        }
+        Dependency::Postgres => {
+            let upstream = host_port(&postgres);
+            let proxy = FaultProxy::start(upstream.clone()).await?;
+            setup.postgres_url = Some(postgres.replacen(&upstream, &proxy.addr, 1));
+            (proxy, None)
+        }
+        Dependency::Embedder => {
+            let (url, fake) = start_fake().await?;
+            let proxy = FaultProxy::start(host_port(&url)).await?;
+            let key = key_file(dir)?;
+            setup.embedder = Some(format!(
+                "provider = \"openai\"\nmodel = \"fake-embed\"\ndimension = {DIM}\n\
+                 endpoint = \"http://{}\"\napi_key_file = \"{}\"\ntimeout_ms = 1000\n",
+                proxy.addr,
+                key.display()
+            ));
+            (proxy, Some(fake))
+        }
+    };
+    Ok((setup, proxy, fake))
+}
+
+/// How a run stores and looks up entry `n`: by vector, or (embedder runs) by text, where a
+/// semantic lookup uses the same words in another order.
+#[derive(Clone, Copy)]
+struct Shape(Dependency);
+
+impl Shape {
+    fn prompt(self, n: u64) -> String {
+        format!("fault question {n} word{n}")
+    }
+
+    fn store(self, n: u64) -> serde_json::Value {
+        let prompt = self.prompt(n);
+        match self.0 {
+            Dependency::Embedder => json!({"prompt": prompt, "response": answer(&prompt)}),
+            _ => json!({"prompt": prompt, "vector": scattered(8, n), "response": answer(&prompt)}),
+        }
+    }
+
+    fn semantic(self, n: u64) -> serde_json::Value {
+        match self.0 {
+            Dependency::Embedder => json!({"prompt": format!("word{n} {n} question fault")}),
+            _ => json!({"vector": scattered(8, n)}),
+        }
+    }
+
+    fn exact(self, n: u64) -> serde_json::Value {
+        json!({"prompt": self.prompt(n)})
+    }
+}
+
+/// Rounds of stores and deletes while `dependency` is slow, hung, cut and back. Whatever was
 /// acknowledged (201) must answer afterwards, and whatever was deleted (204) must never be
 /// served: during the faults, after them, and after a restart.
-#[tokio::test]
-async fn redis_slow_hung_and_cut_loses_no_acknowledged_store_and_serves_no_deleted_entry()
--> anyhow::Result<()> {
+async fn faults_lose_nothing(dependency: Dependency, name: &str) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let (setup, proxy) = through_proxy("faults").await?;
+    let (setup, proxy, _fake) = through_proxy(dependency, name, dir.path()).await?;
+    let shape = Shape(dependency);
     let s = Server::start(dir.path(), &setup).await?;
     let acknowledged = Arc::new(Mutex::new(Vec::<(u64, String)>::new()));
     let deleted = Arc::new(Mutex::new(Vec::<(u64, String)>::new()));
-    let (mut refused, mut violations) = (0u32, Vec::<String>::new());
+    let (mut refused, mut deferred, mut stats_down) = (0u32, 0u32, 0u32);
+    let mut violations = Vec::<String>::new();
     let mut n: u64 = 0;
     for mode in [
         Mode::Pass,
@@ -153,20 +224,21 @@ async fn redis_slow_hung_and_cut_loses_no_acknowledged_store_and_serves_no_delet
         Mode::Pass,
     ] {
         proxy.set(mode);
+        let started = std::time::Instant::now();
         for _ in 0..6 {
             n += 1;
-            let prompt = format!("fault question {n}");
             let (status, v, _) = s
                 .call(
                     Method::POST,
                     "/v1/entries",
                     Some(KEY_A),
-                    Some(&json!({"prompt": prompt, "vector": scattered(8, n), "response": answer(&prompt)})),
+                    Some(&shape.store(n)),
                 )
                 .await?;
             match status {
                 201 => {
                     let id = v["id"].as_str().context("id")?.to_owned();
+                    deferred += u32::from(v["embedding_pending"] == true);
                     // Every third acknowledged store is deleted again.
                     if n.is_multiple_of(3) {
                         let (status, _, _) = s
@@ -185,34 +257,58 @@ async fn redis_slow_hung_and_cut_loses_no_acknowledged_store_and_serves_no_delet
                     acknowledged.lock().push((n, id));
                 }
                 // Refused clearly: the client knows it was not stored.
-                503 if v["error"]["code"] == "store_unavailable" => refused += 1,
+                503 if matches!(
+                    v["error"]["code"].as_str(),
+                    Some("store_unavailable" | "embedder_unavailable")
+                ) =>
+                {
+                    refused += 1;
+                }
                 _ => violations.push(format!("{mode:?}: store answered {status}: {v}")),
             }
         }
-        // Deleted entries stay gone, whatever Redis is doing.
+        let stores = started.elapsed();
+        // Deleted entries stay gone, whatever the dependency is doing.
         let started = std::time::Instant::now();
         let gone = deleted.lock().clone();
         for (m, id) in &gone {
-            let v = s
-                .lookup(KEY_A, json!({"prompt": format!("fault question {m}")}))
-                .await;
-            if let Ok(v) = v
-                && v["entry_id"] == id.as_str()
-            {
-                violations.push(format!("{mode:?}: deleted entry {m} served"));
+            for body in [shape.exact(*m), shape.semantic(*m)] {
+                if let Ok(v) = s.lookup(KEY_A, body).await
+                    && v["entry_id"] == id.as_str()
+                {
+                    violations.push(format!("{mode:?}: deleted entry {m} served"));
+                }
             }
         }
+        let lookups = started.elapsed();
+        let (status, _, _) = s.call(Method::GET, "/v1/stats", Some(KEY_A), None).await?;
+        stats_down += u32::from(matches!(status, 503 | 504));
         eprintln!(
-            "{mode:?}: {} lookups of deleted entries took {:?}",
-            gone.len(),
-            started.elapsed()
+            "{dependency:?} {mode:?}: 6 stores took {stores:?}, {} lookups of deleted entries {lookups:?}, /v1/stats {status}",
+            gone.len() * 2
         );
     }
     proxy.set(Mode::Pass);
     let (kept, gone) = (acknowledged.lock().clone(), deleted.lock().clone());
-    violations.extend(check(&s, "after the faults", &kept, &gone).await?);
+    // Stores deferred while the embedder was away are embedded once it is back.
+    if deferred > 0 {
+        s.eventually(
+            "the deferred stores embedded",
+            Duration::from_secs(30),
+            || async {
+                let text = s.metrics().await?;
+                Ok(
+                    metric_sum(&text, "semantis_cache_stores_deferred_total", &[])
+                        <= metric_sum(&text, "semantis_cache_pending_embedded_total", &[])
+                            + gone.len() as f64,
+                )
+            },
+        )
+        .await?;
+    }
+    violations.extend(check(&s, shape, "after the faults", &kept, &gone).await?);
     let s = s.restart().await?;
-    violations.extend(check(&s, "after a restart", &kept, &gone).await?);
+    violations.extend(check(&s, shape, "after a restart", &kept, &gone).await?);
     assert!(
         violations.is_empty(),
         "{} violations: {violations:#?}\n{}",
@@ -220,41 +316,65 @@ async fn redis_slow_hung_and_cut_loses_no_acknowledged_store_and_serves_no_delet
         s.log()
     );
     let (acknowledged, deleted) = (acknowledged.lock().len(), deleted.lock().len());
-    assert!(
-        acknowledged >= 12 && deleted >= 4 && refused >= 1,
-        "the faults were not exercised: {acknowledged} acknowledged, {deleted} deleted, {refused} refused"
+    eprintln!(
+        "{dependency:?}: {acknowledged} acknowledged, {deleted} deleted, {refused} refused, {deferred} deferred, /v1/stats down {stats_down} times"
     );
-    eprintln!("{acknowledged} acknowledged, {deleted} deleted, {refused} refused");
+    assert!(
+        acknowledged >= 12 && deleted >= 4,
+        "the rounds did not run: {acknowledged} acknowledged, {deleted} deleted"
+    );
+    // Each fault was felt where it should be.
+    let felt = match dependency {
+        Dependency::Redis => refused >= 1,
+        Dependency::Postgres => stats_down >= 1,
+        Dependency::Embedder => deferred + refused >= 1,
+    };
+    assert!(
+        felt,
+        "{dependency:?}: the faults were not felt: {refused} refused, {deferred} deferred, /v1/stats down {stats_down} times"
+    );
     Ok(())
+}
+
+#[tokio::test]
+async fn redis_slow_hung_and_cut_loses_no_acknowledged_store_and_serves_no_deleted_entry()
+-> anyhow::Result<()> {
+    faults_lose_nothing(Dependency::Redis, "faults").await
+}
+
+#[tokio::test]
+async fn postgres_slow_hung_and_cut_loses_no_acknowledged_store_and_serves_no_deleted_entry()
+-> anyhow::Result<()> {
+    faults_lose_nothing(Dependency::Postgres, "faults-pg").await
+}
+
+#[tokio::test]
+async fn embedder_slow_hung_and_cut_loses_no_acknowledged_store_and_serves_no_deleted_entry()
+-> anyhow::Result<()> {
+    faults_lose_nothing(Dependency::Embedder, "faults-embed").await
 }
 
 /// Every acknowledged entry answers on both paths; no deleted entry does.
 async fn check(
     s: &Server,
+    shape: Shape,
     when: &str,
     acknowledged: &[(u64, String)],
     deleted: &[(u64, String)],
 ) -> anyhow::Result<Vec<String>> {
     let mut wrong = Vec::new();
     for (m, id) in acknowledged {
-        let v = s
-            .lookup(KEY_A, json!({"prompt": format!("fault question {m}")}))
-            .await?;
-        if v["entry_id"] != id.as_str() {
-            wrong.push(format!("{when}: acknowledged store {m} lost: {v}"));
-        }
-        let v = s.lookup(KEY_A, json!({"vector": scattered(8, *m)})).await?;
-        if v["entry_id"] != id.as_str() {
-            wrong.push(format!(
-                "{when}: acknowledged store {m} not found by vector: {v}"
-            ));
+        for (path, body) in [("exact", shape.exact(*m)), ("semantic", shape.semantic(*m))] {
+            let v = s.lookup(KEY_A, body).await?;
+            if v["entry_id"] != id.as_str() {
+                wrong.push(format!(
+                    "{when}: acknowledged store {m} not found on the {path} path: {v}"
+                ));
+            }
         }
     }
     for (m, id) in deleted {
-        for body in [
-            json!({"prompt": format!("fault question {m}")}),
-            json!({"vector": scattered(8, *m)}),
-        ] {
+        for body in [shape.exact(*m), shape.semantic(*m)] {
             let v = s.lookup(KEY_A, body).await?;
             if v["entry_id"] == id.as_str() {
                 wrong.push(format!("{when}: deleted entry {m} served: {v}"));
