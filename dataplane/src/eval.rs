@@ -374,6 +374,7 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
         // Every candidate from the lowest threshold up is kept; thresholds apply afterwards.
         min_similarity: Some(args.from),
         max_entries: Some(u64::MAX),
+        max_bytes: Some(u64::MAX),
         verifier: args.no_verifier.then(|| NO_VERIFIER.to_owned()),
         // Scores are thresholded afterwards, so the verifier must read every candidate: only
         // a score of 1.0 stops it early, and that candidate is served at every threshold.

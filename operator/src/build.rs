@@ -548,6 +548,7 @@ pub fn dataplane_config(c: &ValidatedCache, o: &Observed, n: &ChildNames) -> Dat
                 .unwrap_or(CacheDefaults::default().verifier_budget_ms),
             default_ttl_secs: c.default_ttl_secs,
             max_entries: c.max_entries,
+            max_bytes: c.max_bytes,
             eviction: c.eviction,
             ..CacheDefaults::default()
         },
@@ -574,6 +575,7 @@ pub fn dataplane_config(c: &ValidatedCache, o: &Observed, n: &ChildNames) -> Dat
                 min_similarity: t.min_similarity,
                 default_ttl_secs: t.default_ttl_secs,
                 max_entries: t.max_entries,
+                max_bytes: t.max_bytes,
                 eviction: None,
                 verifier: t.verifier.clone(),
                 verifier_min_score: t.verifier_min_score,

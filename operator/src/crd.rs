@@ -378,6 +378,11 @@ pub struct EvictionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_entries_per_tenant: Option<u64>,
+    /// Bytes of entries per tenant before eviction starts: prompts, responses, metadata,
+    /// vectors and 512 bytes of bookkeeping each. Default: 1073741824 (1 GiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_bytes_per_tenant: Option<u64>,
     /// lru or lfu. Default: lru.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<EvictionPolicy>,
@@ -436,6 +441,11 @@ pub struct TenantQuotas {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_entries: Option<u64>,
+    /// Bytes of entries this tenant may hold before eviction (overrides the cache-wide
+    /// maximum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_bytes: Option<u64>,
     /// Requests of this tenant each dataplane replica handles at once (lookups, stores and
     /// gateway calls together; a streamed completion counts until it ends). Past it the
     /// tenant's requests are answered 429 `too_many_concurrent_requests`. Default: 256.

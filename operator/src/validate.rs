@@ -65,6 +65,7 @@ pub struct ValidatedCache {
     pub upstreams: Vec<Upstream>,
     pub default_ttl_secs: u64,
     pub max_entries: u64,
+    pub max_bytes: u64,
     pub eviction: ContractEviction,
     /// Sorted by name so reordering the spec list changes no child.
     pub tenants: Vec<Tenant>,
@@ -85,6 +86,7 @@ pub struct Tenant {
     pub min_similarity: Option<f32>,
     pub default_ttl_secs: Option<u64>,
     pub max_entries: Option<u64>,
+    pub max_bytes: Option<u64>,
     pub max_concurrent_requests: Option<u32>,
     pub verifier: Option<String>,
     pub verifier_min_score: Option<f32>,
@@ -550,6 +552,7 @@ pub fn validate(
             )?,
             default_ttl_secs: t.default_ttl_seconds,
             max_entries: t.quotas.as_ref().and_then(|q| q.max_entries),
+            max_bytes: t.quotas.as_ref().and_then(|q| q.max_bytes),
             max_concurrent_requests: t.quotas.as_ref().and_then(|q| q.max_concurrent_requests),
             verifier: t.verifier.clone(),
             verifier_min_score: t.verifier_min_score.map(|x| x as f32),
@@ -685,6 +688,9 @@ pub fn validate(
         max_entries: eviction
             .and_then(|e| e.max_entries_per_tenant)
             .unwrap_or(1_000_000),
+        max_bytes: eviction
+            .and_then(|e| e.max_bytes_per_tenant)
+            .unwrap_or(1 << 30),
         eviction: match eviction.and_then(|e| e.policy) {
             Some(EvictionPolicy::Lfu) => ContractEviction::Lfu,
             Some(EvictionPolicy::Lru) | None => ContractEviction::Lru,

@@ -470,6 +470,10 @@ pub struct CacheDefaults {
     /// Entries live this long unless the store says otherwise, in seconds.
     pub default_ttl_secs: u64,
     pub max_entries: u64,
+    /// Bytes of entries (prompt, response, metadata, vector and bookkeeping) a tenant may
+    /// hold; past it the entries `eviction` picks go, as past `max_entries`. One tenant of
+    /// large responses then cannot take the pod's memory. Default: 1 GiB.
+    pub max_bytes: u64,
     pub eviction: EvictionPolicy,
     /// Candidates within this distance below the threshold count as near misses in metrics.
     pub near_miss_margin: f32,
@@ -493,6 +497,7 @@ impl Default for CacheDefaults {
             verifier_budget_ms: 300,
             default_ttl_secs: 86_400,
             max_entries: 1_000_000,
+            max_bytes: 1 << 30,
             eviction: EvictionPolicy::Lru,
             near_miss_margin: 0.05,
             max_cacheable_temperature: 1.0,
@@ -514,6 +519,8 @@ pub struct TenantConfig {
     pub min_similarity: Option<f32>,
     pub default_ttl_secs: Option<u64>,
     pub max_entries: Option<u64>,
+    /// This tenant's byte budget; default `cache.max_bytes`.
+    pub max_bytes: Option<u64>,
     pub eviction: Option<EvictionPolicy>,
     /// This tenant's verifier (a name in `verifiers`, or `none`); default `cache.verifier`.
     pub verifier: Option<String>,

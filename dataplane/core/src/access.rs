@@ -17,6 +17,7 @@ pub const SAMPLE: usize = 32;
 struct Access {
     last: u64,
     hits: u64,
+    bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -25,6 +26,8 @@ pub struct AccessTracker {
     ids: Vec<String>,
     slots: HashMap<String, usize>,
     stats: Vec<Access>,
+    /// The sum of the tracked entries' footprints.
+    bytes: u64,
 }
 
 impl AccessTracker {
@@ -36,11 +39,19 @@ impl AccessTracker {
         self.ids.is_empty()
     }
 
-    /// Record a new entry. At startup, insert in creation order.
-    pub fn insert(&mut self, id: &str) {
+    /// The sum of the tracked entries' footprints.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Record a new entry of `bytes`. At startup, insert in creation order.
+    pub fn insert(&mut self, id: &str, bytes: u64) {
         self.clock += 1;
         if let Some(&slot) = self.slots.get(id) {
-            self.stats[slot].last = self.clock;
+            let s = &mut self.stats[slot];
+            s.last = self.clock;
+            self.bytes = self.bytes.saturating_sub(s.bytes).saturating_add(bytes);
+            s.bytes = bytes;
             return;
         }
         self.slots.insert(id.to_owned(), self.ids.len());
@@ -48,7 +59,9 @@ impl AccessTracker {
         self.stats.push(Access {
             last: self.clock,
             hits: 0,
+            bytes,
         });
+        self.bytes = self.bytes.saturating_add(bytes);
     }
 
     /// Record a hit.
@@ -66,7 +79,8 @@ impl AccessTracker {
             return;
         };
         self.ids.swap_remove(slot);
-        self.stats.swap_remove(slot);
+        let gone = self.stats.swap_remove(slot);
+        self.bytes = self.bytes.saturating_sub(gone.bytes);
         if let Some(moved) = self.ids.get(slot) {
             self.slots.insert(moved.clone(), slot);
         }
@@ -76,6 +90,7 @@ impl AccessTracker {
         self.ids.clear();
         self.slots.clear();
         self.stats.clear();
+        self.bytes = 0;
     }
 
     /// Pick the entry to evict under `policy`, or None when empty.
@@ -113,9 +128,9 @@ mod tests {
     #[test]
     fn lru_evicts_the_least_recently_used() {
         let mut t = AccessTracker::default();
-        t.insert("a");
-        t.insert("b");
-        t.insert("c");
+        t.insert("a", 1);
+        t.insert("b", 1);
+        t.insert("c", 1);
         t.touch("a");
         assert_eq!(t.victim(EvictionPolicy::Lru, "").as_deref(), Some("b"));
     }
@@ -123,9 +138,9 @@ mod tests {
     #[test]
     fn lfu_evicts_the_least_hit_and_breaks_ties_by_age() {
         let mut t = AccessTracker::default();
-        t.insert("a");
-        t.insert("b");
-        t.insert("c");
+        t.insert("a", 1);
+        t.insert("b", 1);
+        t.insert("c", 1);
         t.touch("a");
         t.touch("a");
         t.touch("b");
@@ -139,12 +154,27 @@ mod tests {
     fn remove_keeps_slots_consistent() {
         let mut t = AccessTracker::default();
         for id in ["a", "b", "c", "d"] {
-            t.insert(id);
+            t.insert(id, 1);
         }
         t.remove("a");
         t.remove("c");
         assert_eq!(t.len(), 2);
         assert_eq!(t.victim(EvictionPolicy::Lru, "").as_deref(), Some("b"));
         assert_eq!(t.victim(EvictionPolicy::Lru, "b").as_deref(), Some("d"));
+    }
+
+    #[test]
+    fn bytes_follow_inserts_updates_and_removals() {
+        let mut t = AccessTracker::default();
+        t.insert("a", 100);
+        t.insert("b", 50);
+        assert_eq!(t.bytes(), 150);
+        t.insert("a", 10); // the same id again: replaced, not added
+        assert_eq!(t.bytes(), 60);
+        t.remove("b");
+        t.remove("b");
+        assert_eq!(t.bytes(), 10);
+        t.clear();
+        assert_eq!(t.bytes(), 0);
     }
 }

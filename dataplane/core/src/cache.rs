@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 
 use crate::access::AccessTracker;
-use crate::entry::{Candidate, Entry, EntryFilter, Removed};
+use crate::entry::{Candidate, Entry, EntryFilter, Held, Removed};
 use crate::error::{CacheError, StoreError};
 use crate::feedback::{Judgements, ServedHit};
 use crate::metrics::CacheMetrics;
@@ -186,6 +186,10 @@ pub struct TenantStats {
     /// Live (unexpired) entries.
     pub entries: u64,
     pub max_entries: u64,
+    /// What the tenant's entries cost its byte budget ([`crate::entry::Entry::footprint`]),
+    /// and the budget.
+    pub bytes: u64,
+    pub max_bytes: u64,
     pub eviction: String,
     pub min_similarity: f32,
     pub index_version: String,
@@ -233,12 +237,12 @@ pub struct Partition {
 pub const MAX_TOKENS: u64 = 1_000_000_000;
 
 impl Partition {
-    pub fn new(tenant: Arc<Tenant>, store: Arc<dyn EntryStore>, seen: &[(String, i64)]) -> Self {
+    pub fn new(tenant: Arc<Tenant>, store: Arc<dyn EntryStore>, seen: &[Held]) -> Self {
         let mut access = AccessTracker::default();
-        let mut by_age: Vec<&(String, i64)> = seen.iter().collect();
-        by_age.sort_by_key(|(_, created)| *created);
-        for (id, _) in by_age {
-            access.insert(id);
+        let mut by_age: Vec<&Held> = seen.iter().collect();
+        by_age.sort_by_key(|h| h.created_at_ms);
+        for h in by_age {
+            access.insert(&h.id, h.bytes);
         }
         Self {
             tenant,
@@ -993,7 +997,9 @@ impl Cache {
             false
         };
         self.warm(part, entry.clone(), before).await;
-        part.access.lock().insert(&entry.id);
+        part.access
+            .lock()
+            .insert(&entry.id, entry.footprint(self.dimension));
         self.metrics.stores.with_label_values(&[&tenant.name]).inc();
         let evicted = self.evict_over_capacity(part, &entry.id).await?;
         self.set_entries_gauge(part);
@@ -1005,25 +1011,34 @@ impl Cache {
         })
     }
 
-    /// Evict until the tenant holds at most `max_entries`, never the entry just stored.
+    /// Evict until the tenant holds at most `max_entries` and `max_bytes`, never the entry
+    /// just stored.
     async fn evict_over_capacity(&self, part: &Partition, keep: &str) -> Result<usize, CacheError> {
         let mut evicted = 0;
         loop {
             let victim = {
                 let access = part.access.lock();
-                if (access.len() as u64) <= part.tenant.max_entries {
+                let reason = if access.len() as u64 > part.tenant.max_entries {
+                    "capacity"
+                } else if access.bytes() > part.tenant.max_bytes {
+                    "bytes"
+                } else {
                     break;
-                }
-                access.victim(part.tenant.eviction, keep)
+                };
+                access
+                    .victim(part.tenant.eviction, keep)
+                    .map(|v| (v, reason))
             };
-            let Some(victim) = victim else { break };
+            let Some((victim, reason)) = victim else {
+                break;
+            };
             let removed = part.store.delete_ids(std::slice::from_ref(&victim)).await?;
             part.access.lock().remove(&victim);
             self.purge(part, &removed).await;
             evicted += 1;
             self.metrics
                 .evictions
-                .with_label_values(&[&part.tenant.name, "capacity"])
+                .with_label_values(&[&part.tenant.name, reason])
                 .inc();
         }
         Ok(evicted)
@@ -1047,10 +1062,18 @@ impl Cache {
     }
 
     fn set_entries_gauge(&self, part: &Partition) {
+        let (entries, bytes) = {
+            let access = part.access.lock();
+            (access.len(), access.bytes())
+        };
         self.metrics
             .entries
             .with_label_values(&[&part.tenant.name])
-            .set(i64::try_from(part.access.lock().len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+        self.metrics
+            .bytes
+            .with_label_values(&[&part.tenant.name])
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     pub async fn delete(&self, tenant: &Tenant, id: &str) -> Result<(), CacheError> {
@@ -1119,6 +1142,8 @@ impl Cache {
             tenant: tenant.name.clone(),
             entries,
             max_entries: tenant.max_entries,
+            bytes: part.access.lock().bytes(),
+            max_bytes: tenant.max_bytes,
             eviction: format!("{:?}", tenant.eviction).to_lowercase(),
             min_similarity: tenant.min_similarity,
             index_version: self.index_version.clone(),
@@ -1398,11 +1423,11 @@ impl Cache {
             let id = pending.id.clone();
             match result.map(|mut v| v.pop()) {
                 Ok(Some(vector)) => {
-                    part.store
-                        .insert(Arc::new(pending.with_vector(vector)))
-                        .await?;
+                    let entry = Arc::new(pending.with_vector(vector));
+                    let bytes = entry.footprint(self.dimension);
+                    part.store.insert(entry).await?;
                     // Tracked since the store was accepted; after a restart, from now on.
-                    part.access.lock().insert(&id);
+                    part.access.lock().insert(&id, bytes);
                     moved += 1;
                     self.metrics
                         .pending_embedded

@@ -40,9 +40,42 @@ pub struct Entry {
     pub metadata: String,
 }
 
+/// What an entry costs its tenant's byte budget beyond its prompt, response, metadata and
+/// vector: its id, keys, scope and numbers, and the bookkeeping around them.
+pub const ENTRY_OVERHEAD: u64 = 512;
+
+/// The byte-budget cost of an entry with these sizes (see [`Entry::footprint`]).
+pub fn footprint(prompt: usize, response: usize, metadata: usize, dimension: usize) -> u64 {
+    [prompt, response, metadata, dimension.saturating_mul(4)]
+        .into_iter()
+        .map(|n| n as u64)
+        .fold(ENTRY_OVERHEAD, u64::saturating_add)
+}
+
+/// An entry as eviction tracks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub id: String,
+    pub created_at_ms: i64,
+    /// [`Entry::footprint`].
+    pub bytes: u64,
+}
+
 impl Entry {
     pub fn is_live(&self, now_ms: i64) -> bool {
         self.expires_at_ms > now_ms
+    }
+
+    /// What this entry costs its tenant's byte budget once it has a `dimension`-sized
+    /// vector: about what it takes in memory where it is held whole (the resident index,
+    /// the log's tail, the hot layer) and on disk.
+    pub fn footprint(&self, dimension: usize) -> u64 {
+        footprint(
+            self.prompt.len(),
+            self.response.len(),
+            self.metadata.len(),
+            dimension,
+        )
     }
 
     /// This entry without its vector: what a deferred store and the hot layer keep.

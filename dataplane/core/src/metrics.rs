@@ -21,6 +21,7 @@ pub struct CacheMetrics {
     pub pending_embedded: IntCounterVec,
     pub pending_abandoned: IntCounterVec,
     pub entries: IntGaugeVec,
+    pub bytes: IntGaugeVec,
     pub evictions: IntCounterVec,
     pub embed_duration: HistogramVec,
     pub embed_errors: IntCounterVec,
@@ -67,6 +68,14 @@ impl CacheMetrics {
             &["tenant"],
         )?;
         r.register(Box::new(entries.clone()))?;
+        let bytes = IntGaugeVec::new(
+            Opts::new(
+                "semantis_cache_bytes",
+                "What each tenant's entries cost its byte budget (max_bytes): prompts, responses, metadata, vectors and a fixed 512 per entry.",
+            ),
+            &["tenant"],
+        )?;
+        r.register(Box::new(bytes.clone()))?;
         let verifier_min_score = prometheus::GaugeVec::new(
             Opts::new(
                 "semantis_cache_verifier_min_score",
@@ -145,10 +154,11 @@ impl CacheMetrics {
                 &["tenant"],
             )?,
             entries,
+            bytes,
             evictions: counter(
                 r,
                 "semantis_cache_evictions_total",
-                "Entries removed by capacity eviction or expiry.",
+                "Entries removed by eviction (reason=capacity: max_entries; bytes: max_bytes) or expiry.",
                 &["tenant", "reason"],
             )?,
             embed_duration: histogram(

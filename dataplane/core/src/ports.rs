@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::entry::{Candidate, Entry, EntryFilter, Removed};
+use crate::entry::{Candidate, Entry, EntryFilter, Held, Removed};
 use crate::error::StoreError;
 
 /// Entries and vectors of one (tenant, index version).
@@ -37,8 +37,9 @@ pub trait EntryStore: Send + Sync {
     async fn delete_where(&self, filter: &EntryFilter) -> Result<Vec<Removed>, StoreError>;
     /// Ids of entries whose TTL has passed, at most `limit`.
     async fn expired_ids(&self, now_ms: i64, limit: usize) -> Result<Vec<String>, StoreError>;
-    /// (id, created_at) of every stored entry, to seed eviction tracking at startup.
-    async fn all_ids(&self) -> Result<Vec<(String, i64)>, StoreError>;
+    /// Id, creation time and footprint of every stored entry, to seed eviction tracking at
+    /// startup.
+    async fn all_ids(&self) -> Result<Vec<Held>, StoreError>;
     async fn count_live(&self, now_ms: i64) -> Result<u64, StoreError>;
     /// Whether searches go through an ANN index (as this replica knows it).
     fn has_vector_index(&self) -> bool {

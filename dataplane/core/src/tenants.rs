@@ -20,6 +20,8 @@ pub struct Tenant {
     pub min_similarity: f32,
     pub default_ttl_secs: u64,
     pub max_entries: u64,
+    /// Bytes of entries ([`crate::entry::Entry::footprint`]) before eviction.
+    pub max_bytes: u64,
     pub eviction: EvictionPolicy,
     pub near_miss_margin: f32,
     /// The verifier that must accept a semantic candidate before it is served; `None`: the
@@ -99,6 +101,8 @@ pub enum TenantConfigError {
     Similarity { tenant: String, value: f32 },
     #[error("invalid max_entries 0 for `{0}`: it must be at least 1")]
     MaxEntries(String),
+    #[error("invalid max_bytes 0 for `{0}`: it must be at least 1")]
+    MaxBytes(String),
     #[error(
         "tenant `{tenant}` names the verifier `{verifier}`, which is not configured or could not be built"
     )]
@@ -307,6 +311,10 @@ fn resolve(
     if max_entries == 0 {
         return Err(TenantConfigError::MaxEntries(t.name.clone()));
     }
+    let max_bytes = t.max_bytes.unwrap_or(defaults.max_bytes);
+    if max_bytes == 0 {
+        return Err(TenantConfigError::MaxBytes(t.name.clone()));
+    }
     let max_cacheable_temperature = t
         .max_cacheable_temperature
         .unwrap_or(defaults.max_cacheable_temperature);
@@ -343,6 +351,7 @@ fn resolve(
         min_similarity,
         default_ttl_secs: t.default_ttl_secs.unwrap_or(defaults.default_ttl_secs),
         max_entries,
+        max_bytes,
         eviction: t.eviction.unwrap_or(defaults.eviction),
         near_miss_margin: defaults.near_miss_margin,
         verification,

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use semantis_cache::entry::{Candidate, Entry, EntryFilter, Removed};
+use semantis_cache::entry::{Candidate, Entry, EntryFilter, Held, Removed};
 use semantis_cache::metrics::CacheMetrics;
 use semantis_cache::ports::{
     DayUsage, EmbedError, Embedder, EntryStore, Feedback, FeedbackStore, HotLayer, ModelUsage,
@@ -143,12 +143,16 @@ impl EntryStore for MemStore {
             .collect())
     }
 
-    async fn all_ids(&self) -> Result<Vec<(String, i64)>, StoreError> {
+    async fn all_ids(&self) -> Result<Vec<Held>, StoreError> {
         Ok(self
             .entries
             .lock()
             .iter()
-            .map(|e| (e.id.clone(), e.created_at_ms))
+            .map(|e| Held {
+                id: e.id.clone(),
+                created_at_ms: e.created_at_ms,
+                bytes: e.footprint(e.vector.len()),
+            })
             .collect())
     }
 
@@ -480,6 +484,10 @@ struct World {
 }
 
 fn world_with(max_entries: u64, eviction: EvictionPolicy) -> World {
+    world_budget(max_entries, None, eviction)
+}
+
+fn world_budget(max_entries: u64, max_bytes: Option<u64>, eviction: EvictionPolicy) -> World {
     let mut cfg = DataplaneConfig {
         tenants: vec![
             TenantConfig {
@@ -487,6 +495,7 @@ fn world_with(max_entries: u64, eviction: EvictionPolicy) -> World {
                 api_key_sha256: vec![hash_key("key-a")],
                 min_similarity: Some(0.9),
                 max_entries: Some(max_entries),
+                max_bytes,
                 eviction: Some(eviction),
                 ..TenantConfig::default()
             },
@@ -855,6 +864,58 @@ async fn capacity_eviction_keeps_the_recently_used_and_the_new_entry() {
         out.hit.is_none(),
         "an evicted entry misses on the hot path too"
     );
+}
+
+/// A tenant storing large responses is held to its byte budget as to its entry count: the
+/// least recently used entries go, never the one just stored, and `/v1/stats` and the gauge
+/// say what the tenant holds.
+#[tokio::test]
+async fn byte_budget_eviction_keeps_a_tenant_of_large_responses_within_its_budget() {
+    let big = |prompt: &str, n: usize| {
+        let mut cmd = store_cmd(prompt, scope("m"));
+        cmd.response = vec![b'x'; n];
+        cmd.vector = Some(vec![1.0, 0.0, 0.0, 0.0]);
+        cmd
+    };
+    let cost = |prompt: &str, n: usize| semantis_cache::entry::footprint(prompt.len(), n, 2, DIM);
+    // Room for two 10 kB entries, not three.
+    let budget = 2 * cost("big 0", 10_000) + 1000;
+    let w = world_budget(1000, Some(budget), EvictionPolicy::Lru);
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        let stored = w
+            .cache
+            .store(&w.tenant, big(&format!("big {i}"), 10_000))
+            .await
+            .expect("store");
+        assert_eq!(stored.evicted, 0);
+        ids.push(stored.id);
+    }
+    let third = w
+        .cache
+        .store(&w.tenant, big("big 2", 10_000))
+        .await
+        .expect("store");
+    assert_eq!(third.evicted, 1, "over the byte budget, one entry goes");
+    let left = w.store.ids();
+    assert!(!left.contains(&ids[0]) && left.contains(&ids[1]) && left.contains(&third.id));
+    let stats = w.cache.stats(&w.tenant).await.expect("stats");
+    assert_eq!(stats.max_bytes, budget);
+    assert!(
+        stats.bytes <= budget,
+        "{} bytes held, budget {budget}",
+        stats.bytes
+    );
+    // An entry larger than the whole budget evicts everything else but stays itself.
+    let huge = w
+        .cache
+        .store(&w.tenant, big("huge", 50_000))
+        .await
+        .expect("store");
+    assert_eq!(huge.evicted, 2);
+    assert_eq!(w.store.ids(), vec![huge.id.clone()]);
+    let stats = w.cache.stats(&w.tenant).await.expect("stats");
+    assert_eq!(stats.bytes, cost("huge", 50_000));
 }
 
 #[tokio::test]

@@ -145,6 +145,10 @@ pub struct StatsBody {
     /// Live (unexpired) entries.
     pub entries: u64,
     pub max_entries: u64,
+    /// What the tenant's entries cost its byte budget (prompts, responses, metadata, vectors
+    /// and 512 bytes each), and the budget (`max_bytes`).
+    pub bytes: u64,
+    pub max_bytes: u64,
     pub eviction: String,
     pub min_similarity: f32,
     pub index_version: String,
@@ -191,6 +195,8 @@ impl From<TenantStats> for StatsBody {
             tenant: s.tenant,
             entries: s.entries,
             max_entries: s.max_entries,
+            bytes: s.bytes,
+            max_bytes: s.max_bytes,
             eviction: s.eviction,
             min_similarity: s.min_similarity,
             index_version: s.index_version,

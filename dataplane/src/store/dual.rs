@@ -11,7 +11,7 @@ use super::lance::LanceEntryStore;
 use super::{BackendError, EntryStore};
 use crate::embed::Embedder;
 use semantis_cache::StoreError;
-use semantis_cache::entry::{Candidate, Entry, EntryFilter, Removed};
+use semantis_cache::entry::{Candidate, Entry, EntryFilter, Held, Removed};
 
 pub struct DualEntryStore {
     active: Arc<dyn EntryStore>,
@@ -93,7 +93,7 @@ impl EntryStore for DualEntryStore {
         self.active.expired_ids(now_ms, limit).await
     }
 
-    async fn all_ids(&self) -> Result<Vec<(String, i64)>, StoreError> {
+    async fn all_ids(&self) -> Result<Vec<Held>, StoreError> {
         self.active.all_ids().await
     }
 

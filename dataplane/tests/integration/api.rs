@@ -697,3 +697,81 @@ async fn metrics_and_readiness_details_are_only_on_the_metrics_port() -> anyhow:
     assert!(details(&private) > 0, "{private}");
     Ok(())
 }
+
+async fn stats(s: &Server, key: &str) -> anyhow::Result<serde_json::Value> {
+    let (status, v, _) = s.call(Method::GET, "/v1/stats", Some(key), None).await?;
+    anyhow::ensure!(status == 200, "stats answered {status}: {v}");
+    Ok(v)
+}
+
+/// One tenant storing large responses is held to its byte budget (`max_bytes`), the other
+/// tenant untouched; what the budget counts is the same after a restart, when it is read
+/// back from the table, as while the entries were stored.
+#[tokio::test]
+async fn a_tenant_of_large_responses_stays_within_its_byte_budget_across_a_restart()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let budget = 200_000u64;
+    let setup = Setup {
+        max_body_bytes: 1 << 20,
+        tenant_a_extra: format!("max_bytes = {budget}\n"),
+        ..Setup::default()
+    };
+    let s = Server::start(dir.path(), &setup).await?;
+    let bulk = "r".repeat(30_000);
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        ids.push(
+            s.store(KEY_A, json!({"prompt": format!("large {i}"), "vector": axis(8, i % 8, 0.01 * i as f32), "response": answer(&bulk)}))
+                .await?,
+        );
+    }
+    s.store(
+        KEY_B,
+        json!({"prompt": "small", "vector": axis(8, 0, 0.0), "response": answer("s")}),
+    )
+    .await?;
+    let a = stats(&s, KEY_A).await?;
+    let held = a["bytes"].as_u64().unwrap_or(u64::MAX);
+    assert_eq!(a["max_bytes"], budget, "{a}");
+    assert!(
+        held <= budget && held > budget / 2,
+        "team-a holds {held} bytes: {a}"
+    );
+    let entries = a["entries"].as_u64().unwrap_or(0);
+    assert!(
+        (5..12).contains(&entries),
+        "team-a holds {entries} entries: {a}"
+    );
+    let evicted = metric_sum(
+        &s.metrics().await?,
+        "semantis_cache_evictions_total",
+        &[("tenant", "team-a"), ("reason", "bytes")],
+    );
+    assert_eq!(evicted, (12 - entries) as f64);
+    // The newest entries are the ones kept; the oldest went.
+    let newest = s.lookup(KEY_A, json!({"prompt": "large 11"})).await?;
+    let oldest = s.lookup(KEY_A, json!({"prompt": "large 0"})).await?;
+    assert_eq!(
+        (newest["hit"].as_bool(), oldest["hit"].as_bool()),
+        (Some(true), Some(false))
+    );
+    let b = stats(&s, KEY_B).await?;
+    assert_eq!(b["entries"], 1, "{b}");
+
+    // After a restart the budget is counted from the table: the same figure.
+    let s = s.restart().await?;
+    let again = stats(&s, KEY_A).await?;
+    assert_eq!(again["bytes"].as_u64(), Some(held), "{again}");
+    s.store(
+        KEY_A,
+        json!({"prompt": "large 12", "vector": axis(8, 5, 0.2), "response": answer(&bulk)}),
+    )
+    .await?;
+    let after = stats(&s, KEY_A).await?;
+    assert!(
+        after["bytes"].as_u64().unwrap_or(u64::MAX) <= budget,
+        "{after}"
+    );
+    Ok(())
+}

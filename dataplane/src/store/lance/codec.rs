@@ -7,7 +7,7 @@ use arrow_array::{
     RecordBatch, StringArray, UInt64Array, types::Float32Type,
 };
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use semantis_cache::entry::{Entry, Removed};
+use semantis_cache::entry::{Entry, Held, Removed, footprint};
 
 /// The schema of every entry table, for `dimension`-sized vectors.
 pub fn schema(dimension: usize) -> SchemaRef {
@@ -165,6 +165,31 @@ pub fn decode_ids(b: &RecordBatch, out: &mut Vec<(String, i64)>) -> Result<(), S
     let ids = strings(b, "id")?;
     let created = column::<Int64Array>(b, "created_at")?;
     out.extend((0..b.num_rows()).map(|i| (ids.value(i).to_owned(), created.value(i))));
+    Ok(())
+}
+
+/// The columns [`decode_held`] reads.
+pub const HELD_COLUMNS: [&str; 5] = ["id", "created_at", "prompt", "response", "metadata"];
+
+/// Rows selected with [`HELD_COLUMNS`] → what eviction tracks of them, for vectors of
+/// `dimension`.
+pub fn decode_held(b: &RecordBatch, dimension: usize, out: &mut Vec<Held>) -> Result<(), String> {
+    let ids = strings(b, "id")?;
+    let created = column::<Int64Array>(b, "created_at")?;
+    let prompt = strings(b, "prompt")?;
+    let response = column::<BinaryArray>(b, "response")?;
+    let metadata = strings(b, "metadata")?;
+    let len = |n: i32| usize::try_from(n).unwrap_or(0);
+    out.extend((0..b.num_rows()).map(|i| Held {
+        id: ids.value(i).to_owned(),
+        created_at_ms: created.value(i),
+        bytes: footprint(
+            len(prompt.value_length(i)),
+            len(response.value_length(i)),
+            len(metadata.value_length(i)),
+            dimension,
+        ),
+    }));
     Ok(())
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use semantis_cache::StoreError;
-use semantis_cache::entry::{Candidate, Entry, EntryFilter, Removed};
+use semantis_cache::entry::{Candidate, Entry, EntryFilter, Held, Removed};
 use semantis_cache::vector::cosine_similarity;
 use semantis_contract::StorageConfig;
 use tokio::sync::watch;
@@ -48,6 +48,8 @@ pub(super) enum Log {
 pub struct LanceEntryStore {
     pub(super) tenant: String,
     pub(super) table: Table,
+    /// The length of the table's vectors.
+    pub(super) dimension: usize,
     pub(super) log: Log,
     pub(super) state: Mutex<LogState>,
     /// Cluster mode: the last stream record this replica applied.
@@ -149,6 +151,7 @@ impl LanceEntryStore {
         let store = Arc::new(Self {
             tenant: tenant.to_owned(),
             table,
+            dimension,
             log,
             state: Mutex::new(LogState::default()),
             cursor,
@@ -427,16 +430,20 @@ impl EntryStore for LanceEntryStore {
         Ok(ids)
     }
 
-    async fn all_ids(&self) -> Result<Vec<(String, i64)>, StoreError> {
+    async fn all_ids(&self) -> Result<Vec<Held>, StoreError> {
         let in_table = self
             .table
-            .ids(Some(self.visible("true".to_owned())))
+            .held(self.visible("true".to_owned()), self.dimension)
             .await?;
-        let mut out: Vec<(String, i64)> = self
+        let mut out: Vec<Held> = self
             .state
             .lock()
             .tail()
-            .map(|e| (e.id.clone(), e.created_at_ms))
+            .map(|e| Held {
+                id: e.id.clone(),
+                created_at_ms: e.created_at_ms,
+                bytes: e.footprint(self.dimension),
+            })
             .collect();
         out.extend(in_table);
         Ok(out)

@@ -14,7 +14,7 @@ use lancedb::index::scalar::BTreeIndexBuilder;
 use lancedb::index::vector::IvfPqIndexBuilder;
 use lancedb::query::{ExecutableQuery, QueryBase, Select};
 use lancedb::table::{OptimizeAction, OptimizeOptions};
-use semantis_cache::entry::{Entry, Removed};
+use semantis_cache::entry::{Entry, Held, Removed};
 use semantis_contract::StorageConfig;
 
 use super::{codec, sql};
@@ -217,6 +217,21 @@ impl Table {
         let mut out = Vec::new();
         for b in &self.collect(q.execute().await).await? {
             codec::decode_ids(b, &mut out).map_err(self.decode_err())?;
+        }
+        Ok(out)
+    }
+
+    /// Id, creation time and footprint of every row matching `filter`, for vectors of
+    /// `dimension` (lengths come from the columns' offsets; no value is copied).
+    pub async fn held(&self, filter: String, dimension: usize) -> Result<Vec<Held>, BackendError> {
+        let q = self
+            .inner
+            .query()
+            .only_if(filter)
+            .select(Select::columns(&codec::HELD_COLUMNS));
+        let mut out = Vec::new();
+        for b in &self.collect(q.execute().await).await? {
+            codec::decode_held(b, dimension, &mut out).map_err(self.decode_err())?;
         }
         Ok(out)
     }
