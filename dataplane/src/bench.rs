@@ -80,6 +80,10 @@ pub struct BenchArgs {
     /// Concurrent connections while seeding.
     #[arg(long, default_value_t = 8)]
     seed_connections: usize,
+    /// Bytes of each seeded entry's answer text (0: a few bytes; a realistic chat answer is
+    /// 1–2 kB).
+    #[arg(long, default_value_t = 0)]
+    response_bytes: usize,
     /// The `--seed` entries were stored by an earlier run: look them up without storing.
     #[arg(long)]
     seeded: bool,
@@ -261,6 +265,21 @@ const WORDS: [&str; 16] = [
 ];
 
 /// The i-th seeded prompt: distinct words so text lookups have something to find.
+/// Answer `i`: words of prose up to `bytes` (at least the answer's number).
+fn seeded_answer(i: u64, bytes: usize) -> String {
+    const WORDS: [&str; 8] = [
+        "the", "cache", "returns", "a", "stored", "answer", "when", "asked",
+    ];
+    let mut out = format!("answer {i}");
+    let mut w = i as usize;
+    while out.len() < bytes {
+        out.push(' ');
+        out.push_str(WORDS[w % WORDS.len()]);
+        w = w.wrapping_mul(31).wrapping_add(7);
+    }
+    out
+}
+
 fn seeded_prompt(i: u64) -> String {
     let mut rng = StdRng::seed_from_u64(i ^ 0x5eed);
     let words: Vec<&str> = (0..6)
@@ -379,6 +398,7 @@ async fn seed(args: &BenchArgs) -> anyhow::Result<()> {
         let client = Client::new(args)?;
         let next = next.clone();
         let (total, dim, scenario) = (args.seed, args.dimension, args.scenario);
+        let response_bytes = args.response_bytes;
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -387,7 +407,7 @@ async fn seed(args: &BenchArgs) -> anyhow::Result<()> {
                 }
                 let mut body = json!({
                     "prompt": seeded_prompt(i),
-                    "response": {"choices": [{"message": {"content": format!("answer {i}")}}]},
+                    "response": {"choices": [{"message": {"content": seeded_answer(i, response_bytes)}}]},
                     "scope": scope(scenario),
                     "prompt_tokens": 20, "completion_tokens": 100, "cost_usd": 0.0003,
                 });
