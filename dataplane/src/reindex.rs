@@ -31,10 +31,10 @@ use semantis_dataplane::metrics::Metrics;
 use semantis_dataplane::store::lance::sql::live;
 use semantis_dataplane::store::lance::{Table, table_name};
 use semantis_dataplane::store::metadata::MetadataStore;
-use semantis_dataplane::store::redis_log::{Pos, RedisLog, connect};
+use semantis_dataplane::store::redis_log::{Pos, RedisLog};
 use semantis_dataplane::store::versions::prepare_target;
 
-use crate::serve::{load_embedder, open_metadata, redis_client};
+use crate::serve::{connect_redis, load_embedder, open_metadata};
 
 #[derive(clap::Args)]
 pub struct ReindexArgs {
@@ -147,16 +147,7 @@ pub async fn run(args: ReindexArgs) -> anyhow::Result<()> {
         .execute()
         .await
         .with_context(|| format!("failed to open LanceDB in {}", data_dir.display()))?;
-    let redis = match &cfg.redis {
-        Some(r) => {
-            let client = redis_client(r)?;
-            let conn = connect(&client)
-                .await
-                .context("failed to connect to Redis")?;
-            Some((client, conn))
-        }
-        None => None,
-    };
+    let redis = connect_redis(&cfg).await?;
     let embedder = load_embedder(&target, &metrics, None)
         .await
         .context("failed to load the target embedder")?

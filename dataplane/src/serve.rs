@@ -180,16 +180,7 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
         .with_context(|| format!("failed to open LanceDB in {}", data_dir.display()))?;
     let wal_root = data_dir.join("wal");
     // Cluster mode: Redis carries the write-ahead log and the exact-match layer.
-    let redis = match &cfg.redis {
-        Some(r) => {
-            let client = redis_client(r)?;
-            let conn = connect(&client)
-                .await
-                .context("failed to connect to Redis")?;
-            Some((client, conn))
-        }
-        None => None,
-    };
+    let redis = connect_redis(cfg).await?;
     let embedder = load_embedder(
         &cfg.embedder,
         &metrics,
@@ -362,8 +353,22 @@ async fn check_index_version(
     Ok(())
 }
 
+/// Cluster mode: a client and a connection for `[redis]`; `None` without it.
+pub async fn connect_redis(
+    cfg: &DataplaneConfig,
+) -> anyhow::Result<Option<(redis::Client, redis::aio::ConnectionManager)>> {
+    let Some(r) = &cfg.redis else {
+        return Ok(None);
+    };
+    let client = redis_client(r)?;
+    let conn = connect(&client)
+        .await
+        .context("failed to connect to Redis")?;
+    Ok(Some((client, conn)))
+}
+
 /// A Redis client for `[redis]`, its password read from `password_file` when set.
-pub fn redis_client(r: &semantis_contract::RedisConfig) -> anyhow::Result<redis::Client> {
+fn redis_client(r: &semantis_contract::RedisConfig) -> anyhow::Result<redis::Client> {
     let mut info: redis::ConnectionInfo = r
         .url
         .as_str()

@@ -712,15 +712,7 @@ async fn a_leader_frozen_mid_flush_never_writes_a_deleted_entry_back() -> anyhow
         let before = fence_waits(&follower.metrics().await?);
         if mid_flush {
             caught += 1;
-            let (status, v, _) = follower
-                .call(
-                    Method::DELETE,
-                    &format!("/v1/entries/{doomed}"),
-                    Some(KEY_A),
-                    None,
-                )
-                .await?;
-            anyhow::ensure!(status == 204, "delete answered {status}: {v}");
+            follower.delete_entry(KEY_A, &doomed).await?;
             let follower_name = if li == 0 { "r2" } else { "r1" };
             follower
                 .eventually(

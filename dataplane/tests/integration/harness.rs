@@ -423,6 +423,20 @@ impl Server {
         Ok(v["id"].as_str().context("no id")?.to_owned())
     }
 
+    /// DELETE an entry; fails unless it answers 204.
+    pub async fn delete_entry(&self, key: &str, id: &str) -> anyhow::Result<()> {
+        let (status, v, _) = self
+            .call(
+                reqwest::Method::DELETE,
+                &format!("/v1/entries/{id}"),
+                Some(key),
+                None,
+            )
+            .await?;
+        anyhow::ensure!(status == 204, "delete of {id} answered {status}: {v}");
+        Ok(())
+    }
+
     pub async fn lookup(&self, key: &str, body: Value) -> anyhow::Result<Value> {
         let (status, v, headers) = self
             .call(reqwest::Method::POST, "/v1/lookup", Some(key), Some(&body))

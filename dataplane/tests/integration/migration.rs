@@ -401,15 +401,7 @@ async fn deletes_during_a_killed_and_resumed_reindex_stay_deleted(
     let delete = |i: usize| {
         let (r, id) = (&dual_replica, ids[i].clone());
         async move {
-            let (status, v, _) = r
-                .call(
-                    reqwest::Method::DELETE,
-                    &format!("/v1/entries/{id}"),
-                    Some(KEY_A),
-                    None,
-                )
-                .await?;
-            anyhow::ensure!(status == 204, "delete {i} answered {status}: {v}");
+            r.delete_entry(KEY_A, &id).await?;
             anyhow::Ok(i)
         }
     };
