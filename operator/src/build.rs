@@ -522,6 +522,7 @@ pub fn dataplane_config(c: &ValidatedCache, o: &Observed, n: &ChildNames) -> Dat
         },
         storage: StorageConfig {
             data_dir: DATA_DIR.to_owned(),
+            retired_grace_secs: c.dataplane.retired_grace_secs,
             ..StorageConfig::default()
         },
         redis: Some(RedisConfig {

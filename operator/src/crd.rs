@@ -554,6 +554,11 @@ pub struct StorageSpec {
     /// ReadWriteOnce (default) or ReadWriteMany (required above one replica).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_mode: Option<AccessMode>,
+    /// How long the table of an index version the cache migrated away from is kept, in
+    /// seconds: replicas still on it serve it meanwhile. Default: 3600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub retired_grace_seconds: Option<u64>,
 }
 
 /// The dataplane.

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::ResourceExt;
-use semantis_contract::{EmbedderConfig, EvictionPolicy as ContractEviction};
+use semantis_contract::{EmbedderConfig, EvictionPolicy as ContractEviction, StorageConfig};
 
 use crate::crd::{
     AccessMode, DeletionPolicy, EmbeddingProvider, EmbeddingSpec, EvictionPolicy, LocalSecretRef,
@@ -162,6 +162,8 @@ pub struct Dataplane {
     pub storage_class_name: Option<String>,
     pub access_mode: AccessMode,
     pub resources: Option<ResourceRequirements>,
+    /// `storage.retired_grace_secs`.
+    pub retired_grace_secs: u64,
 }
 
 /// `spec.bootstrap.backup` with defaults resolved.
@@ -609,6 +611,10 @@ pub fn validate(
             .and_then(|s| s.access_mode)
             .unwrap_or(AccessMode::ReadWriteOnce),
         resources: d.resources,
+        retired_grace_secs: storage
+            .as_ref()
+            .and_then(|s| s.retired_grace_seconds)
+            .unwrap_or(StorageConfig::default().retired_grace_secs),
     };
     if dataplane.replicas > 1 {
         if spec.postgres.is_none() {

@@ -1189,7 +1189,7 @@ async fn model_and_dimension_changes_under_load_lose_nothing_and_survive_an_oper
     let key = w.api_key("team-a-api-key").await?;
     let manifest = |embedding: &str| {
         format!(
-            "apiVersion: semantis.dev/v1alpha1\nkind: SemanticCache\nmetadata: {{name: demo}}\nspec:\n  embedding: {embedding}\n  tenants:\n    - {{name: team-a, apiKeySecret: {{name: team-a-api-key, key: api-key}}}}\n"
+            "apiVersion: semantis.dev/v1alpha1\nkind: SemanticCache\nmetadata: {{name: demo}}\nspec:\n  embedding: {embedding}\n  dataplane: {{storage: {{retiredGraceSeconds: 20}}}}\n  tenants:\n    - {{name: team-a, apiKeySecret: {{name: team-a-api-key, key: api-key}}}}\n"
         )
     };
     let apply = |yaml: String| -> anyhow::Result<()> {
@@ -1245,5 +1245,37 @@ async fn model_and_dimension_changes_under_load_lose_nothing_and_survive_an_oper
     ])?;
     finish_migration(&w, &dp, load, 32, &openai_fp, all, "the dimension change").await?;
 
+    // The first model's table is dropped once its grace (20 s) is over.
+    wait_table_dropped(&w.ns, &local_fp).await?;
     w.uninstall_helm()
+}
+
+/// Waits until a dataplane pod logs that it dropped the table of index version `fingerprint`
+/// (`<tenant>--<first 16 hex digits>`), the retired version's grace being over.
+async fn wait_table_dropped(ns: &str, fingerprint: &str) -> anyhow::Result<()> {
+    let table = format!("team-a--{}", &fingerprint[..fingerprint.len().min(16)]);
+    let started = Instant::now();
+    loop {
+        let logs = kubectl(&[
+            "logs",
+            "--namespace",
+            ns,
+            "--all-containers",
+            "--tail=-1",
+            "-l",
+            "app.kubernetes.io/component=dataplane",
+        ])
+        .unwrap_or_default();
+        if logs
+            .lines()
+            .any(|l| l.contains("deleted the retired index version") && l.contains(&table))
+        {
+            return Ok(());
+        }
+        ensure!(
+            started.elapsed() < NODE_DEADLINE,
+            "no dataplane pod dropped the retired table {table}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
