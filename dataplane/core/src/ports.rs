@@ -218,6 +218,23 @@ pub struct DayUsage {
     pub usd_spent: f64,
 }
 
+impl DayUsage {
+    /// The same totals under a model's name: usage summed by model comes out of the same
+    /// summing as by day, with the model in `day`'s place.
+    pub fn for_model(self) -> ModelUsage {
+        ModelUsage {
+            model: self.day,
+            lookups: self.lookups,
+            hits: self.hits,
+            tokens_saved: self.tokens_saved,
+            usd_saved: self.usd_saved,
+            upstream_calls: self.upstream_calls,
+            tokens_used: self.tokens_used,
+            usd_spent: self.usd_spent,
+        }
+    }
+}
+
 /// The accounting totals `stats` reports (written by the usage sink, read back here).
 #[async_trait]
 pub trait UsageReport: Send + Sync {

@@ -323,16 +323,7 @@ impl UsageReport for MemUsage {
         Ok(self
             .totals(tenant, "", |e| e.model.clone())
             .into_iter()
-            .map(|t| ModelUsage {
-                model: t.day,
-                lookups: t.lookups,
-                hits: t.hits,
-                tokens_saved: t.tokens_saved,
-                usd_saved: t.usd_saved,
-                upstream_calls: t.upstream_calls,
-                tokens_used: t.tokens_used,
-                usd_spent: t.usd_spent,
-            })
+            .map(DayUsage::for_model)
             .collect())
     }
 
