@@ -391,14 +391,14 @@ impl Cache {
         Ok(())
     }
 
-    async fn embed_one(&self, text: &str) -> Result<Vec<f32>, EmbedError> {
+    async fn embed_one(&self, tenant: &str, text: &str) -> Result<Vec<f32>, EmbedError> {
         let Some(embedder) = &self.embedder else {
             return Err(EmbedError::Inference(
                 "no embedder is configured".to_owned(),
             ));
         };
         let started = std::time::Instant::now();
-        let result = embedder.embed(&[text.to_owned()]).await;
+        let result = embedder.embed_for(tenant, &[text.to_owned()]).await;
         self.metrics
             .embed_duration
             .with_label_values(&[embedder.provider()])
@@ -501,7 +501,7 @@ impl Cache {
         let vector = match q.vector.clone() {
             Some(v) => Some(v),
             None => match &q.prompt {
-                Some(p) if self.embedder.is_some() => match self.embed_one(p).await {
+                Some(p) if self.embedder.is_some() => match self.embed_one(&tenant.name, p).await {
                     Ok(v) => Some(v),
                     Err(e @ EmbedError::Rejected { .. }) => {
                         tracing::info!(tenant = %tenant.name, reason = %e, "the embedder refused this prompt; answering from the exact path only");
@@ -933,7 +933,7 @@ impl Cache {
                 self.check_vector(&v)?;
                 (v, None)
             }
-            None => match self.embed_one(&cmd.prompt).await {
+            None => match self.embed_one(&tenant.name, &cmd.prompt).await {
                 Ok(v) => (v, None),
                 // Without an embedder at all there is nothing to wait for.
                 Err(e) if self.embedder.is_none() => {
@@ -1250,7 +1250,7 @@ impl Cache {
             Some(p) => {
                 // Close paraphrases are found by vector: embed the query when it is new.
                 let vector = match &self.embedder {
-                    Some(_) => self.embed_one(&p).await.ok(),
+                    Some(_) => self.embed_one(&tenant.name, &p).await.ok(),
                     None => None,
                 };
                 (Some(p), vector)
@@ -1414,7 +1414,7 @@ impl Cache {
         // and answers each text apart.
         let results = futures::future::join_all(
             live.iter()
-                .map(|p| embedder.embed(std::slice::from_ref(&p.prompt))),
+                .map(|p| embedder.embed_for(tenant, std::slice::from_ref(&p.prompt))),
         )
         .await;
         let mut done: Vec<String> = expired.iter().map(|p| p.id.clone()).collect();

@@ -121,6 +121,15 @@ pub enum EmbedError {
 pub trait Embedder: Send + Sync {
     /// One vector per input text, each of [`Embedder::dimension`] values.
     async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError>;
+    /// [`Embedder::embed`] on behalf of one tenant. A layer that remembers vectors keeps each
+    /// tenant's apart, so how fast a text embeds never tells a tenant what another asked.
+    async fn embed_for(
+        &self,
+        _tenant: &str,
+        texts: &[String],
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
+        self.embed(texts).await
+    }
     fn dimension(&self) -> usize;
     fn provider(&self) -> &'static str;
     /// False while calls are refused without trying (an open circuit breaker).

@@ -118,8 +118,9 @@ impl Embedder for Batched {
 }
 
 /// The embedding cache: an in-process tier, and in cluster mode a Redis tier shared by the
-/// replicas, keyed by embedder fingerprint and text hash. The same text is embedded once per
-/// TTL. Redis failures only cost the shared tier, never the call.
+/// replicas, keyed by embedder fingerprint and a hash of (tenant, text). The same text is
+/// embedded once per TTL and tenant: sharing across tenants would let one time another's
+/// questions. Redis failures only cost the shared tier, never the call.
 pub struct Cached {
     inner: Arc<dyn Embedder>,
     cache: Cache<String, Arc<[f32]>>,
@@ -185,10 +186,15 @@ impl Cached {
     }
 }
 
-#[async_trait]
-impl Embedder for Cached {
-    async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        let keys: Vec<String> = texts.iter().map(|t| short_hash(t.as_bytes())).collect();
+impl Cached {
+    /// The cache key of `text` embedded for `tenant` (`""`: on no tenant's behalf, e.g. a
+    /// reindex). The tenant is length-prefixed, so no (tenant, text) pair collides with another.
+    fn key(tenant: &str, text: &str) -> String {
+        short_hash(format!("{}:{tenant}:{text}", tenant.len()).as_bytes())
+    }
+
+    async fn embed_as(&self, tenant: &str, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let keys: Vec<String> = texts.iter().map(|t| Self::key(tenant, t)).collect();
         let mut out: Vec<Option<Vec<f32>>> = Vec::with_capacity(texts.len());
         let mut missing = Vec::new();
         let (mut local_hits, mut shared_hits) = (0u64, 0u64);
@@ -221,6 +227,19 @@ impl Embedder for Cached {
             }
         }
         Ok(out.into_iter().map(Option::unwrap_or_default).collect())
+    }
+}
+
+#[async_trait]
+impl Embedder for Cached {
+    async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        self.embed_as("", texts).await
+    }
+
+    /// Each tenant has its own entries (in process and in Redis): a text another tenant
+    /// embedded a moment ago is embedded again, so its speed says nothing about them.
+    async fn embed_for(&self, tenant: &str, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        self.embed_as(tenant, texts).await
     }
 
     fn dimension(&self) -> usize {

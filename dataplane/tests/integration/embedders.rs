@@ -651,6 +651,46 @@ async fn replicas_share_embeddings_through_the_redis_tier() -> anyhow::Result<()
     Ok(())
 }
 
+/// The embedding cache is per tenant: a text another tenant embedded a moment ago costs a new
+/// provider call (and its time), so a tenant cannot time a lookup to learn what another asked.
+/// Within a tenant, and across replicas through Redis, the text is embedded once.
+#[tokio::test]
+async fn the_embedding_cache_never_serves_one_tenant_another_tenants_vector() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let (url, fake) = start_fake().await?;
+    let key = key_file(dir.path())?;
+    let redis = crate::harness::private_redis("embedding-cache-tenants")?;
+    let mut setup = remote_setup("ollama", &url, &key, "");
+    setup.redis_url = Some(redis);
+    setup.postgres_url =
+        Some(crate::harness::fresh_database(&crate::harness::shared_postgres()?).await?);
+    let r1 = Server::start_replica(dir.path(), "r1", &setup).await?;
+    let r2 = Server::start_replica(dir.path(), "r2", &setup).await?;
+    let asked = || {
+        fake.seen
+            .lock()
+            .requests
+            .iter()
+            .filter(|r| r.1.to_string().contains("merger of acme and globex"))
+            .count()
+    };
+    let prompt = json!({"prompt": "merger of acme and globex"});
+    r1.lookup(KEY_A, prompt.clone()).await?;
+    assert_eq!(asked(), 1);
+    r1.lookup(KEY_B, prompt.clone()).await?;
+    assert_eq!(asked(), 2, "team-b was served team-a's cached vector");
+    r2.lookup(KEY_B, prompt.clone()).await?;
+    r2.lookup(KEY_A, prompt.clone()).await?;
+    r1.lookup(KEY_A, prompt).await?;
+    assert_eq!(
+        asked(),
+        2,
+        "a tenant's own text was embedded again (in process or through Redis)"
+    );
+    Ok(())
+}
+
 /// An OpenAI-style provider with deadlines for a loaded machine and a short breaker cooldown.
 fn patient_setup(url: &str, key: &std::path::Path) -> Setup {
     Setup {
