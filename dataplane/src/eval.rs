@@ -67,6 +67,10 @@ pub struct EvalArgs {
     /// Cosine floors of the verifier's curves (each a curve over verifier scores).
     #[arg(long, value_delimiter = ',', default_values_t = [0.70, 0.75, 0.80, 0.85])]
     floors: Vec<f32>,
+    /// Report the curves on the lookups of the first N pairs only (the pairs the verifier was
+    /// not trained on), with every pair's `a` in the store; the rest get one summary each.
+    #[arg(long)]
+    report_first: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -498,7 +502,7 @@ async fn eval_with(
 
     let started = std::time::Instant::now();
     let bar = progress(pairs.len(), "lookups");
-    let looked: Vec<anyhow::Result<(Outcome, Option<f64>)>> =
+    let looked: Vec<anyhow::Result<(usize, Outcome, Option<f64>)>> =
         futures::stream::iter(pairs.iter().enumerate())
             .map(|(i, p)| {
                 let (cache, tenant, scope, bar) =
@@ -545,6 +549,7 @@ async fn eval_with(
                         .filter(|v| v.best_score.is_some())
                         .map(|v| v.elapsed.as_secs_f64() * 1000.0);
                     Ok((
+                        i,
                         Outcome {
                             candidates,
                             duplicate: p.duplicate,
@@ -558,23 +563,35 @@ async fn eval_with(
             .collect()
             .await;
     bar.finish();
-    let looked = looked.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let mut looked = looked.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
     let lookup_secs = started.elapsed().as_secs_f64();
-    let mut verify_ms: Vec<f64> = looked.iter().filter_map(|(_, ms)| *ms).collect();
-    let outcomes: Vec<Outcome> = looked.into_iter().map(|(o, _)| o).collect();
+    looked.sort_by_key(|(i, _, _)| *i);
+    let mut verify_ms: Vec<f64> = looked.iter().filter_map(|(_, _, ms)| *ms).collect();
+    let mut outcomes: Vec<Outcome> = looked.into_iter().map(|(_, o, _)| o).collect();
+    let looked_up = outcomes.len();
+    let rest = match args.report_first {
+        Some(n) if n < outcomes.len() => outcomes.split_off(n),
+        _ => Vec::new(),
+    };
 
     let rows = curve(&outcomes, &grid(args.from, args.to, args.step));
     let duplicates = outcomes.iter().filter(|o| o.duplicate).count();
     println!(
         "pairs {} (from pair {})  duplicates {duplicates}  embedder {} {}  verifier {}  stores {:.0}/s  lookups {:.0}/s",
-        outcomes.len(),
+        looked_up,
         args.skip,
         cfg.embedder.provider.as_str(),
         cfg.embedder.model,
         verifier.as_deref().unwrap_or("none"),
-        outcomes.len() as f64 / store_secs,
-        outcomes.len() as f64 / lookup_secs,
+        looked_up as f64 / store_secs,
+        looked_up as f64 / lookup_secs,
     );
+    if !rest.is_empty() {
+        println!(
+            "curves below: the lookups of the first {} pairs; the store holds all {looked_up}",
+            outcomes.len()
+        );
+    }
     let print = |title: &str, rows: &[Row]| {
         println!("{title}");
         println!("threshold  hit_rate  precision  recall      f1    own");
@@ -637,6 +654,29 @@ async fn eval_with(
                 r.threshold, r.precision, r.recall, r.hit_rate
             ),
             None => println!("no point of the verifier's curves reaches precision 0.90"),
+        }
+    }
+    if !rest.is_empty() {
+        let summary = |what: String, rows: Vec<Row>| {
+            for r in rows {
+                println!(
+                    "  {what} {:.2}: hit rate {:.3}, precision {:.3}, recall {:.3}, own {:.3}",
+                    r.threshold, r.hit_rate, r.precision, r.recall, r.precision_own
+                );
+            }
+        };
+        println!(
+            "the other {} pairs' lookups (the verifier may have trained on them):",
+            rest.len()
+        );
+        summary("cosine ≥".into(), curve(&rest, &[0.85, 0.90]));
+        if let Some(name) = &verifier {
+            for &floor in &args.floors {
+                summary(
+                    format!("{name}, cosine ≥ {floor:.2}, score ≥"),
+                    verified_curve(&rest, floor, &[0.5, 0.9]),
+                );
+            }
         }
     }
     if let Some(path) = &args.csv {
