@@ -27,6 +27,7 @@ pub struct Metrics {
     pub log_gaps: IntCounterVec,
     pub concurrency_refused: IntCounterVec,
     pub open_connections: IntGauge,
+    pub connections_refused_per_ip: IntCounter,
     pub requests_in_flight: IntGaugeVec,
     pub store_compaction_duration: HistogramVec,
     pub store_index_build_duration: HistogramVec,
@@ -97,6 +98,11 @@ impl Metrics {
             "Connections open on the API port (at most server.max_connections).",
         )?;
         r.register(Box::new(open_connections.clone()))?;
+        let connections_refused_per_ip = IntCounter::new(
+            "semantis_http_connections_refused_per_ip_total",
+            "Connections answered 429 too_many_connections because their client address already held server.max_connections_per_ip.",
+        )?;
+        r.register(Box::new(connections_refused_per_ip.clone()))?;
         let requests_in_flight = IntGaugeVec::new(
             Opts::new(
                 "semantis_http_requests_in_flight",
@@ -107,6 +113,7 @@ impl Metrics {
         r.register(Box::new(requests_in_flight.clone()))?;
         Ok(Self {
             open_connections,
+            connections_refused_per_ip,
             requests_in_flight,
             cache,
             resident_entries,

@@ -616,7 +616,9 @@ pub async fn run(cfg: DataplaneConfig) -> anyhow::Result<()> {
     let limits = semantis_dataplane::http::listen::ConnectionLimits {
         header_read_timeout: Duration::from_millis(cfg.server.header_read_timeout_ms),
         max_connections: cfg.server.max_connections,
+        max_connections_per_ip: cfg.server.max_connections_per_ip,
         open: state.metrics.open_connections.clone(),
+        refused_per_ip: state.metrics.connections_refused_per_ip.clone(),
     };
     let server = semantis_dataplane::http::listen::serve(listener, app, limits, async move {
         signals.next().await;

@@ -221,6 +221,11 @@ pub struct ServerConfig {
     pub header_read_timeout_ms: u64,
     /// Open connections at most; past it new ones wait in the listen backlog until one closes.
     pub max_connections: usize,
+    /// Open connections one client address may hold; past it a new one is answered 429
+    /// `too_many_connections` and closed, so one host cannot take every `max_connections`
+    /// slot. 0: no limit (behind a proxy whose few addresses carry every client, raise it or
+    /// set 0 and limit at the proxy).
+    pub max_connections_per_ip: usize,
     /// On SIGTERM, keep serving this long with `/readyz` failing before closing the listener,
     /// in milliseconds, so load balancers stop routing here first (Kubernetes removes a
     /// terminating pod's endpoints at the same time as it signals it). A second signal ends
@@ -242,6 +247,7 @@ impl Default for ServerConfig {
             request_timeout_ms: 10_000,
             header_read_timeout_ms: 30_000,
             max_connections: 10_000,
+            max_connections_per_ip: 1_000,
             shutdown_delay_ms: 0,
             shutdown_grace_ms: 10_000,
             admin_key_sha256: Vec::new(),
@@ -383,7 +389,8 @@ pub struct EmbedderConfig {
     pub breaker_failures: u32,
     /// How long an open breaker refuses calls before letting one through, in milliseconds.
     pub breaker_cooldown_ms: u64,
-    /// Embedding cache entries kept in process (0 disables it).
+    /// Embedding cache entries kept in process (0 disables it); one per (tenant, text), so a
+    /// tenant never learns from a lookup's speed what another embedded.
     pub cache_entries: u64,
     /// Embedding cache lifetime, in seconds.
     pub cache_ttl_secs: u64,

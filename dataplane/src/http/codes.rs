@@ -43,6 +43,7 @@ pub enum Code {
     UpstreamUnavailable,
     RateLimited,
     TooManyConcurrentRequests,
+    TooManyConnections,
 }
 
 /// One row of the table.
@@ -137,6 +138,8 @@ pub static TABLE: &[CodeInfo] = &[
         "a gateway request is over a tenant's or user's limit; `Retry-After` says when to retry"),
     row(Code::TooManyConcurrentRequests, "too_many_concurrent_requests", StatusCode::TOO_MANY_REQUESTS,
         "the tenant already has `max_concurrent_requests` requests in flight on this replica; refused before the body is read"),
+    row(Code::TooManyConnections, "too_many_connections", StatusCode::TOO_MANY_REQUESTS,
+        "the client's address already holds `server.max_connections_per_ip` connections to this replica; answered without reading the request, then closed"),
 ];
 
 impl Code {

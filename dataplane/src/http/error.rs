@@ -112,16 +112,27 @@ fn payload_too_large() -> ApiError {
     )
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = ErrorBody {
+impl ApiError {
+    fn body(self) -> ErrorBody {
+        ErrorBody {
             error: ErrorDetail {
                 code: self.code.name().to_owned(),
                 message: self.message,
                 kind: self.code.openai_type().to_owned(),
             },
-        };
-        (self.code.status(), Json(body)).into_response()
+        }
+    }
+
+    /// The body as JSON text, for answers written outside axum (the accept loop's refusals).
+    pub fn body_json(self) -> String {
+        serde_json::to_string(&self.body()).unwrap_or_else(|_| String::from("{}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.code.status();
+        (status, Json(self.body())).into_response()
     }
 }
 

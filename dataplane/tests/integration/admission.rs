@@ -109,6 +109,74 @@ async fn half_sent_heads_are_closed_and_open_connections_are_bounded() -> anyhow
     Ok(())
 }
 
+/// A connection from `source` (any 127.0.0.0/8 address is this machine's loopback).
+async fn connect_from(s: &Server, source: [u8; 4]) -> anyhow::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::from((source, 0)))?;
+    let addr: std::net::SocketAddr = host_port(s).parse()?;
+    Ok(socket.connect(addr).await?)
+}
+
+async fn healthz_on(c: &mut TcpStream) -> anyhow::Result<String> {
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: semantis\r\nConnection: close\r\n\r\n")
+        .await?;
+    read_until_closed(c).await
+}
+
+/// One host cannot take every connection slot: at `max_connections_per_ip = 3` its fourth
+/// connection is answered 429 `too_many_connections` at once, while another address is served
+/// and the host gets a slot back when one of its connections closes.
+#[tokio::test]
+async fn one_client_address_cannot_hold_more_than_its_share_of_connections() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(
+        dir.path(),
+        &Setup {
+            server_extra: "max_connections_per_ip = 3".into(),
+            ..Setup::default()
+        },
+    )
+    .await?;
+    let noisy = [127, 0, 0, 7];
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = connect_from(&s, noisy).await?;
+        // Half a head: the connection stays open, waiting for the rest.
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHo").await?;
+        held.push(c);
+    }
+    let mut refused = 0;
+    for _ in 0..5 {
+        let mut c = connect_from(&s, noisy).await?;
+        let answered = read_until_closed(&mut c).await?;
+        assert!(answered.starts_with("HTTP/1.1 429"), "{answered}");
+        assert!(answered.contains("\"too_many_connections\""), "{answered}");
+        refused += 1;
+    }
+    // Other addresses are served meanwhile, the harness's own client (127.0.0.1) included.
+    let mut quiet = connect_from(&s, [127, 0, 0, 8]).await?;
+    let answered = healthz_on(&mut quiet).await?;
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+    let m = s.metrics().await?;
+    assert_eq!(
+        metric_sum(&m, "semantis_http_connections_refused_per_ip_total", &[]),
+        f64::from(refused)
+    );
+    // One of the host's connections closes: its next one is served.
+    drop(held.pop());
+    let server = &s;
+    s.eventually(
+        "the noisy host is served again",
+        CLOSE_BOUND,
+        || async move {
+            let mut c = connect_from(server, noisy).await?;
+            Ok(healthz_on(&mut c).await?.starts_with("HTTP/1.1 200"))
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 /// Head only: `Content-Length` promises a body that is never sent.
 async fn head_only(s: &Server, path: &str, key: &str) -> anyhow::Result<String> {
     let mut c = TcpStream::connect(host_port(s)).await?;
