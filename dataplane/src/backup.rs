@@ -84,6 +84,12 @@ struct S3Args {
     /// Files larger than this many MiB go up in multipart uploads of this part size.
     #[arg(long, default_value_t = 16)]
     part_size_mib: usize,
+    /// One S3 request (an object, or one part of a multipart upload) that has not finished
+    /// after this many seconds is abandoned and retried (the SDK's standard retries, 3
+    /// attempts); then the command fails. Without it a server that stops answering, with the
+    /// connection left open, would hang the backup Job forever.
+    #[arg(long, env = "SEMANTIS_S3_ATTEMPT_TIMEOUT_SECS", default_value_t = 300)]
+    s3_attempt_timeout_secs: u64,
 }
 
 /// `manifest.json`.
@@ -156,7 +162,12 @@ async fn s3_client(args: &S3Args) -> Client {
         .await;
     let custom_endpoint = std::env::var_os("AWS_ENDPOINT_URL").is_some()
         || std::env::var_os("AWS_ENDPOINT_URL_S3").is_some();
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .operation_attempt_timeout(Duration::from_secs(args.s3_attempt_timeout_secs.max(1)))
+        .build();
     let mut conf = aws_sdk_s3::config::Builder::from(&shared)
+        .timeout_config(timeouts)
         .force_path_style(args.path_style.unwrap_or(custom_endpoint));
     if shared.region().is_none() {
         // S3-compatible servers rarely care; AWS needs the real one (AWS_REGION).

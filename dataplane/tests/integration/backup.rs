@@ -280,3 +280,118 @@ async fn backup_wipe_restore_answers_identically_and_bad_backups_are_refused() -
     assert!(is_empty_dir(&empty_root.join("data/lance")));
     Ok(())
 }
+
+/// S3 behind the fault proxy: a backup against a server that stops answering (connections
+/// left open) or that goes away mid-upload fails with a clear error within its attempt
+/// timeouts, never hangs the Job, and never leaves a backup that `restore` would pick: the
+/// last complete one is still the one restored. With the server back, the next backup lands.
+#[tokio::test]
+async fn s3_hung_or_cut_mid_backup_fails_cleanly_and_restore_keeps_the_last_complete_backup()
+-> anyhow::Result<()> {
+    use crate::faults::{FaultProxy, Mode};
+
+    let s3 = minio().await?;
+    let dir = tempfile::tempdir()?;
+    let setup = Setup::default();
+    let mut s = Server::start(dir.path(), &setup).await?;
+    for i in 0..40 {
+        s.store(
+            KEY_A,
+            json!({"prompt": format!("fault backup {i}"), "vector": scattered(8, i), "response": answer("r")}),
+        )
+        .await?;
+    }
+    assert!(s.stop_gracefully()?, "{}", s.log());
+    let first = s3.backup(&s.config_path, &[])?;
+
+    let endpoint = s3
+        .env
+        .iter()
+        .find(|(k, _)| k == "AWS_ENDPOINT_URL")
+        .map(|(_, v)| v.clone())
+        .ok_or_else(|| anyhow::anyhow!("no S3 endpoint"))?;
+    let upstream = endpoint.trim_start_matches("http://").to_owned();
+    let proxy = FaultProxy::start(upstream).await?;
+    let via_proxy = |timeout_secs: u64| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_semantis-dataplane"));
+        let to = format!("s3://{}/nightly", s3.bucket);
+        cmd.args(["backup", "--to", &to, "--config"])
+            .arg(&s.config_path)
+            .env("RUST_LOG", "info,lance=warn,lancedb=warn");
+        for (k, v) in &s3.env {
+            cmd.env(k, v);
+        }
+        cmd.env("AWS_ENDPOINT_URL", format!("http://{}", proxy.addr))
+            .env("SEMANTIS_S3_ATTEMPT_TIMEOUT_SECS", timeout_secs.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    };
+    // Far past 3 attempts of 2 s and the SDK's backoff: only a hung backup reaches it.
+    let bound = std::time::Duration::from_secs(120);
+
+    // Hung: the server takes the bytes and never answers. Three attempts of 2 s and the SDK's
+    // backoff take about 7 s; without `--s3-attempt-timeout-secs` the SDK's own defaults
+    // gave up after about 90 s here, so 45 s tells the configured bound from the default.
+    proxy.set(Mode::Hang);
+    let hung_bound = std::time::Duration::from_secs(45);
+    let out = tokio::time::timeout(hung_bound, via_proxy(2).output())
+        .await
+        .map_err(|_| anyhow::anyhow!("the backup hung against a hung S3"))??;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("failed to upload"), "{err}");
+
+    // Cut mid-upload: slowed down until the first objects of the new backup land, then cut.
+    proxy.set(Mode::Slow(std::time::Duration::from_millis(100)));
+    let running = via_proxy(30).spawn()?;
+    let before = s3.keys("nightly/").await?.len();
+    let deadline = std::time::Instant::now() + bound;
+    while s3.keys("nightly/").await?.len() == before {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the backup never uploaded an object"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    proxy.set(Mode::Cut);
+    let out = tokio::time::timeout(bound, running.wait_with_output())
+        .await
+        .map_err(|_| anyhow::anyhow!("the backup hung against a cut S3"))??;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("failed to"), "{err}");
+    assert!(
+        s3.keys("nightly/").await?.len() > before,
+        "the cut came before any upload"
+    );
+
+    // Neither attempt left a backup restore would take: the first is still the newest.
+    assert_eq!(s3.backups().await?, vec![first.clone()]);
+    let target = dir.path().join("restored");
+    std::fs::create_dir_all(&target)?;
+    let cfg = target.join("restore.toml");
+    std::fs::write(&cfg, setup.config(1, &target.join("data")))?;
+    let out = s3.restore(&cfg, None)?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), first);
+
+    // The server is back: the next backup through the same proxy lands.
+    proxy.set(Mode::Pass);
+    let out = tokio::time::timeout(bound, via_proxy(30).output())
+        .await
+        .map_err(|_| anyhow::anyhow!("the backup hung"))??;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let second = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(s3.backups().await?, vec![first, second]);
+    Ok(())
+}
