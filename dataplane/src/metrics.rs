@@ -16,6 +16,7 @@ pub struct Metrics {
     pub cache: CacheMetrics,
     pub resident_entries: IntGaugeVec,
     pub resident_pending: IntGaugeVec,
+    pub resident_elsewhere: IntGaugeVec,
     pub embedder_circuit_open: IntGaugeVec,
     pub verifier_circuit_open: IntGaugeVec,
     pub embed_cache: IntCounterVec,
@@ -72,6 +73,14 @@ impl Metrics {
             &["tenant"],
         )?;
         r.register(Box::new(resident_pending.clone()))?;
+        let resident_elsewhere = IntGaugeVec::new(
+            Opts::new(
+                "semantis_index_resident_responses_on_disk",
+                "Resident entries held without their response (larger than storage.resident_response_max_bytes): a hit reads it from the table or the write-ahead tail.",
+            ),
+            &["tenant"],
+        )?;
+        r.register(Box::new(resident_elsewhere.clone()))?;
         let circuit = IntGaugeVec::new(
             Opts::new(
                 "semantis_embedder_circuit_open",
@@ -118,6 +127,7 @@ impl Metrics {
             cache,
             resident_entries,
             resident_pending,
+            resident_elsewhere,
             embedder_circuit_open: circuit,
             verifier_circuit_open: verifier_circuit,
             embed_cache: counter(

@@ -31,8 +31,9 @@ use semantis_dataplane::store::versions::prepare_target;
 use semantis_dataplane::store::{EntryStore, HotLayer, Probe, RedisProbe, UsageSink};
 use tokio::task::JoinHandle;
 
-/// Hot-layer capacity (entries across all tenants).
-const HOT_LAYER_ENTRIES: u64 = 200_000;
+/// Hot-layer capacity in embedded mode, in bytes across all tenants (about 100,000 entries
+/// of 2 KB; Redis holds it in cluster mode).
+const HOT_LAYER_BYTES: u64 = 256 * 1024 * 1024;
 
 pub struct Built {
     pub cache: Arc<Cache>,
@@ -286,7 +287,7 @@ pub async fn build(cfg: &DataplaneConfig, metrics: Arc<Metrics>) -> anyhow::Resu
     }
     let hot: Arc<dyn HotLayer> = match &redis {
         Some((_, conn)) => Arc::new(RedisHotLayer::new(conn.clone(), metrics.clone())),
-        None => Arc::new(InProcessHotLayer::new(HOT_LAYER_ENTRIES)),
+        None => Arc::new(InProcessHotLayer::new(HOT_LAYER_BYTES)),
     };
     let (usage, usage_writer) = QueuedUsage::start(metadata.clone(), metrics.clone());
     let usage: Arc<dyn UsageSink> = Arc::new(usage);

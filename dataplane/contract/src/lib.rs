@@ -280,6 +280,10 @@ pub struct StorageConfig {
     /// Hold every entry of the active index version in memory and search it there (HNSW per
     /// large scope). About 3.1 KB per 384-d entry; off, lookups go through LanceDB.
     pub resident_index: bool,
+    /// The resident index holds responses up to this many bytes; a larger one stays on disk
+    /// (in the table, or the write-ahead tail until it is flushed) and a hit reads it from
+    /// there, so large answers cost their tenant disk rather than the pod's memory.
+    pub resident_response_max_bytes: usize,
     /// A scope with at least this many entries is searched through an HNSW graph; smaller
     /// ones exhaustively.
     pub ann_min_scope_entries: usize,
@@ -298,6 +302,7 @@ impl Default for StorageConfig {
             maintenance_interval_ms: 10_000,
             retired_grace_secs: 3600,
             resident_index: true,
+            resident_response_max_bytes: 4096,
             ann_min_scope_entries: 1024,
         }
     }

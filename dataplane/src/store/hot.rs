@@ -27,9 +27,14 @@ pub struct InProcessHotLayer {
 }
 
 impl InProcessHotLayer {
-    pub fn new(max_entries: u64) -> Self {
+    /// At most `max_bytes` of entries (by [`Entry::footprint`]): a count alone would let a
+    /// tenant of 1 MiB answers fill the pod's memory.
+    pub fn new(max_bytes: u64) -> Self {
         let cache = Cache::builder()
-            .max_capacity(max_entries)
+            .weigher(|_: &Key, e: &Arc<Entry>| {
+                u32::try_from(e.footprint(e.vector.len())).unwrap_or(u32::MAX)
+            })
+            .max_capacity(max_bytes)
             .expire_after(EntryExpiry)
             .support_invalidation_closures()
             .build();
@@ -71,5 +76,46 @@ impl HotLayer for InProcessHotLayer {
         if let Err(e) = self.cache.invalidate_entries_if(move |k, _| k.0 == tenant) {
             tracing::error!(error = %e, "failed to clear a tenant's hot layer");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(i: usize, bytes: usize) -> Arc<Entry> {
+        Arc::new(Entry {
+            id: format!("id-{i}"),
+            scope: "s".into(),
+            namespace: "ns".into(),
+            exact_key: format!("exact-{i}"),
+            prompt: format!("prompt {i}"),
+            vector: Arc::from(&[][..]),
+            response: Arc::from(vec![b'x'; bytes]),
+            model: String::new(),
+            created_at_ms: 0,
+            expires_at_ms: i64::MAX,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cost_usd: 0.0,
+            metadata: String::new(),
+        })
+    }
+
+    /// The capacity is bytes: 100 answers of 100 KB in a 1 MB layer leave at most 1 MB (and
+    /// so at most 10 answers) held.
+    #[tokio::test]
+    async fn the_hot_layer_holds_at_most_its_bytes() {
+        let hot = InProcessHotLayer::new(1_000_000);
+        for i in 0..100 {
+            hot.put("t", answer(i, 100_000)).await;
+        }
+        hot.cache.run_pending_tasks();
+        assert!(
+            hot.cache.weighted_size() <= 1_000_000,
+            "{}",
+            hot.cache.weighted_size()
+        );
+        assert!(hot.cache.entry_count() <= 10, "{}", hot.cache.entry_count());
     }
 }

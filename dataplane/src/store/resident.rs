@@ -108,6 +108,9 @@ pub struct ResidentIndex {
     dimension: usize,
     graph: GraphParams,
     ann_min_scope_entries: usize,
+    /// Responses larger than this stay out of memory: the entry is held without it, and a
+    /// lookup that finds it reads the response from where the entry is stored.
+    response_max_bytes: usize,
     inner: RwLock<Inner>,
     ready: AtomicBool,
     disabled: AtomicBool,
@@ -130,6 +133,8 @@ struct Inner {
     /// exact key → the newest entry stored under it (an older twin is still found, at
     /// similarity 1, by the semantic path).
     exact: HashMap<String, u64>,
+    /// Entries held without their response (larger than `response_max_bytes`).
+    elsewhere: HashSet<u64>,
     scopes: HashMap<String, ScopeSet>,
     /// While the startup load runs: deletes it must not undo.
     loading: Option<Tombstones>,
@@ -216,6 +221,7 @@ impl ResidentIndex {
             dimension,
             graph,
             ann_min_scope_entries: ann_min_scope_entries.max(1),
+            response_max_bytes: usize::MAX,
             inner: RwLock::new(Inner {
                 loading: Some(Tombstones::default()),
                 ..Inner::default()
@@ -227,6 +233,13 @@ impl ResidentIndex {
             work_signal: Condvar::new(),
             indexing: Mutex::new(()),
         }
+    }
+
+    /// Hold responses larger than `max` bytes out of memory (the default keeps every one).
+    #[must_use]
+    pub fn with_response_limit(mut self, max: usize) -> Self {
+        self.response_max_bytes = max;
+        self
     }
 
     /// Start the thread that adds pending entries to their scope's graph. It stops when the
@@ -391,6 +404,11 @@ impl ResidentIndex {
     }
 
     /// Entries waiting for the indexer.
+    /// Entries held without their response.
+    pub fn elsewhere_len(&self) -> usize {
+        self.inner.read().elsewhere.len()
+    }
+
     pub fn pending_len(&self) -> usize {
         self.inner
             .read()
@@ -471,15 +489,26 @@ impl ResidentIndex {
         Ok(())
     }
 
-    /// The newest live entry stored under `exact_key`.
+    /// The newest live entry stored under `exact_key`. Its response is empty when it is
+    /// held elsewhere ([`ResidentIndex::find_exact_held`] says so).
     pub fn find_exact(&self, exact_key: &str, now_ms: i64) -> Option<std::sync::Arc<Entry>> {
+        self.find_exact_held(exact_key, now_ms).map(|(e, _)| e)
+    }
+
+    /// [`ResidentIndex::find_exact`], and whether the entry's response must be read from
+    /// where the entry is stored (it is larger than the response limit).
+    pub fn find_exact_held(
+        &self,
+        exact_key: &str,
+        now_ms: i64,
+    ) -> Option<(std::sync::Arc<Entry>, bool)> {
         let inner = self.inner.read();
         let key = inner.exact.get(exact_key)?;
         inner
             .entries
             .get(key)
             .filter(|e| e.is_live(now_ms))
-            .cloned()
+            .map(|e| (e.clone(), inner.elsewhere.contains(key)))
     }
 
     /// The `limit` live entries of `scope` nearest to `vector`, best first, with exact
@@ -510,9 +539,23 @@ impl ResidentIndex {
         now_ms: i64,
         mode: SearchMode,
     ) -> Result<Vec<Candidate>, ResidentError> {
+        self.search_held(scope, vector, limit, now_ms, mode)
+            .map(|(found, _)| found)
+    }
+
+    /// [`ResidentIndex::search_with`], and the ids of the candidates whose response must be
+    /// read from where the entry is stored (theirs is empty here).
+    pub fn search_held(
+        &self,
+        scope: &str,
+        vector: &[f32],
+        limit: usize,
+        now_ms: i64,
+        mode: SearchMode,
+    ) -> Result<(Vec<Candidate>, Vec<String>), ResidentError> {
         let inner = self.inner.read();
         let Some(set) = inner.scopes.get(scope) else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         };
         // Score first and build candidates for the best few only (no Arc clone or full sort
         // per member). An exhaustive scan is still bound by reaching each entry's vector
@@ -576,6 +619,11 @@ impl ResidentIndex {
             scored.truncate(limit);
         }
         scored.sort_by(best_first);
+        let elsewhere = scored
+            .iter()
+            .filter(|(_, key)| inner.elsewhere.contains(key))
+            .filter_map(|(_, key)| inner.entries.get(key).map(|e| e.id.clone()))
+            .collect();
         let found = scored
             .into_iter()
             .filter_map(|(similarity, key)| {
@@ -585,7 +633,7 @@ impl ResidentIndex {
                 })
             })
             .collect();
-        Ok(found)
+        Ok((found, elsewhere))
     }
 }
 
@@ -615,6 +663,15 @@ impl Inner {
         set.push(key);
         self.keys.insert(entry.id.clone(), key);
         self.exact.insert(entry.exact_key.clone(), key);
+        let entry = if entry.response.len() > index.response_max_bytes {
+            self.elsewhere.insert(key);
+            Arc::new(Entry {
+                response: Arc::from(&[][..]),
+                ..Entry::clone(&entry)
+            })
+        } else {
+            entry
+        };
         self.entries.insert(key, entry);
         Ok(pending)
     }
@@ -626,6 +683,7 @@ impl Inner {
         let Some(entry) = self.entries.remove(&key) else {
             return Ok(());
         };
+        self.elsewhere.remove(&key);
         if self.exact.get(&entry.exact_key) == Some(&key) {
             self.exact.remove(&entry.exact_key);
         }

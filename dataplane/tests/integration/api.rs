@@ -775,3 +775,99 @@ async fn a_tenant_of_large_responses_stays_within_its_byte_budget_across_a_resta
     );
     Ok(())
 }
+
+/// Answers larger than `storage.resident_response_max_bytes` stay out of the resident index's
+/// memory; a hit reads them from the write-ahead tail or the table. Every answer is served
+/// whole on both paths while unflushed, once flushed, and after a restart (the hot layer
+/// empty, so the exact path goes through the index too); deleted ones miss.
+#[tokio::test]
+async fn large_answers_stay_on_disk_and_are_served_whole_on_both_paths() -> anyhow::Result<()> {
+    use crate::harness::scattered;
+    use serde_json::Value;
+    let dir = tempfile::tempdir()?;
+    let setup = Setup {
+        max_body_bytes: 1 << 20,
+        storage_extra: "resident_response_max_bytes = 1000\n".into(),
+        ..Setup::default()
+    };
+    let s = Server::start(dir.path(), &setup).await?;
+    let body = |i: usize| {
+        if i.is_multiple_of(2) {
+            format!("{i}:{}", "large ".repeat(4_000))
+        } else {
+            format!("{i}: small")
+        }
+    };
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(
+            s.store(
+                KEY_A,
+                json!({"prompt": format!("answer {i}"), "vector": scattered(8, i as u64), "response": answer(&body(i))}),
+            )
+            .await?,
+        );
+    }
+    async fn served_whole(s: &Server, id: &str, i: usize, want: Value) -> anyhow::Result<()> {
+        let exact = s
+            .lookup(KEY_A, json!({"prompt": format!("answer {i}")}))
+            .await?;
+        let semantic = s
+            .lookup(KEY_A, json!({"vector": scattered(8, i as u64)}))
+            .await?;
+        for v in [&exact, &semantic] {
+            anyhow::ensure!(v["entry_id"] == id, "answer {i}: {v}");
+            anyhow::ensure!(v["response"] == want, "answer {i} was not served whole");
+        }
+        Ok(())
+    }
+    for (i, id) in ids.iter().enumerate() {
+        served_whole(&s, id, i, answer(&body(i))).await?;
+    }
+    // Once flushed, from the table.
+    s.eventually("every entry is flushed", Duration::from_secs(60), || {
+        let s = &s;
+        async move {
+            let m = s.metrics().await?;
+            Ok(metric_sum(&m, "semantis_store_flushed_entries_total", &[]) >= 20.0)
+        }
+    })
+    .await?;
+    for (i, id) in ids.iter().enumerate() {
+        served_whole(&s, id, i, answer(&body(i))).await?;
+    }
+    for i in [0usize, 1, 2] {
+        s.delete_entry(KEY_A, &ids[i]).await?;
+    }
+    let s = s.restart().await?;
+    s.eventually(
+        "the resident index holds the large answers without them",
+        Duration::from_secs(60),
+        || {
+            let s = &s;
+            async move {
+                let m = s.metrics().await?;
+                Ok(metric_sum(
+                    &m,
+                    "semantis_index_resident_responses_on_disk",
+                    &[("tenant", "team-a")],
+                ) == 8.0)
+            }
+        },
+    )
+    .await?;
+    for (i, id) in ids.iter().enumerate().skip(3) {
+        served_whole(&s, id, i, answer(&body(i))).await?;
+    }
+    for i in [0usize, 1, 2] {
+        let exact = s
+            .lookup(KEY_A, json!({"prompt": format!("answer {i}")}))
+            .await?;
+        let semantic = s
+            .lookup(KEY_A, json!({"vector": scattered(8, i as u64)}))
+            .await?;
+        assert_eq!(exact["hit"], false, "{exact}");
+        assert_ne!(semantic["entry_id"], ids[i].as_str(), "{semantic}");
+    }
+    Ok(())
+}

@@ -2,7 +2,7 @@
 //! the log; a write is appended to the log and applied here (tail, resident index) before it
 //! is acknowledged; reads merge the tail, the resident index or the table.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -145,9 +145,12 @@ impl LanceEntryStore {
         };
         // The follower goes on from the last record replayed here.
         let (cursor, _) = watch::channel(replayed_upto);
-        let resident = cfg
-            .resident_index
-            .then(|| Arc::new(ResidentIndex::new(dimension, cfg.ann_min_scope_entries)));
+        let resident = cfg.resident_index.then(|| {
+            Arc::new(
+                ResidentIndex::new(dimension, cfg.ann_min_scope_entries)
+                    .with_response_limit(cfg.resident_response_max_bytes),
+            )
+        });
         let store = Arc::new(Self {
             tenant: tenant.to_owned(),
             table,
@@ -253,6 +256,33 @@ impl LanceEntryStore {
         self.state.lock().tail_len()
     }
 
+    /// The whole entries (responses included) of `ids`, which the resident index holds
+    /// without their responses: from the write-ahead tail, else the table. The tail is read
+    /// first: a flush refreshes the table before it drops the entries from the tail, so an
+    /// entry is always in one of the two. One deleted meanwhile is in neither (a miss).
+    async fn whole(&self, ids: &[String]) -> Result<HashMap<String, Arc<Entry>>, StoreError> {
+        let mut found: HashMap<String, Arc<Entry>> = self
+            .state
+            .lock()
+            .tail()
+            .filter(|e| ids.contains(&e.id))
+            .map(|e| (e.id.clone(), e.clone()))
+            .collect();
+        let rest: Vec<String> = ids
+            .iter()
+            .filter(|id| !found.contains_key(*id))
+            .cloned()
+            .collect();
+        if !rest.is_empty() {
+            let rows = self
+                .table
+                .entries(self.visible(sql::ids_in(&rest)), None)
+                .await?;
+            found.extend(rows.into_iter().map(|e| (e.id.clone(), Arc::new(e))));
+        }
+        Ok(found)
+    }
+
     /// `base` with rows hidden by pending deletes taken out.
     fn visible(&self, base: String) -> String {
         self.state.lock().visible(base)
@@ -283,7 +313,13 @@ impl EntryStore for LanceEntryStore {
             return Ok(in_tail);
         }
         if let Some(resident) = self.resident_ready() {
-            return Ok(resident.find_exact(exact_key, now_ms));
+            return match resident.find_exact_held(exact_key, now_ms) {
+                Some((entry, true)) => Ok(self
+                    .whole(std::slice::from_ref(&entry.id))
+                    .await?
+                    .remove(&entry.id)),
+                found => Ok(found.map(|(entry, _)| entry)),
+            };
         }
         let filter = format!(
             "exact_key = {} AND {}",
@@ -306,9 +342,25 @@ impl EntryStore for LanceEntryStore {
             let mode = SearchMode::Graph {
                 confirm_below: Some(hit_threshold),
             };
-            return Ok(resident
-                .search_with(scope, vector, limit, now_ms, mode)
-                .map_err(BackendError::from)?);
+            let (mut found, elsewhere) = resident
+                .search_held(scope, vector, limit, now_ms, mode)
+                .map_err(BackendError::from)?;
+            if !elsewhere.is_empty() {
+                let mut whole = self.whole(&elsewhere).await?;
+                found.retain_mut(|c| {
+                    if !elsewhere.contains(&c.entry.id) {
+                        return true;
+                    }
+                    match whole.remove(&c.entry.id) {
+                        Some(entry) => {
+                            c.entry = entry;
+                            true
+                        }
+                        None => false,
+                    }
+                });
+            }
+            return Ok(found);
         }
         let mut candidates: Vec<Candidate> = self
             .state
@@ -492,6 +544,10 @@ impl EntryStore for LanceEntryStore {
                 .resident_pending
                 .with_label_values(&[&self.tenant])
                 .set(i64::try_from(resident.pending_len()).unwrap_or(i64::MAX));
+            self.metrics
+                .resident_elsewhere
+                .with_label_values(&[&self.tenant])
+                .set(i64::try_from(resident.elsewhere_len()).unwrap_or(i64::MAX));
         }
         if !self.leads().await? {
             return Ok(());
