@@ -5,6 +5,7 @@
 # growth of the process's resident memory (VmRSS) per entry, and the byte budget's figure
 # (`/v1/stats` bytes) per entry beside it.
 # Usage: scripts/bench-memory.sh [N] (default 60000; also runs N/3)
+#   SEMANTIS_BENCH_ANSWER_BYTES="0 1500 16000"  the answer sizes to compare (default "0 1500")
 #   SEMANTIS_BENCH_BIN=path  measure that binary instead of the release build
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,7 +55,7 @@ run() { # bytes entries -> VmRSS in KiB once settled, and the byte budget's figu
 small=$((n / 3))
 echo "| answer bytes | RSS with $small entries (MiB) | RSS with $n entries (MiB) | memory per entry (bytes) | byte budget per entry (bytes) |"
 echo "|---|---|---|---|---|"
-for bytes in 0 1500; do
+for bytes in ${SEMANTIS_BENCH_ANSWER_BYTES:-0 1500}; do
   read -r g1 _ < <(run "$bytes" "$small")
   read -r g2 budget < <(run "$bytes" "$n")
   echo "| $bytes | $((g1 / 1024)) | $((g2 / 1024)) | $(((g2 - g1) * 1024 / (n - small))) | $((budget / n)) |"

@@ -318,10 +318,19 @@ fn random_requests_never_produce_a_5xx_or_an_unknown_error() -> anyhow::Result<(
         ..Config::default()
     });
     let seen = std::sync::Mutex::new(std::collections::BTreeMap::<u16, u32>::new());
+    // The request before a transport failure: what it left the connection in matters.
+    let previous = std::sync::Mutex::new(String::new());
     let outcome = runner.run(&case(), |c| {
-        let (status, text) = rt
-            .block_on(send(&s, &c))
-            .map_err(|e| TestCaseError::fail(format!("the request failed: {e:#}")))?;
+        let sent = rt.block_on(send(&s, &c));
+        let before = previous
+            .lock()
+            .map(|mut p| std::mem::replace(&mut *p, format!("{c:?}")))
+            .unwrap_or_default();
+        let (status, text) = sent.map_err(|e| {
+            TestCaseError::fail(format!(
+                "the request failed: {e:#} (the request before it: {before})"
+            ))
+        })?;
         if let Ok(mut seen) = seen.lock() {
             *seen.entry(status).or_default() += 1;
         }
