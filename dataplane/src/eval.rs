@@ -117,6 +117,22 @@ impl Outcome {
             .find(|c| !c.rejected && min_score.is_none_or(|m| c.score.is_some_and(|s| s >= m)))
             .map(|c| (c.right, c.own))
     }
+
+    /// The alternative rule: of the candidates at or above `floor` that passed the checks,
+    /// the one the verifier scored highest, when that score is at least `min_score`.
+    fn served_best_scored(&self, floor: f32, min_score: f32) -> Option<(bool, bool)> {
+        if let Some(own) = self.exact {
+            return Some((true, own));
+        }
+        self.candidates
+            .iter()
+            .take_while(|c| c.similarity >= floor)
+            .filter(|c| !c.rejected)
+            .filter_map(|c| c.score.map(|s| (s, c)))
+            .filter(|(s, _)| *s >= min_score)
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, c)| (c.right, c.own))
+    }
 }
 
 /// The file's questions grouped by its duplicate labels (union-find over case- and
@@ -192,6 +208,13 @@ pub fn curve(outcomes: &[Outcome], thresholds: &[f32]) -> Vec<Row> {
 /// candidate at or above the floor that passed the checks and scored at least s.
 pub fn verified_curve(outcomes: &[Outcome], floor: f32, scores: &[f32]) -> Vec<Row> {
     rows(outcomes, scores, |o, s| o.served(floor, Some(s)))
+}
+
+/// [`verified_curve`] under [`Outcome::served_best_scored`]: the best-scored candidate above
+/// the floor rather than the nearest that passes (what serving would cost: every candidate
+/// scored on every lookup).
+pub fn best_scored_curve(outcomes: &[Outcome], floor: f32, scores: &[f32]) -> Vec<Row> {
+    rows(outcomes, scores, |o, s| o.served_best_scored(floor, s))
 }
 
 fn rows(
@@ -648,6 +671,18 @@ async fn eval_with(
             }
             curves.push((format!("{name}, cosine ≥ {floor:.2}"), rows));
         }
+        for &floor in &args.floors {
+            let rows = best_scored_curve(&outcomes, floor, &[0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]);
+            println!(
+                "the best-scored candidate instead of the nearest that passes, cosine floor {floor:.2}:"
+            );
+            for r in &rows {
+                println!(
+                    "  score ≥ {:.2}: hit rate {:.3}, precision {:.3}, recall {:.3}",
+                    r.threshold, r.hit_rate, r.precision, r.recall
+                );
+            }
+        }
         match best {
             Some((floor, r)) => println!(
                 "best with precision ≥ 0.90: cosine floor {floor:.2}, score {:.2}: precision {:.3}, recall {:.3}, hit rate {:.3}",
@@ -699,6 +734,30 @@ async fn eval_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_best_scored_rule_serves_the_highest_score_above_the_floor() {
+        let seen = |similarity, right, score| Seen {
+            similarity,
+            right,
+            own: right,
+            rejected: false,
+            score: Some(score),
+        };
+        let o = Outcome {
+            candidates: vec![
+                seen(0.95, false, 0.6),
+                seen(0.90, true, 0.9),
+                seen(0.70, false, 0.99),
+            ],
+            duplicate: true,
+            exact: None,
+        };
+        assert_eq!(o.served(0.85, Some(0.5)), Some((false, false)));
+        assert_eq!(o.served_best_scored(0.85, 0.5), Some((true, true)));
+        assert_eq!(o.served_best_scored(0.85, 0.95), None);
+        assert_eq!(o.served_best_scored(0.60, 0.95), Some((false, false)));
+    }
 
     #[test]
     fn the_curve_counts_right_hits_only() {
