@@ -302,7 +302,7 @@ impl Default for StorageConfig {
             maintenance_interval_ms: 10_000,
             retired_grace_secs: 3600,
             resident_index: true,
-            resident_response_max_bytes: 4096,
+            resident_response_max_bytes: 16 * 1024,
             ann_min_scope_entries: 1024,
         }
     }

@@ -24,7 +24,8 @@ pub trait EntryStore: Send + Sync {
     /// The `limit` live entries of `scope` nearest to `vector`, best first. The scope filter
     /// is applied before the nearest-neighbour search. `hit_threshold` is the similarity the
     /// caller counts as a hit: an approximate search that finds nothing that close searches
-    /// harder before it answers.
+    /// harder before it answers, and a candidate below it may come without its response
+    /// (a large one kept on disk is read only for a candidate that can be served).
     async fn search(
         &self,
         scope: &str,

@@ -345,10 +345,17 @@ impl EntryStore for LanceEntryStore {
             let (mut found, elsewhere) = resident
                 .search_held(scope, vector, limit, now_ms, mode)
                 .map_err(BackendError::from)?;
-            if !elsewhere.is_empty() {
-                let mut whole = self.whole(&elsewhere).await?;
+            // Only a candidate that can hit needs its answer: the ones below the threshold
+            // are never served, so a miss never reads the table.
+            let needed: Vec<String> = found
+                .iter()
+                .filter(|c| c.similarity >= hit_threshold && elsewhere.contains(&c.entry.id))
+                .map(|c| c.entry.id.clone())
+                .collect();
+            if !needed.is_empty() {
+                let mut whole = self.whole(&needed).await?;
                 found.retain_mut(|c| {
-                    if !elsewhere.contains(&c.entry.id) {
+                    if !needed.contains(&c.entry.id) {
                         return true;
                     }
                     match whole.remove(&c.entry.id) {
