@@ -169,3 +169,64 @@ impl http_body::Body for Held {
         self.body.size_hint()
     }
 }
+
+/// A request body that records whether it was read to its end.
+struct Watched {
+    body: Body,
+    ended: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl http_body::Body for Watched {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) {
+            self.ended.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// An answer to a request whose body was not read to its end (a route or method that takes
+/// no body, a refusal on the head) says `Connection: close`. hyper closes such a connection
+/// after the answer; without the header a pooling client sends its next request on it as it
+/// closes and gets "connection closed before message completed".
+pub async fn close_when_body_unread(req: Request, next: Next) -> Response {
+    let has_body = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .is_some_and(|v| v.as_bytes() != b"0")
+        || req.headers().contains_key(header::TRANSFER_ENCODING);
+    if !has_body {
+        return next.run(req).await;
+    }
+    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (parts, body) = req.into_parts();
+    let req = Request::from_parts(
+        parts,
+        Body::new(Watched {
+            body,
+            ended: ended.clone(),
+        }),
+    );
+    let mut response = next.run(req).await;
+    if !ended.load(std::sync::atomic::Ordering::Relaxed) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}

@@ -650,5 +650,6 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize, timeout: Duration) ->
         ))
         .layer(axum::middleware::map_response(error::rewrite_plain_errors))
         .layer(CatchPanicLayer::custom(error::panic_response))
+        .layer(axum::middleware::from_fn(admission::close_when_body_unread))
         .with_state(state)
 }

@@ -177,6 +177,67 @@ async fn one_client_address_cannot_hold_more_than_its_share_of_connections() -> 
     Ok(())
 }
 
+/// An answer given without reading the request's body (a route that takes no body, a method
+/// the route does not take) says `Connection: close`, so a pooling client never sends its next
+/// request on a connection the server is closing (found by the fuzz test: a POST with a large
+/// body to `/openapi.json`, then a GET on the same client, "connection closed before message
+/// completed"). 30 rounds of both on one pooled client: before the fix 2 of the 30 following
+/// requests failed and 22 answers lacked the header; now none.
+#[tokio::test]
+async fn answers_that_leave_the_body_unread_close_the_connection_cleanly() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &Setup::default()).await?;
+    // Past the body limit and the socket buffers: the client is still sending when the
+    // answer comes.
+    let body = json!(["x".repeat(2_000_000)]).to_string();
+    let unread: [(Method, &str); 3] = [
+        (Method::POST, "/openapi.json"),
+        (Method::POST, "/healthz"),
+        (Method::PUT, "/v1/stats"),
+    ];
+    let mut failed = Vec::new();
+    for round in 0..30 {
+        let (method, path) = &unread[round % unread.len()];
+        // The server may answer and close while the client still sends the body it will
+        // never read: that request may fail; the one after it must not.
+        if let Ok(r) = s
+            .http
+            .request(method.clone(), format!("{}{path}", s.url))
+            .bearer_auth(KEY_A)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            && r.headers().get("connection").map(|v| v.as_bytes()) != Some(&b"close"[..])
+        {
+            failed.push(format!("{path}: {} without Connection: close", r.status()));
+        }
+        if let Err(e) = s
+            .http
+            .get(format!("{}/v1/stats", s.url))
+            .bearer_auth(KEY_A)
+            .send()
+            .await
+        {
+            failed.push(format!("the request after {path}: {e:#}"));
+        }
+    }
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    // A body read to its end keeps the connection.
+    let stored = s
+        .http
+        .post(format!("{}/v1/entries", s.url))
+        .bearer_auth(KEY_A)
+        .json(
+            &json!({"prompt": "kept", "vector": [1, 0, 0, 0, 0, 0, 0, 0], "response": answer("r")}),
+        )
+        .send()
+        .await?;
+    assert_eq!(stored.status(), 201);
+    assert!(stored.headers().get("connection").is_none());
+    Ok(())
+}
+
 /// Head only: `Content-Length` promises a body that is never sent.
 async fn head_only(s: &Server, path: &str, key: &str) -> anyhow::Result<String> {
     let mut c = TcpStream::connect(host_port(s)).await?;
