@@ -613,26 +613,38 @@ async fn a_provider_with_the_wrong_dimension_stops_startup_naming_both() -> anyh
     Ok(())
 }
 
+/// Two cluster-mode replicas sharing a private Redis (`name`) and a fresh database, embedding
+/// with the fake Ollama-style provider; and a count of the provider calls whose body holds
+/// `text`.
+async fn two_replicas_on_the_fake(
+    dir: &std::path::Path,
+    name: &str,
+) -> anyhow::Result<(Server, Server, Fake)> {
+    let (url, fake) = start_fake().await?;
+    let key = key_file(dir)?;
+    let mut setup = remote_setup("ollama", &url, &key, "");
+    setup.redis_url = Some(crate::harness::private_redis(name)?);
+    setup.postgres_url =
+        Some(crate::harness::fresh_database(&crate::harness::shared_postgres()?).await?);
+    let r1 = Server::start_replica(dir, "r1", &setup).await?;
+    let r2 = Server::start_replica(dir, "r2", &setup).await?;
+    Ok((r1, r2, fake))
+}
+
+fn asked_about(fake: &Fake, text: &str) -> usize {
+    fake.seen
+        .lock()
+        .requests
+        .iter()
+        .filter(|r| r.1.to_string().contains(text))
+        .count()
+}
+
 #[tokio::test]
 async fn replicas_share_embeddings_through_the_redis_tier() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let (url, fake) = start_fake().await?;
-    let key = key_file(dir.path())?;
-    let redis = crate::harness::private_redis("embedding-cache")?;
-    let mut setup = remote_setup("ollama", &url, &key, "");
-    setup.redis_url = Some(redis);
-    setup.postgres_url =
-        Some(crate::harness::fresh_database(&crate::harness::shared_postgres()?).await?);
-    let r1 = Server::start_replica(dir.path(), "r1", &setup).await?;
-    let r2 = Server::start_replica(dir.path(), "r2", &setup).await?;
-    let asked = || {
-        fake.seen
-            .lock()
-            .requests
-            .iter()
-            .filter(|r| r.1.to_string().contains("shared embedding text"))
-            .count()
-    };
+    let (r1, r2, fake) = two_replicas_on_the_fake(dir.path(), "embedding-cache").await?;
+    let asked = || asked_about(&fake, "shared embedding text");
     r1.lookup(KEY_A, json!({"prompt": "shared embedding text"}))
         .await?;
     assert_eq!(asked(), 1);
@@ -658,23 +670,8 @@ async fn replicas_share_embeddings_through_the_redis_tier() -> anyhow::Result<()
 async fn the_embedding_cache_never_serves_one_tenant_another_tenants_vector() -> anyhow::Result<()>
 {
     let dir = tempfile::tempdir()?;
-    let (url, fake) = start_fake().await?;
-    let key = key_file(dir.path())?;
-    let redis = crate::harness::private_redis("embedding-cache-tenants")?;
-    let mut setup = remote_setup("ollama", &url, &key, "");
-    setup.redis_url = Some(redis);
-    setup.postgres_url =
-        Some(crate::harness::fresh_database(&crate::harness::shared_postgres()?).await?);
-    let r1 = Server::start_replica(dir.path(), "r1", &setup).await?;
-    let r2 = Server::start_replica(dir.path(), "r2", &setup).await?;
-    let asked = || {
-        fake.seen
-            .lock()
-            .requests
-            .iter()
-            .filter(|r| r.1.to_string().contains("merger of acme and globex"))
-            .count()
-    };
+    let (r1, r2, fake) = two_replicas_on_the_fake(dir.path(), "embedding-cache-tenants").await?;
+    let asked = || asked_about(&fake, "merger of acme and globex");
     let prompt = json!({"prompt": "merger of acme and globex"});
     r1.lookup(KEY_A, prompt.clone()).await?;
     assert_eq!(asked(), 1);
