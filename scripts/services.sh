@@ -18,6 +18,9 @@ MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
 MINIO_USER=semantis
 MINIO_PASSWORD=semantis-minio-secret
 
+# shellcheck source=scripts/pids.sh
+. "$(dirname "$0")/pids.sh"
+
 root="${SEMANTIS_SERVICES_DIR:-/tmp/semantis-services}"
 mkdir -p "$root"
 chmod 755 "$root"
@@ -71,12 +74,12 @@ wait_gone() {
 }
 
 # An instance of an earlier port scheme (or a wedged one) still running from DIR's pidfile
-# while nothing answers on PORT: stop it before starting on PORT with the same files.
+# while nothing answers on PORT: stop it before starting on PORT with the same files. Only
+# that instance: a stale pidfile's pid may since have been given to any other process.
 stop_stray() {
-  local pidfile="$1" pid
-  [ -f "$pidfile" ] || return 0
-  pid=$(head -1 "$pidfile")
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+  local pidfile="$1" dir="$2" pid
+  pid=$(pid_ours "$pidfile" "$dir")
+  if [ -n "$pid" ]; then
     kill "$pid" 2>/dev/null || true
     wait_gone "$pid"
   fi
@@ -118,7 +121,7 @@ redis_start() {
   port=$(port_of "redis-$name")
   mkdir -p "$dir"
   if ! redis-cli -p "$port" ping >/dev/null 2>&1; then
-    stop_stray "$dir/redis.pid"
+    stop_stray "$dir/redis.pid" "$dir"
     # AOF with fsync on every write: an acknowledged write survives a crash.
     redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --daemonize yes \
       --appendonly yes --appendfsync always --save "" \
@@ -135,9 +138,9 @@ redis_start() {
 }
 
 redis_stop() {
-  local port pidfile="$root/redis-$1/redis.pid" pid=""
+  local port dir="$root/redis-$1" pid
   port=$(port_of "redis-$1")
-  [ -f "$pidfile" ] && pid=$(head -1 "$pidfile")
+  pid=$(pid_ours "$dir/redis.pid" "$dir")
   redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
   # Gone, not just told: a restart right after must find the port and the files free.
   [ -n "$pid" ] && wait_gone "$pid"
@@ -163,11 +166,11 @@ minio_start() {
   port=$(port_of "minio-$name")
   mkdir -p "$dir/data"
   if ! curl -fsS "http://$host:$port/minio/health/live" >/dev/null 2>&1; then
-    stop_stray "$dir/minio.pid"
+    stop_stray "$dir/minio.pid" "$dir"
     MINIO_ROOT_USER=$MINIO_USER MINIO_ROOT_PASSWORD=$MINIO_PASSWORD MINIO_BROWSER=off \
       setsid "$bin" server "$dir/data" --address "$host:$port" --quiet \
       >"$dir/minio.log" 2>&1 </dev/null &
-    echo $! >"$dir/minio.pid"
+    pid_save "$dir/minio.pid" $!
     for _ in $(seq 1 200); do
       curl -fsS "http://$host:$port/minio/health/live" >/dev/null 2>&1 && break
       sleep 0.1
@@ -181,7 +184,7 @@ minio_start() {
 }
 
 minio_stop() {
-  stop_stray "$root/minio-$1/minio.pid"
+  stop_stray "$root/minio-$1/minio.pid" "$root/minio-$1"
 }
 
 case "${1:-start}" in

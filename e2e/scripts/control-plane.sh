@@ -14,19 +14,24 @@ set -euo pipefail
 DIR=${SEMANTIS_E2E_DIR:-/tmp/semantis-e2e}
 ADVERTISE=${SEMANTIS_E2E_ADVERTISE:-}
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=scripts/pids.sh
+. "$HERE/../../scripts/pids.sh"
 
 stop() {
   if [[ -d $DIR/pids ]]; then
+    # Only the processes these files name, never whatever got their pid after a crash.
+    local f pid pids=()
     for f in "$DIR"/pids/*; do
       [[ -e $f ]] || continue
-      kill "$(cat "$f")" 2>/dev/null || true
+      pid=$(pid_ours "$f" "$DIR")
+      rm -f "$f"
+      [[ -n $pid ]] || continue
+      pids+=("$pid")
+      kill "$pid" 2>/dev/null || true
     done
-    for f in "$DIR"/pids/*; do
-      [[ -e $f ]] || continue
-      local pid; pid=$(cat "$f")
+    for pid in "${pids[@]}"; do
       for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
       kill -9 "$pid" 2>/dev/null || true
-      rm -f "$f"
     done
   fi
 }
@@ -102,7 +107,7 @@ start() {
     --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
     --initial-cluster "e2e=http://127.0.0.1:$peer_port" --unsafe-no-fsync \
     > "$DIR/logs/etcd.log" 2>&1 &
-  echo $! > "$DIR/pids/etcd"
+  pid_save "$DIR/pids/etcd" $!
 
   local bind_address=127.0.0.1
   [[ -n $ADVERTISE ]] && bind_address=0.0.0.0
@@ -116,7 +121,7 @@ start() {
     --enable-admission-plugins NodeRestriction --kubelet-preferred-address-types InternalIP,Hostname \
     --kubelet-client-certificate "$DIR/pki/admin.crt" --kubelet-client-key "$DIR/pki/admin.key" \
     > "$DIR/logs/kube-apiserver.log" 2>&1 &
-  echo $! > "$DIR/pids/kube-apiserver"
+  pid_save "$DIR/pids/kube-apiserver" $!
   wait_healthy "https://127.0.0.1:$api_port/readyz" kube-apiserver
 
   "$bin/kube-controller-manager" --kubeconfig "$DIR/kubeconfig" \
@@ -125,13 +130,13 @@ start() {
     --service-account-private-key-file "$DIR/pki/sa.key" --root-ca-file "$DIR/pki/ca.crt" \
     --controllers '*' --concurrent-gc-syncs 5 \
     > "$DIR/logs/kube-controller-manager.log" 2>&1 &
-  echo $! > "$DIR/pids/kube-controller-manager"
+  pid_save "$DIR/pids/kube-controller-manager" $!
 
   "$bin/kube-scheduler" --kubeconfig "$DIR/kubeconfig" \
     --authentication-kubeconfig "$DIR/kubeconfig" --authorization-kubeconfig "$DIR/kubeconfig" \
     --bind-address 127.0.0.1 --secure-port "$sched_port" --leader-elect=false \
     > "$DIR/logs/kube-scheduler.log" 2>&1 &
-  echo $! > "$DIR/pids/kube-scheduler"
+  pid_save "$DIR/pids/kube-scheduler" $!
 
   if [[ -z $ADVERTISE ]]; then
     # kwok plays the kubelet for nodes annotated kwok.x-k8s.io/node=fake: pods turn Running and
@@ -140,7 +145,7 @@ start() {
       --manage-all-nodes=false --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
       --config "$HERE/kwok.yaml" --server-address "127.0.0.1:$kwok_port" \
       > "$DIR/logs/kwok.log" 2>&1 &
-    echo $! > "$DIR/pids/kwok"
+    pid_save "$DIR/pids/kwok" $!
   fi
 
   echo "KUBECONFIG=$DIR/kubeconfig" > "$DIR/env"

@@ -13,6 +13,8 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=scripts/pids.sh
+. "$HERE/../../scripts/pids.sh"
 export SEMANTIS_E2E_DIR=${SEMANTIS_NODE_DIR:-/tmp/semantis-node}
 DIR=$SEMANTIS_E2E_DIR
 CACHE=${SEMANTIS_CACHE:-$HOME/.cache/semantis}
@@ -44,9 +46,11 @@ ctr_() { ctr --address "$SOCK" -n k8s.io "$@"; }
 
 stop_node() {
   # Pods first, while containerd still answers: kill and delete every task and container.
-  if [[ -S $SOCK ]] && [[ -f $DIR/pids/containerd ]] && kill -0 "$(cat "$DIR/pids/containerd")" 2>/dev/null; then
+  if [[ -S $SOCK ]] && [[ -n $(pid_ours "$DIR/pids/containerd" "$DIR") ]]; then
+    local pid
     for p in kubelet kube-proxy coredns; do
-      [[ -f $DIR/pids/$p ]] && kill "$(cat "$DIR/pids/$p")" 2>/dev/null || true
+      pid=$(pid_ours "$DIR/pids/$p" "$DIR")
+      [[ -n $pid ]] && kill "$pid" 2>/dev/null || true
     done
     local t
     for t in $(ctr_ tasks ls -q 2>/dev/null); do ctr_ tasks kill -s SIGKILL "$t" >/dev/null 2>&1 || true; done
@@ -176,7 +180,7 @@ state = "$DIR/containerd/state"
     config_path = ""
 TOML
   containerd --config "$DIR/containerd/config.toml" > "$DIR/logs/containerd.log" 2>&1 &
-  echo $! > "$DIR/pids/containerd"
+  pid_save "$DIR/pids/containerd" $!
   wait_for containerd ctr --address "$SOCK" version
   # Leftovers of an earlier run (the metadata lives with the image content).
   local t
@@ -221,7 +225,7 @@ YAML
   "$bin/kubelet" --config "$DIR/kubelet.yaml" --kubeconfig "$DIR/kubelet.kubeconfig" \
     --root-dir "$DIR/kubelet" --hostname-override "$NODE" --node-ip "$NODE_IP" \
     > "$DIR/logs/kubelet.log" 2>&1 &
-  echo $! > "$DIR/pids/kubelet"
+  pid_save "$DIR/pids/kubelet" $!
 }
 
 start_kube_proxy() {
@@ -240,7 +244,7 @@ metricsBindAddress: 127.0.0.1:$mp
 conntrack: {maxPerCore: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
 YAML
   "$bin/kube-proxy" --config "$DIR/kube-proxy.yaml" > "$DIR/logs/kube-proxy.log" 2>&1 &
-  echo $! > "$DIR/pids/kube-proxy"
+  pid_save "$DIR/pids/kube-proxy" $!
 }
 
 start_coredns() {
@@ -262,7 +266,7 @@ start_coredns() {
 }
 CORE
   "$bin/coredns" -conf "$DIR/Corefile" > "$DIR/logs/coredns.log" 2>&1 &
-  echo $! > "$DIR/pids/coredns"
+  pid_save "$DIR/pids/coredns" $!
   wait_for coredns curl -fsS "http://127.0.0.1:$rp/ready"
 }
 
