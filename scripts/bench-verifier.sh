@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Text lookups with and without the local verifier, side by side in one run: the same binary,
-# the same configuration (dataplane/examples/bench.toml), the same seeded entries, one server
-# core. Usage: scripts/bench-verifier.sh [DURATION] (default 20s).
+# Text lookups with and without the local verifier, side by side in one run (the caches on,
+# then off): the same binary, the same configuration (dataplane/examples/bench.toml), the same
+# seeded entries, one server core. Usage: scripts/bench-verifier.sh [DURATION] (default 20s).
 #   SEMANTIS_BENCH_BIN=path  measure that binary instead of the release build
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,16 +23,23 @@ fi
 
 server=""
 trap '[ -n "$server" ] && kill "$server" 2>/dev/null || true' EXIT
-for verifier in none local; do
+# The bench asks about 500 seeded questions again and again, as users of a cache do: with the
+# caches on, a repeated question's embedding (and with the verifier, its score) is remembered.
+# With them off, every lookup embeds and verifies: the cost of a question never asked before.
+for run in "none on" "local on" "none off" "local off"; do
+  read -r verifier caches <<<"$run"
+  entries=100000
+  [ "$caches" = off ] && entries=0
   rm -rf "$data" "$data.log"
   SEMANTIS_STORAGE__DATA_DIR="$data" SEMANTIS_CACHE__VERIFIER="$verifier" \
+    SEMANTIS_EMBEDDER__CACHE_ENTRIES="$entries" SEMANTIS_VERIFIERS__LOCAL__CACHE_ENTRIES="$entries" \
     taskset -c 0 "$bin" serve --config dataplane/examples/bench.toml 2>>"$data.log" &
   server=$!
   until curl -sf "$url/readyz" >/dev/null; do
     kill -0 "$server" 2>/dev/null || { echo "server died; see $data.log" >&2; exit 1; }
     sleep 0.05
   done
-  echo "## semantic-text, verifier $verifier (duration $duration)"
+  echo "## semantic-text, verifier $verifier, embedding and score caches $caches (duration $duration)"
   taskset -c 1 "$bin" bench --url "$url" --duration "$duration" --warmup 3s \
     --scenario semantic-text --seed 500 --seed-connections 2 --connections 1
   kill -TERM "$server"

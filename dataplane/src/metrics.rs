@@ -20,6 +20,7 @@ pub struct Metrics {
     pub embedder_circuit_open: IntGaugeVec,
     pub verifier_circuit_open: IntGaugeVec,
     pub embed_cache: IntCounterVec,
+    pub verify_cache: IntCounterVec,
     pub embed_batch_size: HistogramVec,
     pub store_flush_duration: HistogramVec,
     pub store_flushed_entries: IntCounterVec,
@@ -135,6 +136,12 @@ impl Metrics {
                 "semantis_embedder_cache_requests_total",
                 "Embedding cache lookups by result (hit: in process, hit_shared: Redis, miss).",
                 &["result"],
+            )?,
+            verify_cache: counter(
+                &r,
+                "semantis_verifier_cache_requests_total",
+                "Verifier scores looked up in the score memory, by verifier and result (hit, miss).",
+                &["verifier", "result"],
             )?,
             embed_batch_size: histogram(
                 &r,

@@ -181,6 +181,9 @@ pub struct VerifierConfig {
     pub breaker_failures: u32,
     /// How long an open breaker refuses calls before letting one through, in milliseconds.
     pub breaker_cooldown_ms: u64,
+    /// Scores remembered per (tenant, query, candidate): a question asked again is not
+    /// scored again. 0 turns the memory off.
+    pub cache_entries: u64,
 }
 
 impl Default for VerifierConfig {
@@ -198,6 +201,7 @@ impl Default for VerifierConfig {
             max_tokens: 256,
             breaker_failures: 5,
             breaker_cooldown_ms: 10_000,
+            cache_entries: 100_000,
         }
     }
 }

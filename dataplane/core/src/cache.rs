@@ -686,7 +686,10 @@ impl Cache {
                 .iter()
                 .map(|&i| outcome.considered[i].entry.prompt.clone())
                 .collect();
-            let scores = match self.score_within(v, prompt, &texts, deadline).await {
+            let scores = match self
+                .score_within(&tenant.name, v, prompt, &texts, deadline)
+                .await
+            {
                 Ok(scores) => scores,
                 Err((what, reason)) => {
                     tracing::warn!(tenant = %tenant.name, verifier = %v.verifier, %reason, "verifier failed; the lookup is a miss");
@@ -730,6 +733,7 @@ impl Cache {
     /// One call to `v`'s verifier, cut off at `deadline`; its duration goes to the metrics.
     async fn score_within(
         &self,
+        tenant: &str,
         v: &Verification,
         prompt: &str,
         texts: &[String],
@@ -742,7 +746,8 @@ impl Cache {
             ));
         };
         let started = tokio::time::Instant::now();
-        let answer = tokio::time::timeout_at(deadline, verifier.score(prompt, texts)).await;
+        let answer =
+            tokio::time::timeout_at(deadline, verifier.score_for(tenant, prompt, texts)).await;
         self.metrics
             .verify_duration
             .with_label_values(&[verifier.provider()])

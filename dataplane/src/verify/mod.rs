@@ -2,6 +2,7 @@
 //! cross-encoder ([`local`]) and by remote rerankers ([`remote`]), and [`load`], which builds
 //! the verifiers a configuration's tenants use.
 
+pub mod cached;
 pub mod local;
 pub mod remote;
 
@@ -139,6 +140,16 @@ fn build(
             .min_similarity
             .or(calibrated.map(|c| c.min_similarity))
             .unwrap_or(REMOTE_MIN_SIMILARITY),
+    };
+    let verifier: Arc<dyn Verifier> = if vc.cache_entries == 0 {
+        verifier
+    } else {
+        Arc::new(cached::CachedVerifier::new(
+            name,
+            verifier,
+            vc.cache_entries,
+            metrics.clone(),
+        ))
     };
     loaded.verifiers.insert(name.to_owned(), verifier);
     loaded.defaults.insert(name.to_owned(), defaults);

@@ -296,6 +296,11 @@ async fn a_remote_verifier_decides_semantic_hits_and_its_outage_is_a_miss() -> a
     );
 
     *reranker.fault.lock() = Fault::Down;
+    // A question scored before keeps its verdict (the scores are remembered); a new one
+    // needs the verifier.
+    let v = s.lookup(KEY_A, paraphrase.clone()).await?;
+    assert_eq!(v["path"], "semantic", "a remembered verdict: {v}");
+    let paraphrase = json!({"prompt": "How can I reset my password, please?"});
     let v = s.lookup(KEY_A, paraphrase.clone()).await?;
     assert_eq!(
         (
@@ -312,7 +317,12 @@ async fn a_remote_verifier_decides_semantic_hits_and_its_outage_is_a_miss() -> a
     );
     *reranker.fault.lock() = Fault::Slow(Duration::from_secs(3));
     let started = Instant::now();
-    let v = s.lookup(KEY_A, paraphrase.clone()).await?;
+    let v = s
+        .lookup(
+            KEY_A,
+            json!({"prompt": "Please: how can I reset my password?"}),
+        )
+        .await?;
     assert!(
         started.elapsed() < Duration::from_millis(2000),
         "the budget was not kept"
@@ -522,5 +532,83 @@ async fn feedback_on_one_replica_applies_on_another_within_a_second() -> anyhow:
         || async { Ok(r2.lookup(KEY_A, question.clone()).await?["hit"] == false) },
     )
     .await?;
+    Ok(())
+}
+
+/// The verifier's scores are remembered per (tenant, query, candidate): a question asked again
+/// costs no second call, and another tenant's identical question is scored on its own (so
+/// the time it takes tells nothing about the first tenant's questions).
+#[tokio::test]
+async fn a_question_asked_again_is_scored_once_per_tenant() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (embed_url, _) = start_fake().await?;
+    let (rerank_url, reranker) = start_reranker().await?;
+    let setup = Setup {
+        embedder: Some(format!(
+            "provider = \"openai\"\nmodel = \"fake-embed\"\ndimension = {DIM}\nendpoint = \"{embed_url}\"\napi_key_file = \"{}\"\n",
+            key_file(dir.path())?.display()
+        )),
+        min_similarity: Some(0.5),
+        extra: format!(
+            "verifier = \"rr\"\n\n[verifiers.rr]\nprovider = \"rerank\"\nendpoint = \"{rerank_url}\"\nmodel = \"fake-rerank\"\napi_key_file = \"{}\"\n",
+            rerank_key_file(dir.path())?.display()
+        ),
+        ..Setup::default()
+    };
+    let s = Server::start(dir.path(), &setup).await?;
+    for key in [KEY_A, KEY_B] {
+        for (prompt, said) in [
+            ("How do I reset my password?", "Use the reset link."),
+            ("How do I reset my router?", "Hold the button."),
+        ] {
+            s.store(key, json!({"prompt": prompt, "response": answer(said)}))
+                .await?;
+        }
+    }
+    let calls = || reranker.requests.lock().len();
+    let asked = [
+        ("How can I reset my password?", true),
+        ("Please, how do I reset my router?", true),
+        ("How can I reset my modem?", false),
+    ];
+    let mut first = Vec::new();
+    for (prompt, hit) in asked {
+        let v = s.lookup(KEY_A, json!({"prompt": prompt})).await?;
+        assert_eq!(v["hit"].as_bool(), Some(hit), "{prompt}: {v}");
+        first.push(v["verifier"]["score"].clone());
+    }
+    let after_first = calls();
+    assert!(after_first >= asked.len(), "{after_first} calls");
+    for round in 0..5 {
+        for ((prompt, hit), score) in asked.iter().zip(&first) {
+            let v = s.lookup(KEY_A, json!({"prompt": prompt})).await?;
+            assert_eq!(
+                (v["hit"].as_bool(), &v["verifier"]["score"]),
+                (Some(*hit), score),
+                "round {round}, {prompt}: the same verdict as the first time: {v}"
+            );
+        }
+    }
+    assert_eq!(
+        calls(),
+        after_first,
+        "a question asked again is not scored again"
+    );
+    for (prompt, hit) in asked {
+        let v = s.lookup(KEY_B, json!({"prompt": prompt})).await?;
+        assert_eq!(v["hit"].as_bool(), Some(hit), "{prompt}: {v}");
+    }
+    assert_eq!(
+        calls(),
+        2 * after_first,
+        "another tenant's identical questions are scored for it"
+    );
+    let m = s.metrics().await?;
+    let remembered = metric_sum(
+        &m,
+        "semantis_verifier_cache_requests_total",
+        &[("verifier", "rr"), ("result", "hit")],
+    );
+    assert!(remembered >= 15.0, "{remembered} remembered scores");
     Ok(())
 }
