@@ -82,9 +82,10 @@ impl CachedVerifier {
             let todo: Vec<String> = missing.iter().map(|&i| candidates[i].clone()).collect();
             let fresh = self.inner.score(query, &todo).await?;
             if fresh.len() != todo.len() {
-                // The caller sees the mismatch and treats the verifier as unavailable;
-                // nothing of it is remembered.
-                return Ok(fresh);
+                return Err(VerifyError::Protocol {
+                    provider: self.inner.provider(),
+                    reason: format!("{} scores for {} candidates", fresh.len(), todo.len()),
+                });
             }
             for (&i, score) in missing.iter().zip(fresh) {
                 if score.is_finite() {
@@ -114,5 +115,72 @@ impl Verifier for CachedVerifier {
 
     fn provider(&self) -> &'static str {
         self.inner.provider()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parking_lot::Mutex;
+
+    /// Scores a text by its length and remembers what it was asked.
+    struct Counting {
+        asked: Mutex<Vec<Vec<String>>>,
+    }
+
+    #[async_trait]
+    impl Verifier for Counting {
+        async fn score(
+            &self,
+            _query: &str,
+            candidates: &[String],
+        ) -> Result<Vec<f32>, VerifyError> {
+            self.asked.lock().push(candidates.to_vec());
+            Ok(candidates.iter().map(|c| c.len() as f32 / 10.0).collect())
+        }
+
+        fn provider(&self) -> &'static str {
+            "counting"
+        }
+    }
+
+    fn texts(t: &[&str]) -> Vec<String> {
+        t.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[tokio::test]
+    async fn only_unscored_candidates_reach_the_verifier_and_scores_keep_their_order()
+    -> anyhow::Result<()> {
+        let inner = Arc::new(Counting {
+            asked: Mutex::new(Vec::new()),
+        });
+        let cached = CachedVerifier::new("c", inner.clone(), 100, Arc::new(Metrics::new()?));
+        let first = cached.score_for("t", "q", &texts(&["a", "bb"])).await?;
+        assert_eq!(first, vec![0.1, 0.2]);
+        let second = cached
+            .score_for("t", "q", &texts(&["ccc", "a", "bb", "dddd"]))
+            .await?;
+        assert_eq!(second, vec![0.3, 0.1, 0.2, 0.4]);
+        // Another query, another tenant: scored again.
+        cached.score_for("t", "q2", &texts(&["a"])).await?;
+        cached.score_for("u", "q", &texts(&["a"])).await?;
+        assert_eq!(
+            *inner.asked.lock(),
+            vec![
+                texts(&["a", "bb"]),
+                texts(&["ccc", "dddd"]),
+                texts(&["a"]),
+                texts(&["a"])
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn keys_of_different_triples_differ() {
+        let k = CachedVerifier::key;
+        assert_ne!(k("t", "ab", "c"), k("t", "a", "bc"));
+        assert_ne!(k("t1", "a", "b"), k("t", "1a", "b"));
+        assert_ne!(k("", "a", "b"), k("a", "", "b"));
     }
 }

@@ -43,6 +43,8 @@ struct Load {
     /// (prompt, response tag) of every acknowledged store.
     stored: Mutex<Vec<(String, String)>>,
     lookups: Mutex<(u64, u64)>,
+    /// The answers of lookups that missed, to say why.
+    misses: Mutex<Vec<Value>>,
 }
 
 async fn drive(load: Arc<Load>, stop: Arc<AtomicBool>, seeded: usize) {
@@ -85,6 +87,9 @@ async fn drive(load: Arc<Load>, stop: Arc<AtomicBool>, seeded: usize) {
                 Ok(r) if r.status().is_success() => {
                     let v: Value = r.json().await.unwrap_or_default();
                     let hit = v["hit"].as_bool() == Some(true);
+                    if !hit {
+                        load.misses.lock().push(v);
+                    }
                     let mut l = load.lookups.lock();
                     l.0 += 1;
                     l.1 += u64::from(hit);
@@ -234,8 +239,10 @@ async fn a_model_change_under_load_loses_nothing_and_fails_nothing() -> anyhow::
     assert!(failures.is_empty(), "failed requests: {failures:?}");
     let (lookups, hits) = *load.lookups.lock();
     assert_eq!(
-        hits, lookups,
-        "every lookup of a seeded prompt hits, through both switches"
+        hits,
+        lookups,
+        "every lookup of a seeded prompt hits, through both switches; the misses: {:?}",
+        load.misses.lock()
     );
     let v = new
         .lookup(KEY_A, json!({"prompt": "nothing like anything stored"}))
