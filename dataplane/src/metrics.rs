@@ -17,6 +17,7 @@ pub struct Metrics {
     pub resident_entries: IntGaugeVec,
     pub resident_pending: IntGaugeVec,
     pub resident_elsewhere: IntGaugeVec,
+    pub store_unindexed_rows: IntGaugeVec,
     pub embedder_circuit_open: IntGaugeVec,
     pub verifier_circuit_open: IntGaugeVec,
     pub embed_cache: IntCounterVec,
@@ -82,6 +83,14 @@ impl Metrics {
             &["tenant"],
         )?;
         r.register(Box::new(resident_elsewhere.clone()))?;
+        let store_unindexed_rows = IntGaugeVec::new(
+            Opts::new(
+                "semantis_store_unindexed_rows",
+                "Table rows an index does not cover yet (index: id, vector), as the last maintenance pass saw them: reads through that index scan them.",
+            ),
+            &["tenant", "index"],
+        )?;
+        r.register(Box::new(store_unindexed_rows.clone()))?;
         let circuit = IntGaugeVec::new(
             Opts::new(
                 "semantis_embedder_circuit_open",
@@ -129,6 +138,7 @@ impl Metrics {
             resident_entries,
             resident_pending,
             resident_elsewhere,
+            store_unindexed_rows,
             embedder_circuit_open: circuit,
             verifier_circuit_open: verifier_circuit,
             embed_cache: counter(

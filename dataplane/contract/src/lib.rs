@@ -274,6 +274,9 @@ pub struct StorageConfig {
     pub index_min_rows: usize,
     /// Re-index once this many rows are not yet covered by the ANN index.
     pub index_max_unindexed_rows: usize,
+    /// Bring the indexes up to date once this many rows are not covered by the B-tree index
+    /// on `id`: a read by id (a hit on an answer kept on disk, a delete) scans them.
+    pub id_index_max_unindexed_rows: usize,
     /// Delete LanceDB table versions older than this, in seconds.
     pub prune_older_than_secs: u64,
     /// How often the background maintainer looks at each table, in milliseconds.
@@ -302,6 +305,7 @@ impl Default for StorageConfig {
             compact_min_fragments: 32,
             index_min_rows: 50_000,
             index_max_unindexed_rows: 20_000,
+            id_index_max_unindexed_rows: 1_000,
             prune_older_than_secs: 600,
             maintenance_interval_ms: 10_000,
             retired_grace_secs: 3600,

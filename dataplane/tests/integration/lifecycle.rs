@@ -336,6 +336,78 @@ async fn flushed_entries_and_the_ann_index_keep_serving() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// A hit on an answer kept on disk reads its entry by id through the table's B-tree index on
+/// `id`, and scans the rows the index does not cover. Maintenance keeps that index up to date
+/// between compactions (it used to wait for one), and `semantis_store_unindexed_rows` says
+/// how much of the table a read by id would scan.
+#[tokio::test]
+async fn the_id_index_keeps_up_between_compactions() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let setup = Setup {
+        dimension: 16,
+        flush_max_rows: 50,
+        // Every answer on disk: each hit is a read by id.
+        storage_extra: "resident_response_max_bytes = 0\nid_index_max_unindexed_rows = 100".into(),
+        ..Setup::default()
+    };
+    let s = Server::start(dir.path(), &setup).await?;
+    // No compaction during the test: only the new rule may refresh the index.
+    let cfg = std::fs::read_to_string(&s.config_path)?.replace(
+        "compact_min_fragments = 4",
+        "compact_min_fragments = 100000",
+    );
+    std::fs::write(&s.config_path, cfg)?;
+    let s = s.restart().await?;
+    let vector = |i: u64| scattered(16, i);
+    let n = 600u64;
+    for i in 0..n {
+        s.store(KEY_A, json!({"prompt": format!("by id {i}"), "vector": vector(i), "response": answer(&format!("answer {i}"))}))
+            .await?;
+    }
+    let unindexed = |m: &str| {
+        metric_sum(
+            m,
+            "semantis_store_unindexed_rows",
+            &[("tenant", "team-a"), ("index", "id")],
+        )
+    };
+    s.eventually(
+        "every entry flushed and the id index within 100 rows of the table",
+        Duration::from_secs(60),
+        || async {
+            let m = s.metrics().await?;
+            let flushed = metric_sum(
+                &m,
+                "semantis_store_flushed_entries_total",
+                &[("tenant", "team-a")],
+            );
+            Ok(flushed >= n as f64
+                && m.contains("semantis_store_unindexed_rows{")
+                && unindexed(&m) < 100.0)
+        },
+    )
+    .await?;
+    let m = s.metrics().await?;
+    assert_eq!(
+        metric_sum(
+            &m,
+            "semantis_store_compaction_duration_seconds_count",
+            &[("tenant", "team-a")]
+        ),
+        0.0,
+        "no compaction refreshed it"
+    );
+    for i in (0..n).step_by(20) {
+        let v = s.lookup(KEY_A, json!({"vector": vector(i)})).await?;
+        assert_eq!(
+            v["response"],
+            answer(&format!("answer {i}")),
+            "entry {i}: {v}"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_local_model_matches_paraphrases_and_rejects_other_questions() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

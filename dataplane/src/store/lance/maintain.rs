@@ -1,5 +1,6 @@
-//! Background table upkeep, driven by row and flush counts: scalar indexes once rows exist,
-//! compaction and version pruning every `compact_min_fragments` flushes, the ANN index once
+//! Background table upkeep, driven by row and flush counts: scalar indexes once rows exist
+//! and their refresh once `id_index_max_unindexed_rows` rows are uncovered, compaction and
+//! version pruning every `compact_min_fragments` flushes, the ANN index once
 //! `index_min_rows` rows exist and its refresh once too many rows are unindexed.
 
 use std::sync::atomic::Ordering;
@@ -29,6 +30,25 @@ impl LanceEntryStore {
             // Scalar indexes cover new fragments after an index optimise.
             self.table.update_indexes().await?;
         }
+        // A hit on an answer kept on disk reads its entry by id, which scans whatever the
+        // B-tree index does not cover: keep the B-trees nearly whole between compactions.
+        let unindexed_ids = if self.has_scalar_indexes.load(Ordering::Relaxed) {
+            self.table.unindexed_ids().await?
+        } else {
+            None
+        };
+        let refreshed = unindexed_ids.is_some_and(|n| n >= self.cfg.id_index_max_unindexed_rows);
+        if refreshed {
+            self.table.update_scalar_indexes().await?;
+        }
+        self.report_unindexed(
+            "id",
+            if refreshed {
+                self.table.unindexed_ids().await?
+            } else {
+                unindexed_ids
+            },
+        );
         if !self.has_vector_index.load(Ordering::Relaxed) && rows >= self.cfg.index_min_rows {
             let started = Instant::now();
             self.table.create_vector_index(rows).await?;
@@ -46,6 +66,18 @@ impl LanceEntryStore {
         {
             self.table.update_indexes().await?;
         }
+        if self.has_vector_index.load(Ordering::Relaxed) {
+            self.report_unindexed("vector", self.table.unindexed_rows().await?);
+        }
         Ok(())
+    }
+
+    fn report_unindexed(&self, index: &str, rows: Option<usize>) {
+        if let Some(rows) = rows {
+            self.metrics
+                .store_unindexed_rows
+                .with_label_values(&[&self.tenant, index])
+                .set(i64::try_from(rows).unwrap_or(i64::MAX));
+        }
     }
 }

@@ -276,7 +276,8 @@ impl LanceEntryStore {
         if !rest.is_empty() {
             let rows = self
                 .table
-                .entries(self.visible(sql::ids_in(&rest)), None)
+                // Ids are unique: the scan stops once every one is found.
+                .entries(self.visible(sql::ids_in(&rest)), Some(rest.len()))
                 .await?;
             found.extend(rows.into_iter().map(|e| (e.id.clone(), Arc::new(e))));
         }

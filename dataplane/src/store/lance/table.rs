@@ -22,6 +22,10 @@ use crate::store::BackendError;
 
 /// The ANN index's name.
 const VECTOR_INDEX: &str = "vector_idx";
+/// The columns with a B-tree index (lookups and deletes filter on them); LanceDB names each
+/// index `<column>_idx`.
+const SCALAR_COLUMNS: [&str; 3] = ["exact_key", "id", "scope"];
+const ID_INDEX: &str = "id_idx";
 /// Deletes and lookups by id go in chunks of this many ids (one SQL predicate each).
 const ID_CHUNK: usize = 512;
 
@@ -408,11 +412,33 @@ impl Table {
         Ok(())
     }
 
+    /// Bring the B-tree indexes up to date, leaving the ANN index to its own schedule (its
+    /// update costs far more).
+    pub async fn update_scalar_indexes(&self) -> Result<(), BackendError> {
+        let options = OptimizeOptions::new()
+            .index_names(SCALAR_COLUMNS.iter().map(|c| format!("{c}_idx")).collect());
+        self.inner
+            .optimize(OptimizeAction::Index(options))
+            .await
+            .map_err(self.err("update the scalar indexes of"))?;
+        Ok(())
+    }
+
     /// Rows the ANN index does not cover yet (`None` without one).
     pub async fn unindexed_rows(&self) -> Result<Option<usize>, BackendError> {
+        self.unindexed_rows_of(VECTOR_INDEX).await
+    }
+
+    /// Rows the B-tree index on `id` does not cover yet (`None` without one): a read by id
+    /// scans them.
+    pub async fn unindexed_ids(&self) -> Result<Option<usize>, BackendError> {
+        self.unindexed_rows_of(ID_INDEX).await
+    }
+
+    async fn unindexed_rows_of(&self, index: &str) -> Result<Option<usize>, BackendError> {
         let stats = self
             .inner
-            .index_stats(VECTOR_INDEX)
+            .index_stats(index)
             .await
             .map_err(self.err("read index statistics of"))?;
         Ok(stats.map(|s| s.num_unindexed_rows))
@@ -420,7 +446,7 @@ impl Table {
 
     /// B-tree indexes on the columns lookups and deletes filter on.
     pub async fn create_scalar_indexes(&self) -> Result<(), BackendError> {
-        for column in ["exact_key", "id", "scope"] {
+        for column in SCALAR_COLUMNS {
             self.inner
                 .create_index(&[column], Index::BTree(BTreeIndexBuilder::default()))
                 .replace(true)
