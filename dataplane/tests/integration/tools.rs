@@ -258,3 +258,45 @@ fn eval_reports_the_quality_curve_as_table_csv_and_png() -> anyhow::Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("line 2"));
     Ok(())
 }
+
+/// A pidfile outlives its process when the machine is killed mid-run (CI does that). Its pid
+/// may since belong to anything; scripts/services.sh once killed whatever held it, its own
+/// run included. Starting over a stale pidfile must leave that process alone, stop, start
+/// again and answer.
+#[test]
+fn services_never_stop_a_process_a_stale_pidfile_names() -> anyhow::Result<()> {
+    use crate::harness::services;
+    let name = "stale-pidfile";
+    services(&["stop-redis", name])?;
+    let root = std::env::var("SEMANTIS_SERVICES_DIR")
+        .unwrap_or_else(|_| "/tmp/semantis-services".to_owned());
+    let dir = std::path::Path::new(&root).join(format!("redis-{name}"));
+    std::fs::create_dir_all(&dir)?;
+    // An unrelated process, and a dead Redis's pidfile that now names it.
+    let mut bystander = Command::new("sleep").arg("60").spawn()?;
+    std::fs::write(dir.join("redis.pid"), format!("{}\n", bystander.id()))?;
+    let url = services(&["redis", name]);
+    let alive = bystander.try_wait()?.is_none();
+    bystander.kill()?;
+    bystander.wait()?;
+    let url = url?;
+    assert!(
+        alive,
+        "starting Redis `{name}` killed the process its stale pidfile named"
+    );
+    let pong = Command::new("redis-cli")
+        .args(["-u", &url, "ping"])
+        .output()?;
+    assert_eq!(String::from_utf8_lossy(&pong.stdout).trim(), "PONG");
+    // Stopping goes by the live Redis, not by a pid that may be someone else's.
+    services(&["stop-redis", name])?;
+    let pong = Command::new("redis-cli")
+        .args(["-u", &url, "ping"])
+        .output()?;
+    assert_ne!(
+        String::from_utf8_lossy(&pong.stdout).trim(),
+        "PONG",
+        "{url} still answers"
+    );
+    Ok(())
+}
