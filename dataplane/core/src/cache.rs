@@ -682,12 +682,15 @@ impl Cache {
             if batch.is_empty() || outcome.hit.is_some() {
                 continue;
             }
-            let texts: Vec<String> = batch
+            let prompts: Vec<&str> = batch
                 .iter()
-                .map(|&i| outcome.considered[i].entry.prompt.clone())
+                .map(|&i| outcome.considered[i].entry.prompt.as_str())
                 .collect();
+            // Past the sentences they all share: where a paraphrase and another question differ.
+            let at = verify::shared_context(prompt, &prompts);
+            let texts: Vec<String> = prompts.iter().map(|p| p[at..].to_owned()).collect();
             let scores = match self
-                .score_within(&tenant.name, v, prompt, &texts, deadline)
+                .score_within(&tenant.name, v, &prompt[at..], &texts, deadline)
                 .await
             {
                 Ok(scores) => scores,

@@ -101,6 +101,43 @@ pub fn numbers(text: &str) -> Vec<String> {
     out
 }
 
+/// Where the verifier starts reading a query and its candidates: past the leading sentences
+/// they all share word for word (a system prompt, a preamble), cut at a line or sentence
+/// end, so what it reads is where they differ. A cross-encoder reads a pair only up to its
+/// token limit, from the start: two long prompts that share a preamble would show it the
+/// preamble twice and little of the questions, and cost it hundreds of tokens. Identical
+/// leading sentences cannot tell a paraphrase from another question; the rest can. Never cuts
+/// so far that the query or a candidate has nothing left to read. A byte offset, on a char
+/// boundary, valid in the query and every candidate.
+pub fn shared_context(query: &str, candidates: &[&str]) -> usize {
+    if candidates.is_empty() {
+        return 0;
+    }
+    let common = candidates.iter().fold(query.len(), |n, c| {
+        n.min(
+            query
+                .bytes()
+                .zip(c.bytes())
+                .take_while(|(a, b)| a == b)
+                .count(),
+        )
+    });
+    let shared = &query.as_bytes()[..common];
+    // Offsets just past a line end, or past a sentence end (or a label's colon) and white space.
+    let mut cuts: Vec<usize> = (1..=common)
+        .filter(|&i| match shared[i - 1] {
+            b'\n' => true,
+            b' ' | b'\t' | b'\r' => i >= 2 && matches!(shared[i - 2], b'.' | b'?' | b'!' | b':'),
+            _ => false,
+        })
+        .collect();
+    cuts.reverse();
+    let has_rest = |text: &str, at: usize| text.get(at..).is_some_and(|r| !r.trim().is_empty());
+    cuts.into_iter()
+        .find(|&at| has_rest(query, at) && candidates.iter().all(|c| has_rest(c, at)))
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,5 +196,39 @@ mod tests {
         // White space past the window is folded like the exact path's.
         let spaced = "shared preamble.   Question:  how do I sort a list? ";
         assert_eq!(check(read(a), read(spaced)), None);
+    }
+
+    #[test]
+    fn the_verifier_reads_past_a_shared_preamble() {
+        let system = "You are a helpful assistant. Answer briefly.\nUser: ";
+        let q = format!("{system}How can I reset my password?");
+        let c = format!("{system}How do I reset my password?");
+        let at = shared_context(&q, &[&c]);
+        // A label ending in a colon is cut like a sentence.
+        assert_eq!(&q[at..], "How can I reset my password?");
+        assert_eq!(&c[at..], "How do I reset my password?");
+        // Sentences count too, and every candidate must share what is cut.
+        let d = "You are a helpful assistant. Answer in French.\nUser: Bonjour?";
+        assert_eq!(
+            &q[shared_context(&q, &[&c, d])..],
+            "Answer briefly.\nUser: How can I reset my password?"
+        );
+        // Within a sentence nothing is cut: the shared words are part of the question.
+        assert_eq!(
+            shared_context("How do I learn Java?", &["How do I learn Rust?"]),
+            0
+        );
+        // Nothing left to read on one side: cut less.
+        assert_eq!(
+            shared_context("Hello.\nBye.", &["Hello.\nBye.\nAnd more."]),
+            "Hello.\n".len()
+        );
+        assert_eq!(shared_context("Hello.", &["Hello. World."]), 0);
+        // Multi-byte text is cut on a char boundary.
+        let e = "Grüße! Wie geht's?";
+        let f = "Grüße! Wie geht es dir?";
+        let at = shared_context(e, &[f]);
+        assert_eq!((&e[at..], &f[at..]), ("Wie geht's?", "Wie geht es dir?"));
+        assert_eq!(shared_context("", &[]), 0);
     }
 }

@@ -866,6 +866,69 @@ async fn a_full_disk_fails_stores_cleanly_and_loses_no_acknowledged_one() -> any
     Ok(())
 }
 
+/// Chat prompts carry the same system prompt before each question. The verifier reads a pair
+/// from its start up to its token limit, so before it read mostly the shared preamble, turned
+/// a paraphrase away (score 0.25) and spent about 180 ms of its budget doing it. It now reads
+/// past the sentences the two share: the paraphrase hits, another question still misses.
+#[tokio::test]
+async fn a_shared_system_prompt_neither_hides_a_paraphrase_nor_lets_another_question_through()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let setup = Setup {
+        local_model: true,
+        min_similarity: None,
+        ..Setup::default()
+    };
+    let s = Server::start(dir.path(), &setup).await?;
+    let system = "You are a helpful assistant for Acme Corporation. Answer questions about our \
+        products, billing, shipping and returns politely and concisely. Always cite the relevant \
+        policy section when you can, never invent order numbers, and escalate to a human agent \
+        if the customer is angry or asks for a refund over the allowed amount. Our store ships \
+        to the United States, Canada and most of Europe. Business hours are Monday to Friday. \
+        Keep answers short and friendly, and use bullet points when listing steps.\nUser: ";
+    for q in [
+        "How do I reset my password?",
+        "How do I cancel my subscription?",
+    ] {
+        s.store(
+            KEY_A,
+            json!({"prompt": format!("{system}{q}"), "response": answer(q)}),
+        )
+        .await?;
+    }
+    for (q, served) in [
+        (
+            "How can I reset my password?",
+            Some("How do I reset my password?"),
+        ),
+        (
+            "What should I do to reset my password?",
+            Some("How do I reset my password?"),
+        ),
+        (
+            "How can I cancel my subscription?",
+            Some("How do I cancel my subscription?"),
+        ),
+        ("What is your refund policy?", None),
+        ("How do I change my shipping address?", None),
+    ] {
+        let v = s
+            .lookup(KEY_A, json!({"prompt": format!("{system}{q}")}))
+            .await?;
+        match served {
+            Some(a) => {
+                assert_eq!(v["response"], answer(a), "{q}: {v}");
+                assert_eq!(v["verifier"]["outcome"], "accepted", "{q}: {v}");
+            }
+            None => assert_eq!(
+                v["hit"], false,
+                "{q} was served another question's answer: {v}"
+            ),
+        }
+    }
+    Ok(())
+}
+
 /// The local model reads 256 tokens. Two 2,000-token prompts sharing all but their last
 /// question embed to the same vector (similarity ≈ 1.0); before, the second was answered with
 /// the first's response. So were "17 times 24" with "17 times 23"'s.
