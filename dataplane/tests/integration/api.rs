@@ -808,13 +808,18 @@ async fn large_answers_stay_on_disk_and_are_served_whole_on_both_paths() -> anyh
             .await?,
         );
     }
-    async fn served_whole(s: &Server, id: &str, i: usize, want: Value) -> anyhow::Result<()> {
+    /// Entry `i` looked up by its prompt (exact) and by its vector (semantic).
+    async fn both_paths(s: &Server, i: usize) -> anyhow::Result<(Value, Value)> {
         let exact = s
             .lookup(KEY_A, json!({"prompt": format!("answer {i}")}))
             .await?;
         let semantic = s
             .lookup(KEY_A, json!({"vector": scattered(8, i as u64)}))
             .await?;
+        Ok((exact, semantic))
+    }
+    async fn served_whole(s: &Server, id: &str, i: usize, want: Value) -> anyhow::Result<()> {
+        let (exact, semantic) = both_paths(s, i).await?;
         for v in [&exact, &semantic] {
             anyhow::ensure!(v["entry_id"] == id, "answer {i}: {v}");
             anyhow::ensure!(v["response"] == want, "answer {i} was not served whole");
@@ -860,12 +865,7 @@ async fn large_answers_stay_on_disk_and_are_served_whole_on_both_paths() -> anyh
         served_whole(&s, id, i, answer(&body(i))).await?;
     }
     for i in [0usize, 1, 2] {
-        let exact = s
-            .lookup(KEY_A, json!({"prompt": format!("answer {i}")}))
-            .await?;
-        let semantic = s
-            .lookup(KEY_A, json!({"vector": scattered(8, i as u64)}))
-            .await?;
+        let (exact, semantic) = both_paths(&s, i).await?;
         assert_eq!(exact["hit"], false, "{exact}");
         assert_ne!(semantic["entry_id"], ids[i].as_str(), "{semantic}");
     }

@@ -257,6 +257,15 @@ impl Server {
         Self::launch(config_path, data_dir, port, metrics_port).await
     }
 
+    /// Start again with `from` replaced by `to` in the config (a setting `Setup` does not
+    /// offer), on the same data.
+    pub async fn restart_with(self, from: &str, to: &str) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(&self.config_path)?;
+        anyhow::ensure!(text.contains(from), "the config has no `{from}`");
+        std::fs::write(&self.config_path, text.replace(from, to))?;
+        self.restart().await
+    }
+
     /// Start again on the same config and data (after a stop or a kill).
     pub async fn restart(mut self) -> anyhow::Result<Self> {
         self.kill_hard();

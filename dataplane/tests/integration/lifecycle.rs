@@ -297,13 +297,13 @@ async fn flushed_entries_and_the_ann_index_keep_serving() -> anyhow::Result<()> 
         ..Setup::default()
     };
     // Build the ANN index once 400 rows are in the table.
-    let s = Server::start(dir.path(), &setup).await?;
-    let cfg = std::fs::read_to_string(&s.config_path)?.replace(
-        "compact_min_fragments = 4",
-        "compact_min_fragments = 4\nindex_min_rows = 400",
-    );
-    std::fs::write(&s.config_path, cfg)?;
-    let s = s.restart().await?;
+    let s = Server::start(dir.path(), &setup)
+        .await?
+        .restart_with(
+            "compact_min_fragments = 4",
+            "compact_min_fragments = 4\nindex_min_rows = 400",
+        )
+        .await?;
     let vector = |i: u64| scattered(16, i);
     for i in 0..500u64 {
         s.store(KEY_A, json!({"prompt": format!("ann {i}"), "vector": vector(i), "response": answer(&i.to_string())}))
@@ -350,14 +350,14 @@ async fn the_id_index_keeps_up_between_compactions() -> anyhow::Result<()> {
         storage_extra: "resident_response_max_bytes = 0\nid_index_max_unindexed_rows = 100".into(),
         ..Setup::default()
     };
-    let s = Server::start(dir.path(), &setup).await?;
     // No compaction during the test: only the new rule may refresh the index.
-    let cfg = std::fs::read_to_string(&s.config_path)?.replace(
-        "compact_min_fragments = 4",
-        "compact_min_fragments = 100000",
-    );
-    std::fs::write(&s.config_path, cfg)?;
-    let s = s.restart().await?;
+    let s = Server::start(dir.path(), &setup)
+        .await?
+        .restart_with(
+            "compact_min_fragments = 4",
+            "compact_min_fragments = 100000",
+        )
+        .await?;
     let vector = |i: u64| scattered(16, i);
     let n = 600u64;
     for i in 0..n {
