@@ -7,6 +7,10 @@
 //!   (after white-space folding), or the candidate is not a hit.
 //! - **Numbers**: "What is 17 times 23?" and "…24?" are near-identical vectors. The numbers
 //!   of the two prompts must be the same, as a multiset.
+//! - **Opposites**: "enable" on one side and "disable" on the other (a short list of such
+//!   pairs, [`OPPOSITES`]) make another question, however close the vectors.
+//! - **Direction**: the same words with two swapped across "to", "into", "from" or "than"
+//!   ("Celsius to Fahrenheit" / "Fahrenheit to Celsius") ask the opposite.
 
 use crate::scope::normalize_prompt;
 
@@ -17,6 +21,11 @@ pub enum Rejection {
     BeyondWindow,
     /// The prompts hold different numbers.
     Numbers,
+    /// One prompt holds a word and the other its opposite ("enable" / "disable").
+    Opposite,
+    /// The same words, two of them swapped across a word that gives a direction
+    /// ("Celsius to Fahrenheit" / "Fahrenheit to Celsius").
+    Direction,
 }
 
 impl Rejection {
@@ -25,6 +34,8 @@ impl Rejection {
         match self {
             Self::BeyondWindow => "beyond_window",
             Self::Numbers => "numbers",
+            Self::Opposite => "opposite",
+            Self::Direction => "direction",
         }
     }
 }
@@ -56,7 +67,135 @@ pub fn check(query: Read<'_>, candidate: Read<'_>) -> Option<Rejection> {
     if numbers(query.prompt) != numbers(candidate.prompt) {
         return Some(Rejection::Numbers);
     }
+    let (q, c) = (words(query.prompt), words(candidate.prompt));
+    if opposite(&q, &c) {
+        return Some(Rejection::Opposite);
+    }
+    if swapped_direction(&q, &c) {
+        return Some(Rejection::Direction);
+    }
     None
+}
+
+/// The words of `text`, lower-cased: runs of letters and digits.
+fn words(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// Words whose opposite turns a question into another one. Embeddings put such pairs close
+/// together, and the local verifier, trained on Quora's questions, accepted "How do I disable
+/// two-factor authentication?" for "…enable…" (score 0.78). Both forms of each pair are
+/// listed; a prompt that holds both words of a pair says nothing by it.
+const OPPOSITES: [(&str, &str); 48] = [
+    ("enable", "disable"),
+    ("enabled", "disabled"),
+    ("enabling", "disabling"),
+    ("install", "uninstall"),
+    ("installed", "uninstalled"),
+    ("installing", "uninstalling"),
+    ("safe", "unsafe"),
+    ("before", "after"),
+    ("within", "after"),
+    ("increase", "decrease"),
+    ("increasing", "decreasing"),
+    ("add", "remove"),
+    ("adding", "removing"),
+    ("on", "off"),
+    ("import", "export"),
+    ("upload", "download"),
+    ("uploading", "downloading"),
+    ("start", "stop"),
+    ("lock", "unlock"),
+    ("show", "hide"),
+    ("allow", "block"),
+    ("allow", "deny"),
+    ("encrypt", "decrypt"),
+    ("encryption", "decryption"),
+    ("connect", "disconnect"),
+    ("subscribe", "unsubscribe"),
+    ("follow", "unfollow"),
+    ("block", "unblock"),
+    ("mute", "unmute"),
+    ("open", "close"),
+    ("buy", "sell"),
+    ("win", "lose"),
+    ("min", "max"),
+    ("minimum", "maximum"),
+    ("minimize", "maximize"),
+    ("upgrade", "downgrade"),
+    ("compress", "decompress"),
+    ("zip", "unzip"),
+    ("legal", "illegal"),
+    ("possible", "impossible"),
+    ("true", "false"),
+    ("positive", "negative"),
+    ("advantages", "disadvantages"),
+    ("with", "without"),
+    ("above", "below"),
+    ("best", "worst"),
+    ("increase", "reduce"),
+    ("encode", "decode"),
+];
+
+/// Whether one side holds a word of a pair without its opposite, and the other side the
+/// opposite without the word.
+fn opposite(q: &[String], c: &[String]) -> bool {
+    let has = |ws: &[String], w: &str| ws.iter().any(|x| x == w);
+    OPPOSITES.iter().any(|&(a, b)| {
+        let one_way =
+            |x: &[String], y: &[String]| has(x, a) && !has(x, b) && has(y, b) && !has(y, a);
+        one_way(q, c) || one_way(c, q)
+    })
+}
+
+/// Words that give what follows them a direction: "A to B" is not "B to A".
+const DIRECTION_WORDS: [&str; 4] = ["to", "into", "from", "than"];
+
+/// Longer prompts are left to the verifier: the check compares every pair of words.
+const DIRECTION_MAX_WORDS: usize = 64;
+
+/// Whether the two prompts hold the same words, two of which (each once on both sides) stand
+/// in the opposite order with a direction word between them on one side: "convert Celsius to
+/// Fahrenheit" / "convert Fahrenheit to Celsius", "is Rust faster than Go" / "is Go faster
+/// than Rust". "between A and B" / "between B and A" passes: "and" gives no direction.
+fn swapped_direction(q: &[String], c: &[String]) -> bool {
+    if q == c || q.len() != c.len() || q.len() > DIRECTION_MAX_WORDS {
+        return false;
+    }
+    let (mut qs, mut cs) = (q.to_vec(), c.to_vec());
+    qs.sort();
+    cs.sort();
+    if qs != cs {
+        return false;
+    }
+    let once = |ws: &[String], w: &String| ws.iter().filter(|x| *x == w).count() == 1;
+    let position = |ws: &[String], w: &String| ws.iter().position(|x| x == w);
+    let directed = |ws: &[String], from: usize, to: usize| {
+        ws[from.min(to) + 1..from.max(to)]
+            .iter()
+            .any(|w| DIRECTION_WORDS.contains(&w.as_str()))
+    };
+    for (i, a) in q.iter().enumerate() {
+        if DIRECTION_WORDS.contains(&a.as_str()) || !once(q, a) || !once(c, a) {
+            continue;
+        }
+        for b in &q[i + 1..] {
+            if b == a || DIRECTION_WORDS.contains(&b.as_str()) || !once(q, b) || !once(c, b) {
+                continue;
+            }
+            let (Some(qb), Some(ca), Some(cb)) = (position(q, b), position(c, a), position(c, b))
+            else {
+                continue;
+            };
+            if ca > cb && (directed(q, i, qb) || directed(c, ca, cb)) {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 /// The numbers in `text`, sorted: runs of digits with their decimal separators (`1,000`,
@@ -230,5 +369,68 @@ mod tests {
         let at = shared_context(e, &[f]);
         assert_eq!((&e[at..], &f[at..]), ("Wie geht's?", "Wie geht es dir?"));
         assert_eq!(shared_context("", &[]), 0);
+    }
+
+    #[test]
+    fn opposites_reject_and_shared_or_absent_ones_pass() {
+        let reject = |a, b| check(whole(a), whole(b));
+        assert_eq!(
+            reject(
+                "How do I disable two-factor authentication?",
+                "How do I enable two-factor authentication?"
+            ),
+            Some(Rejection::Opposite)
+        );
+        assert_eq!(
+            reject(
+                "Can I return an item within 30 days?",
+                "Can I return an item after 30 days?"
+            ),
+            Some(Rejection::Opposite)
+        );
+        assert_eq!(
+            reject("Coffee with milk?", "Coffee without milk?"),
+            Some(Rejection::Opposite)
+        );
+        // Both words on one side say nothing; no opposite at all passes.
+        assert_eq!(reject("Turn it off and on again?", "Turn it on?"), None);
+        assert_eq!(
+            reject("How do I learn Rust?", "How can I learn Rust?"),
+            None
+        );
+        // Words, not substrings: "only" is not "on", "disabled" not "enable".
+        assert_eq!(reject("Is it only me?", "Is it off?"), None);
+    }
+
+    #[test]
+    fn a_direction_swapped_rejects_and_a_symmetric_one_passes() {
+        let reject = |a, b| check(whole(a), whole(b));
+        assert_eq!(
+            reject(
+                "How do I convert Fahrenheit to Celsius?",
+                "How do I convert Celsius to Fahrenheit?"
+            ),
+            Some(Rejection::Direction)
+        );
+        assert_eq!(
+            reject("Is Rust faster than Go?", "Is Go faster than Rust?"),
+            Some(Rejection::Direction)
+        );
+        assert_eq!(
+            reject(
+                "What is the difference between Rust and Go?",
+                "What is the difference between Go and Rust?"
+            ),
+            None
+        );
+        // Reordered without a direction word between the swapped words: the verifier decides.
+        assert_eq!(
+            reject("Rust tips for beginners", "beginners tips for Rust"),
+            None
+        );
+        assert_eq!(
+            reject("How do I go to Paris?", "How do I go to Paris?"),
+            None
+        );
     }
 }

@@ -446,19 +446,22 @@ async fn the_local_model_matches_paraphrases_and_rejects_other_questions() -> an
         (Some("local"), Some("accepted")),
         "{v}"
     );
-    // Close vectors (above the unverified default of 0.9), the opposite question: the
-    // verifier says no, so the cake without eggs is not served to the one asking with eggs.
+    // Close vectors (above the unverified default of 0.9), the opposite question: the cake
+    // without eggs is not served to the one asking with eggs. The verifier said no to it
+    // too; the opposite-words check now stops it first, without a model run.
     let v = s
         .lookup(KEY_A, json!({"prompt": "How do I make a cake with eggs?"}))
         .await?;
     assert_eq!(v["hit"], false, "{v}");
     assert!(v["best_similarity"].as_f64().unwrap_or(0.0) > 0.9, "{v}");
+    let m = s.metrics().await?;
     assert_eq!(
-        (
-            v["verifier"]["name"].as_str(),
-            v["verifier"]["outcome"].as_str()
+        metric_sum(
+            &m,
+            "semantis_cache_rejected_candidates_total",
+            &[("tenant", "team-a"), ("reason", "opposite")]
         ),
-        (Some("local"), Some("rejected")),
+        1.0,
         "{v}"
     );
     let v = s
@@ -866,6 +869,65 @@ async fn a_full_disk_fails_stores_cleanly_and_loses_no_acknowledged_one() -> any
     Ok(())
 }
 
+/// Tried as a user would, the local model and its verifier served "How do I enable
+/// two-factor authentication?"'s answer for "…disable…" (cosine 0.88, verifier 0.78), "within
+/// 30 days" for "after 30 days", "unsafe" for "safe" and "Fahrenheit to Celsius" for "Celsius
+/// to Fahrenheit" (0.91). Opposite words and swapped directions now miss before the verifier
+/// is asked; paraphrases still hit.
+#[tokio::test]
+async fn opposites_and_swapped_directions_miss_with_the_local_model() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let setup = Setup {
+        local_model: true,
+        min_similarity: Some(0.85),
+        ..Setup::default()
+    };
+    let s = Server::start(dir.path(), &setup).await?;
+    for q in [
+        "How do I enable two-factor authentication?",
+        "Can I return an item after 30 days?",
+        "Is it safe to eat raw chicken?",
+        "How do I convert Celsius to Fahrenheit?",
+        "How do I sort a list in Python?",
+    ] {
+        s.store(KEY_A, json!({"prompt": q, "response": answer(q)}))
+            .await?;
+    }
+    for (q, reason) in [
+        ("How do I disable two-factor authentication?", "opposite"),
+        ("Can I return an item within 30 days?", "opposite"),
+        ("Is it unsafe to eat raw chicken?", "opposite"),
+        ("How do I convert Fahrenheit to Celsius?", "direction"),
+    ] {
+        let v = s.lookup(KEY_A, json!({"prompt": q})).await?;
+        assert_eq!(
+            v["hit"], false,
+            "{q} was served another question's answer: {v}"
+        );
+        let m = s.metrics().await?;
+        assert!(
+            metric_sum(
+                &m,
+                "semantis_cache_rejected_candidates_total",
+                &[("tenant", "team-a"), ("reason", reason)]
+            ) >= 1.0,
+            "{q}: no `{reason}` rejection counted"
+        );
+    }
+    for q in [
+        "how do i sort a list in python",
+        "What's the way to sort a list in Python?",
+    ] {
+        let v = s.lookup(KEY_A, json!({"prompt": q})).await?;
+        assert_eq!(
+            v["response"],
+            answer("How do I sort a list in Python?"),
+            "{q}: {v}"
+        );
+    }
+    Ok(())
+}
+
 /// Chat prompts carry the same system prompt before each question. The verifier reads a pair
 /// from its start up to its token limit, so before it read mostly the shared preamble, turned
 /// a paraphrase away (score 0.25) and spent about 180 ms of its budget doing it. It now reads
@@ -926,6 +988,15 @@ async fn a_shared_system_prompt_neither_hides_a_paraphrase_nor_lets_another_ques
             ),
         }
     }
+    // Another question behind the same preamble (cosine 0.91) is one the verifier turns away.
+    let m = s.metrics().await?;
+    assert!(
+        metric_sum(
+            &m,
+            "semantis_cache_rejected_candidates_total",
+            &[("tenant", "team-a"), ("reason", "verifier")]
+        ) >= 1.0
+    );
     Ok(())
 }
 
