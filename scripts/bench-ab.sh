@@ -32,6 +32,12 @@ trap '[ -n "$server" ] && kill "$server" 2>/dev/null || true' EXIT
 for bin in "$a" "$b" "$a" "$b"; do
   data="/tmp/semantis-ab-$(basename "$bin")"
   rm -rf "$data" "$data.log"
+  # A server left on this port would answer the readiness wait below and be measured
+  # instead of the one started here.
+  if curl -sf "$url/readyz" >/dev/null 2>&1; then
+    echo "something already answers on $url: stop it first" >&2
+    exit 1
+  fi
   SEMANTIS_STORAGE__DATA_DIR="$data" taskset -c 0 "$bin" serve --config dataplane/examples/bench.toml 2>>"$data.log" &
   server=$!
   until curl -sf "$url/readyz" >/dev/null; do

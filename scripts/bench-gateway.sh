@@ -27,6 +27,12 @@ taskset -c 1 "$bin" fake-openai --listen 127.0.0.1:8092 2>>"$data.log" &
 fake=$!
 # The embedding cache as deployed (bench.toml turns it off to measure the model): a miss's
 # store embeds the prompt its lookup just embedded.
+# A server left on this port would answer the readiness wait below and be measured
+# instead of the one started here.
+if curl -sf "$url/readyz" >/dev/null 2>&1; then
+  echo "something already answers on $url: stop it first" >&2
+  exit 1
+fi
 SEMANTIS_EMBEDDER__CACHE_ENTRIES=100000 SEMANTIS_STORAGE__DATA_DIR="$data" taskset -c 0 "$bin" serve --config dataplane/examples/bench.toml \
   2>>"$data.log" &
 server=$!

@@ -29,6 +29,12 @@ for limit in 4096 $((bytes * 2)); do
   data="/tmp/semantis-bench-large"
   rm -rf "$data" "$data.log"
   # Vector lookups carry no prompt for a verifier to read: cosine decides, as it is measured.
+  # A server left on this port would answer the readiness wait below and be measured
+  # instead of the one started here.
+  if curl -sf "$url/readyz" >/dev/null 2>&1; then
+    echo "something already answers on $url: stop it first" >&2
+    exit 1
+  fi
   SEMANTIS_STORAGE__DATA_DIR="$data" SEMANTIS_STORAGE__RESIDENT_RESPONSE_MAX_BYTES="$limit" SEMANTIS_CACHE__VERIFIER=none \
     taskset -c 0 "$bin" serve --config dataplane/examples/bench.toml 2>>"$data.log" &
   server=$!

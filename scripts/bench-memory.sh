@@ -29,6 +29,12 @@ rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 run() { # bytes entries -> VmRSS in KiB once settled, and the byte budget's figure
   local bytes=$1 n=$2 data="/tmp/semantis-bench-memory"
   rm -rf "$data" "$data.log"
+  # A server left on this port would answer the readiness wait below and be measured
+  # instead of the one started here.
+  if curl -sf "$url/readyz" >/dev/null 2>&1; then
+    echo "something already answers on $url: stop it first" >&2
+    exit 1
+  fi
   SEMANTIS_STORAGE__DATA_DIR="$data" "$bin" serve --config dataplane/examples/bench.toml 2>>"$data.log" &
   server=$!
   until curl -sf "$url/readyz" >/dev/null; do

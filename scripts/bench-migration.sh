@@ -25,6 +25,12 @@ sed -e 's/^provider = "local"/provider = "none"\ndimension = 384/' \
 cp "$work/active.toml" "$work/migrate.toml"
 printf '\n[target_embedder]\nprovider = "local"\ncache_entries = 0\n' >>"$work/migrate.toml"
 
+# A server left on this port would answer the readiness wait below and be measured
+# instead of the one started here.
+if curl -sf "$url/readyz" >/dev/null 2>&1; then
+  echo "something already answers on $url: stop it first" >&2
+  exit 1
+fi
 "$bin" serve --config "$work/active.toml" 2>"$work/serve.log" &
 server=$!
 trap 'kill "$server" 2>/dev/null || true' EXIT

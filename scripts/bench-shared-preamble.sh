@@ -16,6 +16,12 @@ if [ -z "${SEMANTIS_BENCH_BIN:-}" ]; then
   cargo build --release --locked -p semantis-dataplane >&2
 fi
 rm -rf "$data" "$data.log"
+# A server left on this port would answer the readiness wait below and be measured
+# instead of the one started here.
+if curl -sf "$url/readyz" >/dev/null 2>&1; then
+  echo "something already answers on $url: stop it first" >&2
+  exit 1
+fi
 SEMANTIS_STORAGE__DATA_DIR="$data" SEMANTIS_CACHE__VERIFIER=local \
   taskset -c 0 "$bin" serve --config dataplane/examples/bench.toml 2>>"$data.log" &
 server=$!

@@ -31,6 +31,12 @@ for run in "none on" "local on" "none off" "local off"; do
   entries=100000
   [ "$caches" = off ] && entries=0
   rm -rf "$data" "$data.log"
+  # A server left on this port would answer the readiness wait below and be measured
+  # instead of the one started here.
+  if curl -sf "$url/readyz" >/dev/null 2>&1; then
+    echo "something already answers on $url: stop it first" >&2
+    exit 1
+  fi
   SEMANTIS_STORAGE__DATA_DIR="$data" SEMANTIS_CACHE__VERIFIER="$verifier" \
     SEMANTIS_EMBEDDER__CACHE_ENTRIES="$entries" SEMANTIS_VERIFIERS__LOCAL__CACHE_ENTRIES="$entries" \
     taskset -c 0 "$bin" serve --config dataplane/examples/bench.toml 2>>"$data.log" &

@@ -18,6 +18,12 @@ cargo build --release --locked -p semantis-dataplane >&2
 
 # The server gets core 0, the load generator core 1: throughput figures are per server core.
 start_server() {
+  # A server left on this port would answer the readiness wait below and be measured
+  # instead of the one started here.
+  if curl -sf "$url/readyz" >/dev/null 2>&1; then
+    echo "something already answers on $url: stop it first" >&2
+    exit 1
+  fi
   SEMANTIS_STORAGE__DATA_DIR="$data" taskset -c 0 "$bin" serve --config dataplane/examples/bench.toml \
     2>>"$data.log" &
   server=$!
