@@ -429,12 +429,23 @@ impl Server {
         Ok((status, value, headers))
     }
 
+    /// POST an entry until it is acknowledged (201), as a client retries a 503: on a loaded
+    /// machine Redis's fsync-per-write can outlast the dataplane's 2 s reply deadline, and the
+    /// store then answers 503 `store_unavailable`, acknowledging nothing. Tests of refused
+    /// stores use `call`. Any other answer, or 20 s of 503s, fails.
     pub async fn store(&self, key: &str, body: Value) -> anyhow::Result<String> {
-        let (status, v, _) = self
-            .call(reqwest::Method::POST, "/v1/entries", Some(key), Some(&body))
-            .await?;
-        anyhow::ensure!(status == 201, "store answered {status}: {v}");
-        Ok(v["id"].as_str().context("no id")?.to_owned())
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, v, _) = self
+                .call(reqwest::Method::POST, "/v1/entries", Some(key), Some(&body))
+                .await?;
+            let unavailable = status == 503 && v["error"]["code"] == "store_unavailable";
+            if !unavailable || Instant::now() >= deadline {
+                anyhow::ensure!(status == 201, "store answered {status}: {v}");
+                return Ok(v["id"].as_str().context("no id")?.to_owned());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// DELETE an entry; fails unless it answers 204.
