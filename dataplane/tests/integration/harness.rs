@@ -432,20 +432,31 @@ impl Server {
     /// POST an entry until it is acknowledged (201), as a client retries a 503: on a loaded
     /// machine Redis's fsync-per-write can outlast the dataplane's 2 s reply deadline, and the
     /// store then answers 503 `store_unavailable`, acknowledging nothing. Tests of refused
-    /// stores use `call`. Any other answer, or 20 s of 503s, fails.
+    /// stores use `call`. Any other answer, or 503s past the retries (about 20 s), fails.
     pub async fn store(&self, key: &str, body: Value) -> anyhow::Result<String> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        use backon::{ExponentialBuilder, Retryable};
+        #[derive(Debug, thiserror::Error)]
+        #[error("store answered 503: {0}")]
+        struct Unavailable(Value);
+        let attempt = || async {
             let (status, v, _) = self
                 .call(reqwest::Method::POST, "/v1/entries", Some(key), Some(&body))
                 .await?;
-            let unavailable = status == 503 && v["error"]["code"] == "store_unavailable";
-            if !unavailable || Instant::now() >= deadline {
-                anyhow::ensure!(status == 201, "store answered {status}: {v}");
-                return Ok(v["id"].as_str().context("no id")?.to_owned());
+            if status == 503 && v["error"]["code"] == "store_unavailable" {
+                return Err(anyhow::Error::new(Unavailable(v)));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            anyhow::ensure!(status == 201, "store answered {status}: {v}");
+            Ok(v["id"].as_str().context("no id")?.to_owned())
+        };
+        attempt
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(100))
+                    .with_max_delay(Duration::from_secs(2))
+                    .with_max_times(14),
+            )
+            .when(|e| e.is::<Unavailable>())
+            .await
     }
 
     /// DELETE an entry; fails unless it answers 204.
