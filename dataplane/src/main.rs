@@ -92,6 +92,15 @@ fn init_logs(format: LogFormat) {
 }
 
 fn main() -> anyhow::Result<()> {
+    let threads = semantis_dataplane::embed::model_threads();
+    // SAFETY: no other thread exists yet (the runtime is built below), so nothing reads the
+    // environment while it changes. candle reads the variable on each matrix product.
+    unsafe {
+        std::env::set_var(
+            semantis_dataplane::embed::MODEL_THREADS_VAR,
+            threads.to_string(),
+        )
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub log_gaps: IntCounterVec,
     pub concurrency_refused: IntCounterVec,
     pub open_connections: IntGauge,
+    /// Threads the in-process models' kernels use (`embed::model_threads`).
+    pub model_threads: IntGauge,
     pub connections_refused_per_ip: IntCounter,
     pub requests_in_flight: IntGaugeVec,
     pub store_compaction_duration: HistogramVec,
@@ -117,6 +119,12 @@ impl Metrics {
             "Connections open on the API port (at most server.max_connections).",
         )?;
         r.register(Box::new(open_connections.clone()))?;
+        let model_threads = IntGauge::new(
+            "semantis_model_threads",
+            "Threads the in-process embedding model and verifier run their kernels on: RAYON_NUM_THREADS, else the CPUs the process may use (affinity and cgroup quota).",
+        )?;
+        model_threads.set(i64::try_from(crate::embed::model_threads()).unwrap_or(i64::MAX));
+        r.register(Box::new(model_threads.clone()))?;
         let connections_refused_per_ip = IntCounter::new(
             "semantis_http_connections_refused_per_ip_total",
             "Connections answered 429 too_many_connections because their client address already held server.max_connections_per_ip.",
@@ -132,6 +140,7 @@ impl Metrics {
         r.register(Box::new(requests_in_flight.clone()))?;
         Ok(Self {
             open_connections,
+            model_threads,
             connections_refused_per_ip,
             requests_in_flight,
             cache,

@@ -607,7 +607,12 @@ pub async fn run(cfg: DataplaneConfig) -> anyhow::Result<()> {
         .context("failed to read the bound address")?;
     let maintenance = maintenance_runtime()?;
     let maintainers = spawn_maintainers(&cache, &metadata, &cfg, maintenance.handle());
-    tracing::info!(%addr, index_version = cache.index_version(), "serving");
+    tracing::info!(
+        %addr,
+        index_version = cache.index_version(),
+        model_threads = semantis_dataplane::embed::model_threads(),
+        "serving"
+    );
 
     let draining = state.clone();
     let delay = Duration::from_millis(cfg.server.shutdown_delay_ms);

@@ -9,6 +9,24 @@ pub mod remote;
 pub use semantis_cache::ports::{EmbedError, Embedder};
 use semantis_contract::EmbedderConfig;
 
+/// The environment variable the in-process models' kernels (candle's, and rayon's pool) take
+/// their thread count from.
+pub const MODEL_THREADS_VAR: &str = "RAYON_NUM_THREADS";
+
+/// How many threads the in-process models' kernels use: `RAYON_NUM_THREADS` when set, else the
+/// CPUs this process may run on — its affinity mask and its cgroup's CPU quota, as
+/// [`std::thread::available_parallelism`] reads them. Left to itself, candle counts the
+/// machine's physical cores from `/proc/cpuinfo` (on every matrix product) and ignores both:
+/// a pod limited to one CPU on a large node would run a spinning kernel thread per core of
+/// the node, each waiting for the others on the one CPU it has.
+pub fn model_threads() -> usize {
+    std::env::var(MODEL_THREADS_VAR)
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
+}
+
 /// hash(provider, model, revision, dimension, pooling, normalisation), 32 hex characters.
 pub fn fingerprint(cfg: &EmbedderConfig) -> String {
     cfg.fingerprint()

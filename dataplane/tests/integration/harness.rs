@@ -233,6 +233,8 @@ pub struct Server {
     pub config_path: PathBuf,
     pub data_dir: PathBuf,
     log_path: PathBuf,
+    /// The CPUs the process may run on (`taskset -c`), when restricted.
+    cpus: Option<String>,
 }
 
 pub fn free_port() -> anyhow::Result<u16> {
@@ -254,7 +256,25 @@ impl Server {
         let config_path = root.join(format!("{name}.toml"));
         let text = regex_port(&setup.config(port, &data_dir), port, metrics_port);
         std::fs::write(&config_path, text)?;
-        Self::launch(config_path, data_dir, port, metrics_port).await
+        Self::launch(config_path, data_dir, port, metrics_port, None).await
+    }
+
+    /// Start a server that may run only on the CPUs in `cpus` (a `taskset -c` list), as a
+    /// container pinned to them would.
+    pub async fn start_on_cpus(root: &Path, setup: &Setup, cpus: &str) -> anyhow::Result<Self> {
+        let data_dir = root.join("data");
+        let (port, metrics_port) = (free_port()?, free_port()?);
+        let config_path = root.join("semantis.toml");
+        let text = regex_port(&setup.config(port, &data_dir), port, metrics_port);
+        std::fs::write(&config_path, text)?;
+        Self::launch(
+            config_path,
+            data_dir,
+            port,
+            metrics_port,
+            Some(cpus.to_owned()),
+        )
+        .await
     }
 
     /// Start again with `from` replaced by `to` in the config (a setting `Setup` does not
@@ -278,6 +298,7 @@ impl Server {
             self.data_dir.clone(),
             port,
             metrics_port,
+            self.cpus.take(),
         )
         .await
     }
@@ -287,10 +308,24 @@ impl Server {
         data_dir: PathBuf,
         port: u16,
         metrics_port: u16,
+        cpus: Option<String>,
     ) -> anyhow::Result<Self> {
         let log_path = config_path.with_extension(format!("{port}.log"));
         let log = std::fs::File::create(&log_path)?;
-        let child = Command::new(env!("CARGO_BIN_EXE_semantis-dataplane"))
+        let binary = env!("CARGO_BIN_EXE_semantis-dataplane");
+        // taskset execs the server: the child's pid is the server's.
+        let mut command = match &cpus {
+            Some(list) => {
+                let mut c = Command::new("taskset");
+                c.arg("-c").arg(list).arg(binary);
+                // Sized by the CPUs given, whatever the test's own environment says.
+                c.env_remove("RAYON_NUM_THREADS")
+                    .env_remove("CANDLE_NUM_THREADS");
+                c
+            }
+            None => Command::new(binary),
+        };
+        let child = command
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
@@ -309,6 +344,7 @@ impl Server {
             config_path,
             data_dir,
             log_path,
+            cpus,
         };
         server.wait_ready(Duration::from_secs(120)).await?;
         Ok(server)

@@ -1083,3 +1083,55 @@ async fn long_prompts_past_the_window_and_other_numbers_miss_with_the_local_mode
     }
     Ok(())
 }
+
+/// The names of the threads of process `pid` that start with `prefix`.
+fn threads_named(pid: u32, prefix: &str) -> anyhow::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let comm = std::fs::read_to_string(task?.path().join("comm")).unwrap_or_default();
+        if comm.starts_with(prefix) {
+            names.push(comm.trim().to_owned());
+        }
+    }
+    Ok(names)
+}
+
+/// candle sizes its kernel threads by the machine's physical cores, whatever CPUs the process
+/// may use: given one CPU, the server ran a second kernel thread that spun, on that same CPU,
+/// waiting for the first. The server now sizes them by its CPUs (affinity and cgroup quota).
+#[tokio::test]
+async fn a_server_given_one_cpu_runs_its_models_on_one_thread() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let setup = Setup {
+        local_model: true,
+        min_similarity: None,
+        ..Setup::default()
+    };
+    let s = Server::start_on_cpus(dir.path(), &setup, "0").await?;
+    s.store(
+        KEY_A,
+        json!({"prompt": "How do I reset my password?", "response": answer("Use the reset link.")}),
+    )
+    .await?;
+    // The embedder and the verifier both run.
+    let v = s
+        .lookup(KEY_A, json!({"prompt": "How can I reset my password?"}))
+        .await?;
+    assert_eq!(
+        (v["hit"].as_bool(), v["path"].as_str()),
+        (Some(true), Some("semantic")),
+        "{v}"
+    );
+    assert!(v["verifier"]["score"].as_f64().is_some(), "{v}");
+    let metrics = s.metrics().await?;
+    assert_eq!(metric_sum(&metrics, "semantis_model_threads", &[]), 1.0);
+    let pid = s
+        .pid()
+        .ok_or_else(|| anyhow::anyhow!("the server is not running"))?;
+    let spinning = threads_named(pid, "candle-bp")?;
+    assert!(
+        spinning.is_empty(),
+        "kernel threads beside the one CPU's: {spinning:?}"
+    );
+    Ok(())
+}
