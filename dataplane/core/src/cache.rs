@@ -80,7 +80,8 @@ pub struct LookupOutcome {
 pub struct Considered {
     pub entry: Arc<Entry>,
     pub similarity: f32,
-    /// The check it failed before the verifier (`beyond_window`, `numbers`, `feedback`).
+    /// The check it failed before the verifier (`beyond_window`, `numbers`, `negation`,
+    /// `opposite`, `direction`, `feedback`).
     pub rejection: Option<&'static str>,
     /// The verifier's score, when it read this candidate.
     pub score: Option<f32>,

@@ -6,7 +6,9 @@
 //!   the same however their endings differ. The text past each prompt's window must match
 //!   (after white-space folding), or the candidate is not a hit.
 //! - **Numbers**: "What is 17 times 23?" and "…24?" are near-identical vectors. The numbers
-//!   of the two prompts must be the same, as a multiset.
+//!   of the two prompts must be the same, as a multiset, and so must the names that hold
+//!   digits ("iPhone 5" / "iPhone 5S", "GPT-4" / "GPT-4o").
+//! - **Negation**: one prompt negated ("not", "never", "can't") and the other not.
 //! - **Opposites**: "enable" on one side and "disable" on the other (a short list of such
 //!   pairs, [`OPPOSITES`]) make another question, however close the vectors.
 //! - **Direction**: the same words with two swapped across "to", "into", "from" or "than"
@@ -21,6 +23,8 @@ pub enum Rejection {
     BeyondWindow,
     /// The prompts hold different numbers.
     Numbers,
+    /// One prompt is negated and the other is not ("can" / "cannot").
+    Negation,
     /// One prompt holds a word and the other its opposite ("enable" / "disable").
     Opposite,
     /// The same words, two of them swapped across a word that gives a direction
@@ -34,6 +38,7 @@ impl Rejection {
         match self {
             Self::BeyondWindow => "beyond_window",
             Self::Numbers => "numbers",
+            Self::Negation => "negation",
             Self::Opposite => "opposite",
             Self::Direction => "direction",
         }
@@ -68,6 +73,12 @@ pub fn check(query: Read<'_>, candidate: Read<'_>) -> Option<Rejection> {
         return Some(Rejection::Numbers);
     }
     let (q, c) = (words(query.prompt), words(candidate.prompt));
+    if !named_numbers_found(&q, candidate.prompt) || !named_numbers_found(&c, query.prompt) {
+        return Some(Rejection::Numbers);
+    }
+    if negated_alone(&q, &c) {
+        return Some(Rejection::Negation);
+    }
     if opposite(&q, &c) {
         return Some(Rejection::Opposite);
     }
@@ -85,11 +96,99 @@ fn words(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// Whether every word of `words` that mixes letters and digits ("5s", "4o", "mp3") is in
+/// `other` too, as one word or as consecutive words run together ("10am" / "10 am", "gpt4" /
+/// "GPT-4"): the same digits with other letters name another thing ("iPhone 5" / "iPhone 5S").
+fn named_numbers_found(words: &[String], other: &str) -> bool {
+    let others = self::words(other);
+    let spelled = |name: &str| {
+        (0..others.len()).any(|start| {
+            let mut run = String::new();
+            others[start..].iter().any(|w| {
+                run.push_str(w);
+                run == name || !name.starts_with(run.as_str())
+            }) && run == name
+        })
+    };
+    words
+        .iter()
+        .filter(|w| w.chars().any(|ch| ch.is_ascii_digit()) && w.chars().any(char::is_alphabetic))
+        .all(|w| spelled(w))
+}
+
+/// Words that negate what they stand in. "can't" splits into "can" and "t"; written without
+/// its apostrophe it is one of [`CONTRACTED`].
+const NEGATIONS: [&str; 3] = ["not", "never", "no"];
+
+/// Negated forms written without their apostrophe, and what they negate.
+const CONTRACTED: [(&str, &str); 11] = [
+    ("cannot", "can"),
+    ("cant", "can"),
+    ("dont", "do"),
+    ("doesnt", "does"),
+    ("didnt", "did"),
+    ("isnt", "is"),
+    ("arent", "are"),
+    ("wont", "will"),
+    ("wasnt", "was"),
+    ("shouldnt", "should"),
+    ("couldnt", "could"),
+];
+
+/// `words` without their negations, and whether there was one: "can't" reads as "can",
+/// "won't" as "will", "not" and "never" go. "or not" and "why not" ("should I go or not?",
+/// "why or why not?") ask both ways and negate nothing.
+fn without_negation(words: &[String]) -> (Vec<String>, bool) {
+    let mut out: Vec<String> = Vec::with_capacity(words.len());
+    let mut negated = false;
+    for (i, w) in words.iter().enumerate() {
+        let before = i.checked_sub(1).map(|b| words[b].as_str());
+        if NEGATIONS.contains(&w.as_str()) {
+            if !(w == "not" && matches!(before, Some("or" | "why"))) {
+                negated = true;
+            }
+            continue;
+        }
+        if w == "t" && before.is_some_and(|b| b.ends_with('n')) {
+            negated = true;
+            if let Some(last) = out.pop() {
+                out.push(match last.as_str() {
+                    "won" => "will".to_owned(),
+                    "can" => last,
+                    other => other.strip_suffix('n').unwrap_or(other).to_owned(),
+                });
+            }
+            continue;
+        }
+        if let Some(&(_, plain)) = CONTRACTED.iter().find(|(c, _)| c == w) {
+            negated = true;
+            out.push(plain.to_owned());
+            continue;
+        }
+        out.push(w.clone());
+    }
+    (out, negated)
+}
+
+/// Whether one prompt is the other with a negation added, word for word otherwise: "What can
+/// a robot do?" / "What can't a robot do?". Prompts that differ in other words too are left
+/// to the verifier: "Why hasn't X released an API?" asks what "When will X release an API?"
+/// asks, and Quora's labels say so.
+fn negated_alone(q: &[String], c: &[String]) -> bool {
+    let ((mut qw, qn), (mut cw, cn)) = (without_negation(q), without_negation(c));
+    if qn == cn {
+        return false;
+    }
+    qw.sort();
+    cw.sort();
+    qw == cw
+}
+
 /// Words whose opposite turns a question into another one. Embeddings put such pairs close
 /// together, and the local verifier, trained on Quora's questions, accepted "How do I disable
 /// two-factor authentication?" for "…enable…" (score 0.78). Both forms of each pair are
 /// listed; a prompt that holds both words of a pair says nothing by it.
-const OPPOSITES: [(&str, &str); 48] = [
+const OPPOSITES: &[(&str, &str)] = &[
     ("enable", "disable"),
     ("enabled", "disabled"),
     ("enabling", "disabling"),
@@ -138,6 +237,54 @@ const OPPOSITES: [(&str, &str); 48] = [
     ("best", "worst"),
     ("increase", "reduce"),
     ("encode", "decode"),
+    ("long", "short"),
+    ("longer", "shorter"),
+    ("big", "small"),
+    ("large", "small"),
+    ("bigger", "smaller"),
+    ("high", "low"),
+    ("higher", "lower"),
+    ("more", "less"),
+    ("most", "least"),
+    ("first", "last"),
+    ("male", "female"),
+    ("men", "women"),
+    ("man", "woman"),
+    ("boy", "girl"),
+    ("boys", "girls"),
+    ("hot", "cold"),
+    ("rich", "poor"),
+    ("cheap", "expensive"),
+    ("fast", "slow"),
+    ("faster", "slower"),
+    ("easy", "hard"),
+    ("easy", "difficult"),
+    ("good", "bad"),
+    ("better", "worse"),
+    ("love", "hate"),
+    ("pros", "cons"),
+    ("north", "south"),
+    ("east", "west"),
+    ("input", "output"),
+    ("inside", "outside"),
+    ("internal", "external"),
+    ("public", "private"),
+    ("online", "offline"),
+    ("send", "receive"),
+    ("push", "pull"),
+    ("top", "bottom"),
+    ("early", "late"),
+    ("ascending", "descending"),
+    ("uppercase", "lowercase"),
+    ("horizontal", "vertical"),
+    ("horizontally", "vertically"),
+    ("login", "logout"),
+    ("agree", "disagree"),
+    ("strengths", "weaknesses"),
+    ("success", "failure"),
+    ("happy", "sad"),
+    ("old", "new"),
+    ("old", "young"),
 ];
 
 /// Whether one side holds a word of a pair without its opposite, and the other side the
@@ -323,6 +470,81 @@ mod tests {
     }
 
     #[test]
+    fn names_with_digits_must_match_however_they_are_spelled() {
+        let reject = |a, b| check(whole(a), whole(b));
+        assert_eq!(
+            reject("Should I buy an iPhone 5?", "Should I buy an iPhone 5S?"),
+            Some(Rejection::Numbers)
+        );
+        assert_eq!(
+            reject("Is GPT-4o better at maths?", "Is GPT-4 better at maths?"),
+            Some(Rejection::Numbers)
+        );
+        // The same name written together, apart or hyphenated passes; so does a name in
+        // another case.
+        assert_eq!(
+            reject("Is GPT4 good at maths?", "Is GPT-4 good at maths?"),
+            None
+        );
+        assert_eq!(reject("Meet at 10am?", "Meet at 10 am?"), None);
+        assert_eq!(reject("Convert to MP3?", "convert to mp3"), None);
+        // A name is matched by whole words, not inside a longer one.
+        assert_eq!(
+            reject("Is the 5s fast?", "Is the 5sx fast?"),
+            Some(Rejection::Numbers)
+        );
+    }
+
+    #[test]
+    fn a_negated_question_is_another_question() {
+        let reject = |a, b| check(whole(a), whole(b));
+        assert_eq!(
+            reject("What can a robot do?", "What can't a robot do?"),
+            Some(Rejection::Negation)
+        );
+        assert_eq!(
+            reject("What can a robot do?", "What cannot a robot do?"),
+            Some(Rejection::Negation)
+        );
+        assert_eq!(
+            reject("Why do cats purr?", "Why don’t cats purr?"),
+            Some(Rejection::Negation)
+        );
+        assert_eq!(
+            reject("Is it safe to never sleep?", "Is it safe to sleep?"),
+            Some(Rejection::Negation)
+        );
+        // Negated on both sides, however it is written, passes.
+        assert_eq!(
+            reject("Why can't I sleep?", "Why am I not able to sleep?"),
+            None
+        );
+        assert_eq!(reject("Why cant I sleep?", "Why can't I sleep?"), None);
+        assert_eq!(
+            reject("Should I learn Go or not?", "Should I learn Go?"),
+            None
+        );
+        assert_eq!(
+            reject(
+                "Is Daniel Tosh funny? Why or why not?",
+                "Is Daniel Tosh funny?"
+            ),
+            None
+        );
+        // A negation with other words changed too is left to the verifier: Quora asks the
+        // same question both ways.
+        assert_eq!(
+            reject(
+                "Why hasn't Dribbble released a write API?",
+                "When will Dribbble release a write API?"
+            ),
+            None
+        );
+        // Words, not substrings: "note" and "known" negate nothing.
+        assert_eq!(reject("Can I take a note?", "Can I take known note?"), None);
+    }
+
+    #[test]
     fn text_past_the_window_must_match() {
         let a = "shared preamble. Question: how do I sort a list?";
         let b = "shared preamble. Question: how do I reverse a list?";
@@ -400,6 +622,18 @@ mod tests {
         );
         // Words, not substrings: "only" is not "on", "disabled" not "enable".
         assert_eq!(reject("Is it only me?", "Is it off?"), None);
+        // One word apart on a pair from the list: another question.
+        assert_eq!(
+            reject(
+                "Why do long-finned pilot whales strand?",
+                "Why do short-finned pilot whales strand?"
+            ),
+            Some(Rejection::Opposite)
+        );
+        assert_eq!(
+            reject("What are the pros of Rust?", "What are the cons of Rust?"),
+            Some(Rejection::Opposite)
+        );
     }
 
     #[test]

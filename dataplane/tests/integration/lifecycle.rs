@@ -873,7 +873,8 @@ async fn a_full_disk_fails_stores_cleanly_and_loses_no_acknowledged_one() -> any
 /// two-factor authentication?"'s answer for "…disable…" (cosine 0.88, verifier 0.78), "within
 /// 30 days" for "after 30 days", "unsafe" for "safe" and "Fahrenheit to Celsius" for "Celsius
 /// to Fahrenheit" (0.91). Opposite words and swapped directions now miss before the verifier
-/// is asked; paraphrases still hit.
+/// is asked; paraphrases still hit. So do the one-word-apart wrong hits read on QQP's pairs
+/// (long- / short-finned, iPhone 5 / 5S, can / can't).
 #[tokio::test]
 async fn opposites_and_swapped_directions_miss_with_the_local_model() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -889,6 +890,9 @@ async fn opposites_and_swapped_directions_miss_with_the_local_model() -> anyhow:
         "Is it safe to eat raw chicken?",
         "How do I convert Celsius to Fahrenheit?",
         "How do I sort a list in Python?",
+        "Who would win a fight, a great white shark or a long-finned pilot whale?",
+        "How long does an iPhone 5 battery last?",
+        "What can a robot do?",
     ] {
         s.store(KEY_A, json!({"prompt": q, "response": answer(q)}))
             .await?;
@@ -898,6 +902,12 @@ async fn opposites_and_swapped_directions_miss_with_the_local_model() -> anyhow:
         ("Can I return an item within 30 days?", "opposite"),
         ("Is it unsafe to eat raw chicken?", "opposite"),
         ("How do I convert Fahrenheit to Celsius?", "direction"),
+        (
+            "Who would win a fight, a great white shark or a short-finned pilot whale?",
+            "opposite",
+        ),
+        ("How long does an iPhone 5S battery last?", "numbers"),
+        ("What can't a robot do?", "negation"),
     ] {
         let v = s.lookup(KEY_A, json!({"prompt": q})).await?;
         assert_eq!(
