@@ -251,30 +251,27 @@ impl Server {
     /// Start a replica named `name` on `root/data`: replicas started on the same root share
     /// their LanceDB directory, as pods sharing a ReadWriteMany volume do.
     pub async fn start_replica(root: &Path, name: &str, setup: &Setup) -> anyhow::Result<Self> {
-        let data_dir = root.join("data");
-        let (port, metrics_port) = (free_port()?, free_port()?);
-        let config_path = root.join(format!("{name}.toml"));
-        let text = regex_port(&setup.config(port, &data_dir), port, metrics_port);
-        std::fs::write(&config_path, text)?;
-        Self::launch(config_path, data_dir, port, metrics_port, None).await
+        Self::start_named(root, name, setup, None).await
     }
 
     /// Start a server that may run only on the CPUs in `cpus` (a `taskset -c` list), as a
     /// container pinned to them would.
     pub async fn start_on_cpus(root: &Path, setup: &Setup, cpus: &str) -> anyhow::Result<Self> {
+        Self::start_named(root, "semantis", setup, Some(cpus.to_owned())).await
+    }
+
+    async fn start_named(
+        root: &Path,
+        name: &str,
+        setup: &Setup,
+        cpus: Option<String>,
+    ) -> anyhow::Result<Self> {
         let data_dir = root.join("data");
         let (port, metrics_port) = (free_port()?, free_port()?);
-        let config_path = root.join("semantis.toml");
+        let config_path = root.join(format!("{name}.toml"));
         let text = regex_port(&setup.config(port, &data_dir), port, metrics_port);
         std::fs::write(&config_path, text)?;
-        Self::launch(
-            config_path,
-            data_dir,
-            port,
-            metrics_port,
-            Some(cpus.to_owned()),
-        )
-        .await
+        Self::launch(config_path, data_dir, port, metrics_port, cpus).await
     }
 
     /// Start again with `from` replaced by `to` in the config (a setting `Setup` does not

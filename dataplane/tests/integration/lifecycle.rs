@@ -408,6 +408,26 @@ async fn the_id_index_keeps_up_between_compactions() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Store "How do I reset my password?" and look up a paraphrase of it: a semantic hit on its
+/// answer. Returns the lookup's body.
+async fn a_paraphrase_hits(s: &Server) -> anyhow::Result<serde_json::Value> {
+    s.store(
+        KEY_A,
+        json!({"prompt": "How do I reset my password?", "response": answer("Use the reset link.")}),
+    )
+    .await?;
+    let v = s
+        .lookup(KEY_A, json!({"prompt": "How can I reset my password?"}))
+        .await?;
+    assert_eq!(
+        (v["hit"].as_bool(), v["path"].as_str()),
+        (Some(true), Some("semantic")),
+        "{v}"
+    );
+    assert_eq!(v["response"], answer("Use the reset link."));
+    Ok(v)
+}
+
 #[tokio::test]
 async fn the_local_model_matches_paraphrases_and_rejects_other_questions() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -421,23 +441,10 @@ async fn the_local_model_matches_paraphrases_and_rejects_other_questions() -> an
     let s = Server::start(dir.path(), &setup).await?;
     s.store(
         KEY_A,
-        json!({"prompt": "How do I reset my password?", "response": answer("Use the reset link.")}),
-    )
-    .await?;
-    s.store(
-        KEY_A,
         json!({"prompt": "How do I make a cake without eggs?", "response": answer("Use flax seeds.")}),
     )
     .await?;
-    let v = s
-        .lookup(KEY_A, json!({"prompt": "How can I reset my password?"}))
-        .await?;
-    assert_eq!(
-        (v["hit"].as_bool(), v["path"].as_str()),
-        (Some(true), Some("semantic")),
-        "{v}"
-    );
-    assert_eq!(v["response"], answer("Use the reset link."));
+    let v = a_paraphrase_hits(&s).await?;
     assert_eq!(
         (
             v["verifier"]["name"].as_str(),
@@ -1118,20 +1125,8 @@ async fn a_server_given_one_cpu_runs_its_models_on_one_thread() -> anyhow::Resul
         ..Setup::default()
     };
     let s = Server::start_on_cpus(dir.path(), &setup, "0").await?;
-    s.store(
-        KEY_A,
-        json!({"prompt": "How do I reset my password?", "response": answer("Use the reset link.")}),
-    )
-    .await?;
     // The embedder and the verifier both run.
-    let v = s
-        .lookup(KEY_A, json!({"prompt": "How can I reset my password?"}))
-        .await?;
-    assert_eq!(
-        (v["hit"].as_bool(), v["path"].as_str()),
-        (Some(true), Some("semantic")),
-        "{v}"
-    );
+    let v = a_paraphrase_hits(&s).await?;
     assert!(v["verifier"]["score"].as_f64().is_some(), "{v}");
     let metrics = s.metrics().await?;
     assert_eq!(metric_sum(&metrics, "semantis_model_threads", &[]), 1.0);
