@@ -405,25 +405,42 @@ impl Dataplane {
     /// Waits until the dataplane's metrics say at least `n` entries were flushed into LanceDB
     /// (`semantis_store_flushed_entries_total`, on the Service's metrics port).
     async fn wait_flushed(&self, n: usize) -> anyhow::Result<()> {
+        self.wait_metric("semantis_store_flushed_entries_total", |v| v >= n as f64)
+            .await
+            .map(drop)
+    }
+
+    /// Waits until the sum of metric `name`'s series on the Service's metrics port is a value
+    /// `wanted` accepts, and returns it. Each read takes the Service's current route (no
+    /// pooled connection to a pod that is gone).
+    async fn wait_metric(&self, name: &str, wanted: impl Fn(f64) -> bool) -> anyhow::Result<f64> {
         let url = format!("{}/metrics", self.base.replace(":8080", ":9464"));
+        let probe = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(0)
+            .build()?;
         let started = Instant::now();
         loop {
-            let flushed: f64 = match self.http.get(&url).send().await {
-                Ok(r) => r
-                    .text()
-                    .await
-                    .unwrap_or_default()
-                    .lines()
-                    .filter(|l| l.starts_with("semantis_store_flushed_entries_total"))
-                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                    .sum(),
-                Err(_) => 0.0,
+            let read = match probe.get(&url).send().await {
+                Ok(r) => Some(
+                    r.text()
+                        .await
+                        .unwrap_or_default()
+                        .lines()
+                        .filter(|l| {
+                            l.strip_prefix(name)
+                                .is_some_and(|rest| rest.starts_with([' ', '{']))
+                        })
+                        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                        .sum(),
+                ),
+                Err(_) => None,
             };
-            if flushed >= n as f64 {
-                return Ok(());
+            if let Some(v) = read.filter(|&v| wanted(v)) {
+                return Ok(v);
             }
             if started.elapsed() > NODE_DEADLINE {
-                bail!("only {flushed} of {n} entries were flushed");
+                bail!("{name} read {read:?} at {url} until the deadline");
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -634,6 +651,29 @@ async fn helm_installed_operator_runs_the_minimal_sample_on_real_pods() -> anyho
     let all: Vec<_> = all.iter().chain(&last).cloned().collect();
     w.replace_pod("demo", "redis").await?;
     dp.ensure_served(&all, "after the Redis pod was replaced")
+        .await?;
+
+    // The dataplane's model kernels run on the CPUs its pod has: all of this machine's
+    // without a limit, one with `limits.cpu: 1` (its cgroup's quota; candle alone counts the
+    // node's cores whatever the quota, and spun a thread per core on the one CPU it had).
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
+    dp.wait_metric("semantis_model_threads", |v| v == cpus)
+        .await?;
+    kubectl(&[
+        "patch",
+        "semanticcache",
+        "demo",
+        "--namespace",
+        &w.ns,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"dataplane":{"resources":{"limits":{"cpu":"1"}}}}}"#,
+    ])?;
+    dp.wait_metric("semantis_model_threads", |v| v == 1.0)
+        .await?;
+    dp.wait_serving().await?;
+    dp.ensure_served(&all, "after the dataplane was limited to one CPU")
         .await?;
 
     w.uninstall_helm()
