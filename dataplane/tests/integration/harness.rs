@@ -62,6 +62,16 @@ impl Default for Setup {
 }
 
 impl Setup {
+    /// The local model (and, its file being installed, the local verifier) at
+    /// `min_similarity` (`None`: the verifier file's own floor).
+    pub fn local_model(min_similarity: Option<f32>) -> Self {
+        Self {
+            local_model: true,
+            min_similarity,
+            ..Self::default()
+        }
+    }
+
     pub fn config(&self, port: u16, data_dir: &Path) -> String {
         let embedder = if let Some(section) = &self.embedder {
             section.clone()
@@ -521,6 +531,16 @@ impl Server {
             "header {header} disagrees with {v}"
         );
         Ok(v)
+    }
+
+    /// Candidates of team-a (`KEY_A`'s tenant) turned away for `reason`
+    /// (`semantis_cache_rejected_candidates_total`).
+    pub async fn rejected(&self, reason: &str) -> anyhow::Result<f64> {
+        Ok(metric_sum(
+            &self.metrics().await?,
+            "semantis_cache_rejected_candidates_total",
+            &[("tenant", "team-a"), ("reason", reason)],
+        ))
     }
 
     pub async fn metrics(&self) -> anyhow::Result<String> {

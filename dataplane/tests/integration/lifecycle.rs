@@ -433,11 +433,7 @@ async fn the_local_model_matches_paraphrases_and_rejects_other_questions() -> an
     let dir = tempfile::tempdir()?;
     // The default configuration: the local model and, its file being installed, the local
     // verifier with its own calibrated floor and score.
-    let setup = Setup {
-        local_model: true,
-        min_similarity: None,
-        ..Setup::default()
-    };
+    let setup = Setup::local_model(None);
     let s = Server::start(dir.path(), &setup).await?;
     s.store(
         KEY_A,
@@ -461,16 +457,7 @@ async fn the_local_model_matches_paraphrases_and_rejects_other_questions() -> an
         .await?;
     assert_eq!(v["hit"], false, "{v}");
     assert!(v["best_similarity"].as_f64().unwrap_or(0.0) > 0.9, "{v}");
-    let m = s.metrics().await?;
-    assert_eq!(
-        metric_sum(
-            &m,
-            "semantis_cache_rejected_candidates_total",
-            &[("tenant", "team-a"), ("reason", "opposite")]
-        ),
-        1.0,
-        "{v}"
-    );
+    assert_eq!(s.rejected("opposite").await?, 1.0, "{v}");
     let v = s
         .lookup(
             KEY_A,
@@ -885,11 +872,7 @@ async fn a_full_disk_fails_stores_cleanly_and_loses_no_acknowledged_one() -> any
 #[tokio::test]
 async fn opposites_and_swapped_directions_miss_with_the_local_model() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let setup = Setup {
-        local_model: true,
-        min_similarity: Some(0.85),
-        ..Setup::default()
-    };
+    let setup = Setup::local_model(Some(0.85));
     let s = Server::start(dir.path(), &setup).await?;
     for q in [
         "How do I enable two-factor authentication?",
@@ -921,13 +904,8 @@ async fn opposites_and_swapped_directions_miss_with_the_local_model() -> anyhow:
             v["hit"], false,
             "{q} was served another question's answer: {v}"
         );
-        let m = s.metrics().await?;
         assert!(
-            metric_sum(
-                &m,
-                "semantis_cache_rejected_candidates_total",
-                &[("tenant", "team-a"), ("reason", reason)]
-            ) >= 1.0,
+            s.rejected(reason).await? >= 1.0,
             "{q}: no `{reason}` rejection counted"
         );
     }
@@ -953,11 +931,7 @@ async fn opposites_and_swapped_directions_miss_with_the_local_model() -> anyhow:
 async fn a_shared_system_prompt_neither_hides_a_paraphrase_nor_lets_another_question_through()
 -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let setup = Setup {
-        local_model: true,
-        min_similarity: None,
-        ..Setup::default()
-    };
+    let setup = Setup::local_model(None);
     let s = Server::start(dir.path(), &setup).await?;
     let system = "You are a helpful assistant for Acme Corporation. Answer questions about our \
         products, billing, shipping and returns politely and concisely. Always cite the relevant \
@@ -1006,14 +980,7 @@ async fn a_shared_system_prompt_neither_hides_a_paraphrase_nor_lets_another_ques
         }
     }
     // Another question behind the same preamble (cosine 0.91) is one the verifier turns away.
-    let m = s.metrics().await?;
-    assert!(
-        metric_sum(
-            &m,
-            "semantis_cache_rejected_candidates_total",
-            &[("tenant", "team-a"), ("reason", "verifier")]
-        ) >= 1.0
-    );
+    assert!(s.rejected("verifier").await? >= 1.0);
     Ok(())
 }
 
@@ -1024,11 +991,7 @@ async fn a_shared_system_prompt_neither_hides_a_paraphrase_nor_lets_another_ques
 async fn long_prompts_past_the_window_and_other_numbers_miss_with_the_local_model()
 -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let setup = Setup {
-        local_model: true,
-        min_similarity: Some(0.8),
-        ..Setup::default()
-    };
+    let setup = Setup::local_model(Some(0.8));
     let s = Server::start(dir.path(), &setup).await?;
     let preamble: String = (0..150)
         .map(|i| format!("Rule {i}: the service keeps a log of every request it answers. "))
@@ -1119,11 +1082,7 @@ fn threads_named(pid: u32, prefix: &str) -> anyhow::Result<Vec<String>> {
 #[tokio::test]
 async fn a_server_given_one_cpu_runs_its_models_on_one_thread() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let setup = Setup {
-        local_model: true,
-        min_similarity: None,
-        ..Setup::default()
-    };
+    let setup = Setup::local_model(None);
     let s = Server::start_on_cpus(dir.path(), &setup, "0").await?;
     // The embedder and the verifier both run.
     let v = a_paraphrase_hits(&s).await?;
