@@ -14,6 +14,8 @@
 //! - **Direction**: the same words with two swapped across "to", "into", "from" or "than"
 //!   ("Celsius to Fahrenheit" / "Fahrenheit to Celsius") ask the opposite.
 
+use std::collections::HashSet;
+
 use crate::scope::normalize_prompt;
 
 /// Why a candidate above the threshold was not served.
@@ -73,7 +75,7 @@ pub fn check(query: Read<'_>, candidate: Read<'_>) -> Option<Rejection> {
         return Some(Rejection::Numbers);
     }
     let (q, c) = (words(query.prompt), words(candidate.prompt));
-    if !named_numbers_found(&q, candidate.prompt) || !named_numbers_found(&c, query.prompt) {
+    if !named_numbers_found(&q, &c) || !named_numbers_found(&c, &q) {
         return Some(Rejection::Numbers);
     }
     if negated_alone(&q, &c) {
@@ -97,23 +99,36 @@ fn words(text: &str) -> Vec<String> {
 }
 
 /// Whether every word of `words` that mixes letters and digits ("5s", "4o", "mp3") is in
-/// `other` too, as one word or as consecutive words run together ("10am" / "10 am", "gpt4" /
-/// "GPT-4"): the same digits with other letters name another thing ("iPhone 5" / "iPhone 5S").
-fn named_numbers_found(words: &[String], other: &str) -> bool {
-    let others = self::words(other);
-    let spelled = |name: &str| {
-        (0..others.len()).any(|start| {
-            let mut run = String::new();
-            others[start..].iter().any(|w| {
-                run.push_str(w);
-                run == name || !name.starts_with(run.as_str())
-            }) && run == name
-        })
-    };
-    words
-        .iter()
-        .filter(|w| w.chars().any(|ch| ch.is_ascii_digit()) && w.chars().any(char::is_alphabetic))
-        .all(|w| spelled(w))
+/// `others` too, as one word or as two or three consecutive words run together ("10am" /
+/// "10 am", "gpt4" / "GPT-4"): the same digits with other letters name another thing ("iPhone
+/// 5" / "iPhone 5S"). Linear in the words: a long log or code prompt holds thousands of such
+/// names, and each lookup checks every candidate.
+fn named_numbers_found(words: &[String], others: &[String]) -> bool {
+    let named =
+        |w: &&String| w.bytes().any(|b| b.is_ascii_digit()) && w.chars().any(char::is_alphabetic);
+    let mut missing: HashSet<&str> = words.iter().filter(named).map(String::as_str).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    for w in others {
+        missing.remove(w.as_str());
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    // Two and three consecutive words run together; only runs as long as a missing name.
+    let longest = missing.iter().map(|n| n.len()).max().unwrap_or(0);
+    for start in 0..others.len() {
+        let mut run = String::new();
+        for w in others[start..].iter().take(3) {
+            run.push_str(w);
+            if run.len() > longest {
+                break;
+            }
+            missing.remove(run.as_str());
+        }
+    }
+    missing.is_empty()
 }
 
 /// Words that negate what they stand in. "can't" splits into "can" and "t"; written without
@@ -175,6 +190,11 @@ fn without_negation(words: &[String]) -> (Vec<String>, bool) {
 /// to the verifier: "Why hasn't X released an API?" asks what "When will X release an API?"
 /// asks, and Quora's labels say so.
 fn negated_alone(q: &[String], c: &[String]) -> bool {
+    // A negation adds at most two words ("not", or "can" "t" for "can"): anything further
+    // apart differs in other words too.
+    if q.len().abs_diff(c.len()) > 2 {
+        return false;
+    }
     let ((mut qw, qn), (mut cw, cn)) = (without_negation(q), without_negation(c));
     if qn == cn {
         return false;
@@ -290,12 +310,17 @@ const OPPOSITES: &[(&str, &str)] = &[
 /// Whether one side holds a word of a pair without its opposite, and the other side the
 /// opposite without the word.
 fn opposite(q: &[String], c: &[String]) -> bool {
-    let has = |ws: &[String], w: &str| ws.iter().any(|x| x == w);
+    let (q, c) = (word_set(q), word_set(c));
     OPPOSITES.iter().any(|&(a, b)| {
-        let one_way =
-            |x: &[String], y: &[String]| has(x, a) && !has(x, b) && has(y, b) && !has(y, a);
-        one_way(q, c) || one_way(c, q)
+        let one_way = |x: &HashSet<&str>, y: &HashSet<&str>| {
+            x.contains(a) && !x.contains(b) && y.contains(b) && !y.contains(a)
+        };
+        one_way(&q, &c) || one_way(&c, &q)
     })
+}
+
+fn word_set(words: &[String]) -> HashSet<&str> {
+    words.iter().map(String::as_str).collect()
 }
 
 /// Words that give what follows them a direction: "A to B" is not "B to A".
@@ -487,6 +512,7 @@ mod tests {
             None
         );
         assert_eq!(reject("Meet at 10am?", "Meet at 10 am?"), None);
+        assert_eq!(reject("Is GPT4o good?", "Is GPT-4-o good?"), None);
         assert_eq!(reject("Convert to MP3?", "convert to mp3"), None);
         // A name is matched by whole words, not inside a longer one.
         assert_eq!(
